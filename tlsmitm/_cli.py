@@ -1,0 +1,42 @@
+"""``python -m tlsmitm ...``: the command line.
+
+Each command group lives in its own module with a ``register(subparsers)`` function that adds its
+sub-parser and sets ``func`` (a callable taking the parsed namespace and returning an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+_COMMAND_MODULES = ("_cli_ca", "_cli_check", "_cli_serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, with every command registered."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tlsmitm",
+        description="TLS interception that never leaves its users less safe.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMAND_MODULES:
+        qualified = f"{__package__}.{name}"
+        if importlib.util.find_spec(qualified) is None:
+            continue
+        module = importlib.import_module(qualified)
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    sys.stdout.flush()
+    return result
