@@ -9,12 +9,27 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "default_state_dir", "main"]
 
 _COMMAND_MODULES = ("_cli_ca", "_cli_check", "_cli_serve")
+
+
+def default_state_dir() -> Path:
+    """Where tlsmitm keeps its CA and state by default: ``$XDG_DATA_HOME/tlsmitm``.
+
+    ``TLSMITM_STATE_DIR`` overrides it; without ``XDG_DATA_HOME`` it is
+    ``~/.local/share/tlsmitm``.
+    """
+    explicit = os.environ.get("TLSMITM_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tlsmitm"
 
 
 def build_parser() -> argparse.ArgumentParser:

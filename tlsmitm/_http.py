@@ -1,0 +1,518 @@
+"""HTTP/1.1 inside the tunnel: the h11 relay, the embedder's hooks, and a tiny fetcher.
+
+Theory of operation
+-------------------
+One :class:`HttpRelay` drives two h11 state machines over two byte streams: a *server* machine
+facing the client and a *client* machine facing the origin. For every request/response cycle:
+
+1. read the request head from the client; the embedder's ``on_request`` hook may pass, replace
+   or block it (a block is answered through :class:`~tlsmitm.ErrorResponder`, on the error
+   origin, never inside the site's origin);
+2. two tasks run side by side: one forwards the request body client -> origin, the other reads
+   the response and forwards it origin -> client (so ``Expect: 100-continue`` and servers that
+   answer before the body is complete both work);
+3. the response head is shown to ``on_response`` (with up to ``Hooks.body_limit`` bytes of body
+   buffered when the hook asks for it, e.g. to scan for malware);
+4. ``Strict-Transport-Security`` of responses on verified connections is handed to the HSTS
+   callback (RFC 6797 §8.1: only from connections without certificate errors; only the first
+   header; the header is always forwarded unchanged -- matrix MIR-04);
+5. on ``101 Switching Protocols`` (WebSocket) the relay hands both raw streams back to the caller,
+   with whatever bytes h11 had already read, for a byte-for-byte relay.
+
+Headers are forwarded as received (h11 re-frames bodies with the same Content-Length or
+chunking). When a hook replaces a body, Content-Length is recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import h11
+import trio
+
+from ._errors import ClientError, UpstreamError
+
+__all__ = [
+    "Block",
+    "FlowInfo",
+    "Hooks",
+    "HttpRelay",
+    "Request",
+    "Response",
+    "Switched",
+    "fetch_http",
+]
+
+log = logging.getLogger("tlsmitm.http")
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+_RECEIVE_SIZE = 64 * 1024
+_MAX_INCOMPLETE_EVENT = 64 * 1024  # bound on a request/response head
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FlowInfo:
+    """What a hook knows about the connection a message travels on.
+
+    Attributes:
+        client: ``"ip:port"`` of the downstream client.
+        host: the normalised host name the client asked for.
+        port: the upstream port.
+        verified: whether the upstream certificate verified without errors.
+    """
+
+    client: str
+    host: str
+    port: int
+    verified: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request:
+    """An HTTP request head (and its body when a hook buffered it)."""
+
+    method: bytes
+    target: bytes
+    headers: Headers
+    http_version: bytes = b"1.1"
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (case-insensitive), or ``None``."""
+        return _first_header(self.headers, name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Response:
+    """An HTTP response head, with ``body`` when it was buffered for a hook.
+
+    ``body`` is ``None`` when the body was not buffered (streamed, or larger than the hook's
+    ``body_limit``); ``truncated`` says the hook saw only the head because the body was larger.
+    """
+
+    status: int
+    reason: bytes
+    headers: Headers
+    body: bytes | None = None
+    truncated: bool = False
+    http_version: bytes = b"1.1"
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (case-insensitive), or ``None``."""
+        return _first_header(self.headers, name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Block:
+    """A hook's verdict: answer with a block page on the error origin instead."""
+
+    title: str
+    explanation: str
+
+
+class Hooks:
+    """Subclass and override to see, change or block what passes through.
+
+    Every method may be a coroutine; the defaults pass everything unchanged. A hook that raises
+    is logged and the connection is closed: content inspection fails closed.
+
+    Attributes:
+        body_limit: bytes of response body to buffer for :meth:`on_response` (0: heads only).
+            Bodies larger than this are streamed and the hook sees ``truncated=True``.
+    """
+
+    body_limit: int = 0
+
+    async def on_request(self, flow: FlowInfo, request: Request) -> Request | Block | None:
+        """Called for each request head; return a new request, a :class:`Block`, or ``None``."""
+        return None
+
+    async def on_response(
+        self, flow: FlowInfo, request: Request, response: Response
+    ) -> Response | Block | None:
+        """Called for each response head; return a new response, a :class:`Block`, or ``None``."""
+        return None
+
+
+@dataclass(slots=True)
+class Switched:
+    """The relay ended with ``101 Switching Protocols``: relay raw bytes from here on."""
+
+    to_client: bytes
+    to_upstream: bytes
+
+
+@dataclass(slots=True)
+class _Counters:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    requests: int = 0
+
+
+def _first_header(headers: Headers, name: bytes) -> bytes | None:
+    lname = name.lower()
+    for key, value in headers:
+        if key.lower() == lname:
+            return value
+    return None
+
+
+def _h11_headers(headers: Any) -> Headers:
+    return tuple((bytes(k), bytes(v)) for k, v in headers)
+
+
+BlockAnswer = Callable[[Block, bytes], Awaitable[tuple[int, bytes, Headers, bytes]]]
+StsCallback = Callable[[Sequence[bytes]], None]
+
+
+@dataclass
+class HttpRelay:
+    """Relays HTTP/1.1 between ``client`` and ``upstream`` until either side is done.
+
+    Args:
+        client: the decrypted stream to the client.
+        upstream: the decrypted stream to the origin.
+        flow: what hooks are told about this connection.
+        hooks: the embedder's hooks.
+        on_sts: called with the Strict-Transport-Security values of each response (only set it
+            on verified connections).
+        answer_block: turns a hook's :class:`Block` into a response (status, reason, headers,
+            body) -- the ErrorResponder's redirect to the error origin.
+        idle_timeout: seconds to wait for the next request on a kept-alive connection.
+        should_stop: checked between requests; ``True`` ends the relay (graceful shutdown).
+        initial_client_data: bytes the client already sent (read while sniffing the request).
+    """
+
+    client: trio.abc.Stream
+    upstream: trio.abc.Stream
+    flow: FlowInfo
+    hooks: Hooks
+    on_sts: StsCallback | None
+    answer_block: BlockAnswer
+    idle_timeout: float = 300.0
+    should_stop: Callable[[], bool] = lambda: False
+    initial_client_data: bytes = b""
+    counters: _Counters = field(default_factory=_Counters)
+
+    def __post_init__(self) -> None:
+        self._down = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_INCOMPLETE_EVENT)
+        self._up = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_INCOMPLETE_EVENT)
+        if self.initial_client_data:  # (receive_data(b"") would mean EOF to h11)
+            self._down.receive_data(self.initial_client_data)
+            self.counters.bytes_up += len(self.initial_client_data)
+
+    # -- reading and writing -------------------------------------------------------------------
+
+    async def _next_event(self, conn: h11.Connection, stream: trio.abc.Stream, side: str) -> Any:
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                error = ClientError if side == "client" else UpstreamError
+                raise error(f"malformed HTTP from {side}: {exc}", reason="bad_http") from exc
+            if event is not h11.NEED_DATA:
+                return event
+            data = await stream.receive_some(_RECEIVE_SIZE)
+            if side == "client":
+                self.counters.bytes_up += len(data)
+            else:
+                self.counters.bytes_down += len(data)
+            conn.receive_data(data)
+
+    async def _send(self, conn: h11.Connection, stream: trio.abc.Stream, event: Any) -> None:
+        data = conn.send(event)
+        if data:
+            await stream.send_all(data)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def run(self) -> Switched | None:
+        """Relay requests until a side closes; returns :class:`Switched` after a 101."""
+        while True:
+            with trio.move_on_after(self.idle_timeout) as idle:
+                event = await self._next_event(self._down, self.client, "client")
+            if idle.cancelled_caught or isinstance(event, h11.ConnectionClosed):
+                return None
+            if not isinstance(event, h11.Request):
+                raise ClientError(f"unexpected {type(event).__name__}", reason="bad_http")
+            request = Request(
+                method=bytes(event.method),
+                target=bytes(event.target),
+                headers=_h11_headers(event.headers),
+                http_version=bytes(event.http_version),
+            )
+            self.counters.requests += 1
+            outcome = await self.hooks.on_request(self.flow, request)
+            if isinstance(outcome, Block):
+                await self._answer_locally(outcome, request)
+                return None
+            if outcome is not None:
+                request = outcome
+            switched = await self._exchange(request)
+            if switched is not None:
+                return switched
+            if (
+                self._down.our_state is h11.MUST_CLOSE
+                or self._up.our_state is h11.MUST_CLOSE
+                or self._up.their_state is not h11.DONE
+                or self._down.their_state is not h11.DONE
+                or self.should_stop()
+            ):
+                return None
+            try:
+                self._down.start_next_cycle()
+                self._up.start_next_cycle()
+            except h11.LocalProtocolError:
+                return None
+
+    async def _answer_locally(self, block: Block, request: Request) -> None:
+        status, reason, headers, body = await self.answer_block(block, request.target)
+        await self._send(
+            self._down,
+            self.client,
+            h11.Response(status_code=status, reason=reason, headers=[*headers]),
+        )
+        await self._send(self._down, self.client, h11.Data(data=body))
+        await self._send(self._down, self.client, h11.EndOfMessage())
+
+    async def _exchange(self, request: Request) -> Switched | None:
+        await self._send(
+            self._up,
+            self.upstream,
+            h11.Request(
+                method=request.method,
+                target=request.target,
+                headers=list(request.headers),
+                http_version=request.http_version,
+            ),
+        )
+        result: list[Switched | None] = [None]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._forward_request_body)
+            result[0] = await self._forward_response(request, nursery.cancel_scope)
+            if self._down.their_state is not h11.DONE:
+                # The origin answered before the request body was complete: stop reading it;
+                # the run loop sees the unfinished cycle and closes the connection.
+                nursery.cancel_scope.cancel()
+        return result[0]
+
+    async def _forward_request_body(self) -> None:
+        while True:
+            if self._down.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
+                return
+            if self._down.their_state is h11.MIGHT_SWITCH_PROTOCOL:
+                return
+            event = await self._next_event(self._down, self.client, "client")
+            if isinstance(event, h11.Data):
+                await self._send(self._up, self.upstream, event)
+            elif isinstance(event, h11.EndOfMessage):
+                await self._send(self._up, self.upstream, event)
+                return
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ClientError("client closed during the request body", reason="client_gone")
+            else:  # pragma: no cover - h11 emits nothing else in SEND_BODY
+                raise ClientError(f"unexpected {type(event).__name__}", reason="bad_http")
+
+    async def _forward_response(
+        self, request: Request, request_scope: trio.CancelScope
+    ) -> Switched | None:
+        while True:
+            event = await self._next_event(self._up, self.upstream, "upstream")
+            if isinstance(event, h11.InformationalResponse):
+                await self._send(self._down, self.client, event)
+                if event.status_code == 101:
+                    request_scope.cancel()
+                    to_client, _ = self._up.trailing_data
+                    to_upstream, _ = self._down.trailing_data
+                    return Switched(to_client=bytes(to_client), to_upstream=bytes(to_upstream))
+                continue
+            if isinstance(event, h11.ConnectionClosed):
+                raise UpstreamError("origin closed before responding", reason="upstream_gone")
+            if not isinstance(event, h11.Response):  # pragma: no cover - h11 guarantees order
+                raise UpstreamError(f"unexpected {type(event).__name__}", reason="bad_http")
+            response = Response(
+                status=event.status_code,
+                reason=bytes(event.reason),
+                headers=_h11_headers(event.headers),
+                http_version=bytes(event.http_version),
+            )
+            await self._handle_response(request, response)
+            return None
+
+    async def _handle_response(self, request: Request, response: Response) -> None:
+        if self.on_sts is not None:
+            values = [v for k, v in response.headers if k.lower() == b"strict-transport-security"]
+            if values:
+                self.on_sts(values)
+        limit = self.hooks.body_limit
+        if limit <= 0:
+            outcome = await self.hooks.on_response(self.flow, request, response)
+            await self._send_response_outcome(outcome, response, request, buffered=b"")
+            await self._stream_response_body()
+            return
+        buffered = bytearray()
+        complete = False
+        while len(buffered) <= limit:
+            event = await self._next_event(self._up, self.upstream, "upstream")
+            if isinstance(event, h11.Data):
+                buffered += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                complete = True
+                break
+            else:
+                raise UpstreamError("origin closed during the response", reason="upstream_gone")
+        shown = replace(
+            response, body=bytes(buffered) if complete else None, truncated=not complete
+        )
+        outcome = await self.hooks.on_response(self.flow, request, shown)
+        if complete and isinstance(outcome, Response) and outcome.body is not None:
+            await self._send_replaced(outcome)
+            return
+        await self._send_response_outcome(outcome, response, request, buffered=bytes(buffered))
+        if complete:
+            await self._send(self._down, self.client, h11.EndOfMessage())
+        else:
+            await self._stream_response_body()
+
+    async def _send_response_outcome(
+        self,
+        outcome: Response | Block | None,
+        response: Response,
+        request: Request,
+        *,
+        buffered: bytes,
+    ) -> None:
+        if isinstance(outcome, Block):
+            status, reason, headers, body = await self.answer_block(outcome, request.target)
+            await self._send(
+                self._down,
+                self.client,
+                h11.Response(status_code=status, reason=reason, headers=[*headers]),
+            )
+            await self._send(self._down, self.client, h11.Data(data=body))
+            await self._send(self._down, self.client, h11.EndOfMessage())
+            raise _Blocked
+        head = outcome if isinstance(outcome, Response) else response
+        await self._send(
+            self._down,
+            self.client,
+            h11.Response(status_code=head.status, reason=head.reason, headers=list(head.headers)),
+        )
+        if buffered:
+            await self._send(self._down, self.client, h11.Data(data=buffered))
+
+    async def _send_replaced(self, response: Response) -> None:
+        body = response.body or b""
+        headers = [
+            (k, v)
+            for k, v in response.headers
+            if k.lower() not in (b"content-length", b"transfer-encoding")
+        ]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self._send(
+            self._down,
+            self.client,
+            h11.Response(status_code=response.status, reason=response.reason, headers=headers),
+        )
+        if body:
+            await self._send(self._down, self.client, h11.Data(data=body))
+        await self._send(self._down, self.client, h11.EndOfMessage())
+        # The origin's remaining body is not wanted; the connection cannot be reused.
+        raise _Blocked
+
+    async def _stream_response_body(self) -> None:
+        while True:
+            event = await self._next_event(self._up, self.upstream, "upstream")
+            if isinstance(event, h11.Data):
+                await self._send(self._down, self.client, event)
+            elif isinstance(event, h11.EndOfMessage):
+                await self._send(self._down, self.client, event)
+                return
+            else:
+                raise UpstreamError("origin closed during the response", reason="upstream_gone")
+
+
+class _Blocked(Exception):
+    """A hook blocked or replaced a response: the connection ends after the answer."""
+
+
+async def run_relay(relay: HttpRelay) -> Switched | None:
+    """Run ``relay``; a blocked or replaced response ends it cleanly."""
+    try:
+        return await relay.run()
+    except* _Blocked:
+        return None
+
+
+# -- a small HTTP client for AIA, OCSP and CRL fetching ---------------------------------------
+
+Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+
+async def fetch_http(
+    url: str,
+    body: bytes | None,
+    *,
+    connect: Connector,
+    max_bytes: int = 1 << 20,
+    seconds: float = 5.0,
+) -> bytes:
+    """GET ``url`` (or POST ``body`` as an OCSP request) over plain HTTP; return the body.
+
+    Only ``http://`` URLs are fetched (AIA, OCSP and CRL URLs are plain HTTP by design, RFC 5280
+    §4.2.2.1; their content is signed). Raises :class:`UpstreamError` on any failure, on a
+    non-200 status, on a body over ``max_bytes`` and after ``seconds`` seconds.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise UpstreamError(f"not fetching {url!r}: only http:// URLs", reason="fetch_refused")
+    host = parts.hostname
+    port = parts.port or 80
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    headers = [(b"host", parts.netloc.encode("ascii", "replace")), (b"connection", b"close")]
+    if body is not None:
+        headers += [
+            (b"content-type", b"application/ocsp-request"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+    with trio.move_on_after(seconds) as scope:
+        try:
+            stream = await connect(host, port)
+        except OSError as exc:
+            raise UpstreamError(f"fetching {url}: {exc}", reason="fetch_failed") from exc
+        async with stream:
+            conn = h11.Connection(h11.CLIENT)
+            method = b"POST" if body is not None else b"GET"
+            data = conn.send(h11.Request(method=method, target=target, headers=headers))
+            if body is not None:
+                data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
+            data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
+            await stream.send_all(data)
+            out = bytearray()
+            status = 0
+            while True:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise UpstreamError(f"fetching {url}: {exc}", reason="fetch_failed") from exc
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(_RECEIVE_SIZE))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    out += event.data
+                    if len(out) > max_bytes:
+                        raise UpstreamError(
+                            f"fetching {url}: over {max_bytes} bytes", reason="fetch_too_large"
+                        )
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+            if status != 200:
+                raise UpstreamError(f"fetching {url}: HTTP {status}", reason="fetch_failed")
+            return bytes(out)
+    assert scope.cancelled_caught
+    raise UpstreamError(f"fetching {url}: timed out after {seconds} s", reason="fetch_timeout")
