@@ -1,0 +1,703 @@
+"""The intercepting proxy end to end: real TLS, real sockets on 127.0.0.1, real clients.
+
+Origins are real HTTPS servers (stdlib ssl + h11) with certificates from a test PKI that the
+interceptor's verifier trusts; clients are Python's ``http.client``/``ssl`` and curl, trusting
+only tlsmitm's root.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import http.client
+import os
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from conftest import require_tool
+from origin import EICAR, OriginStats, serve_http, serve_tls, server_ssl_context
+from pki import DAY, NOW, Hierarchy, good_hierarchy, make_leaf
+from tlsmitm._ca import CertificateAuthority
+from tlsmitm._hsts import HstsStore, PreloadList
+from tlsmitm._responder import ErrorResponder
+from tlsmitm._verify import TrustConfig, UpstreamVerifier
+
+from tlsmitm._errors import CertError
+from tlsmitm._http import Block, FlowInfo, Hooks, Request, Response
+from tlsmitm._policy import ConnectionRecord, DecisionLog, InterceptPolicy, RuleSet
+from tlsmitm._relay import Interceptor, InterceptorConfig
+
+pytestmark = pytest.mark.e2e
+
+HOST = "www.example.test"
+
+
+@dataclass
+class Origin:
+    port: int
+    stats: OriginStats
+    hierarchy: Hierarchy
+
+
+@dataclass
+class Setup:
+    tmp: Path
+    ca: CertificateAuthority
+    interceptor: Interceptor
+    proxy_port: int
+    root_pem: Path
+    origin_root: Hierarchy
+    records: list[ConnectionRecord] = field(default_factory=list)
+    origins: dict[str, Origin] = field(default_factory=dict)
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.root_pem))
+        return context
+
+
+async def start_origin(
+    nursery: trio.Nursery,
+    tmp: Path,
+    leaf_hierarchy: Hierarchy,
+    leaf: Any = None,
+    *,
+    alpn: tuple[str, ...] = ("http/1.1",),
+    configure: Callable[[ssl.SSLContext], None] | None = None,
+) -> Origin:
+    context = server_ssl_context(leaf or leaf_hierarchy.leaf, tmp, alpn=alpn)
+    if configure is not None:
+        configure(context)
+    stats = OriginStats()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await serve_tls(stream, context, stats)
+
+    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    port = listeners[0].socket.getsockname()[1]
+    return Origin(port=port, stats=stats, hierarchy=leaf_hierarchy)
+
+
+async def start_proxy(
+    nursery: trio.Nursery,
+    tmp: Path,
+    origin_hierarchy: Hierarchy,
+    *,
+    responder: ErrorResponder | None = None,
+    policy: InterceptPolicy | None = None,
+    hooks: Hooks | None = None,
+    hsts: HstsStore | None = None,
+    config: InterceptorConfig | None = None,
+) -> Setup:
+    now = dt.datetime.now(dt.UTC)
+    ca = CertificateAuthority.ephemeral(now=now)
+    verifier = UpstreamVerifier(
+        TrustConfig(
+            replace_bundle=(origin_hierarchy.root.cert,), own_certificates=ca.own_certificates()
+        )
+    )
+    records: list[ConnectionRecord] = []
+    log = DecisionLog()
+    log.subscribe(records.append)
+    interceptor = Interceptor(
+        ca=ca,
+        verifier=verifier,
+        hsts=hsts or HstsStore(preload=PreloadList.empty()),
+        responder=responder,
+        policy=policy,
+        hooks=hooks,
+        decision_log=log,
+        config=config or InterceptorConfig(resolve={HOST: "127.0.0.1"}),
+    )
+    addresses = await nursery.start(interceptor.serve, "127.0.0.1", 0)
+    root_pem = tmp / "tlsmitm-root.pem"
+    root_pem.write_bytes(ca.export_root())
+    return Setup(
+        tmp=tmp,
+        ca=ca,
+        interceptor=interceptor,
+        proxy_port=addresses[0][1],
+        root_pem=root_pem,
+        origin_root=origin_hierarchy,
+        records=records,
+    )
+
+
+def https_via_proxy(
+    setup: Setup,
+    port: int,
+    requests: list[tuple[str, str, bytes | None]],
+    *,
+    host: str = HOST,
+    context: ssl.SSLContext | None = None,
+) -> list[tuple[int, dict[str, str], bytes]]:
+    """Send ``requests`` over ONE tunnelled keep-alive connection with http.client."""
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", setup.proxy_port, context=context or setup.client_context(), timeout=20
+    )
+    conn.set_tunnel(host, port)
+    out = []
+    try:
+        for method, path, body in requests:
+            conn.request(method, path, body=body)
+            response = conn.getresponse()
+            out.append((response.status, dict(response.getheaders()), response.read()))
+    finally:
+        conn.close()
+    return out
+
+
+@pytest.fixture
+def hierarchy() -> Hierarchy:
+    return good_hierarchy(HOST)
+
+
+async def test_intercepts_a_verified_site_with_a_forged_leaf(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+
+    def client() -> tuple[list[tuple[int, dict[str, str], bytes]], dict[str, Any]]:
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", setup.proxy_port, context=setup.client_context(), timeout=20
+        )
+        conn.set_tunnel(HOST, origin.port)
+        results = []
+        for path in ("/", "/size/100000", "/chunked/300000"):
+            conn.request("GET", path)
+            r = conn.getresponse()
+            results.append((r.status, dict(r.getheaders()), r.read()))
+        assert conn.sock is not None
+        peer = conn.sock.getpeercert()
+        conn.close()
+        return results, peer
+
+    results, peer = await trio.to_thread.run_sync(client)
+    assert [(status, len(body)) for status, _, body in results] == [
+        (200, len(b"hello from origin")),
+        (200, 100000),
+        (200, 300000),
+    ]
+    assert results[0][2] == b"hello from origin"
+    # The client saw tlsmitm's leaf (it trusts only tlsmitm's root), for the requested name.
+    assert ("DNS", HOST) in peer["subjectAltName"]
+    assert origin.stats.connections == 1  # keep-alive: three requests, one upstream connection
+    assert setup.interceptor.stats.intercepted == 1
+    await trio.sleep(0.05)
+    assert setup.records[-1].decision == "intercept"
+    assert setup.records[-1].verdict == "ok"
+    assert setup.records[-1].host == HOST
+    assert setup.records[-1].bytes_down > 400000
+
+
+async def test_large_bodies_both_ways(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+    blob = os.urandom(6 * 1024 * 1024)
+    results = await trio.to_thread.run_sync(
+        lambda: https_via_proxy(
+            setup, origin.port, [("POST", "/echo", blob), ("GET", "/size/8000000", None)]
+        )
+    )
+    assert results[0][0] == 200
+    assert results[0][2] == blob
+    assert len(results[1][2]) == 8_000_000
+
+
+async def test_records_hsts_from_verified_responses_only(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+    now = dt.datetime.now(dt.UTC)
+    assert not setup.interceptor.hsts.is_known_host(HOST, now=now)
+    results = await trio.to_thread.run_sync(
+        lambda: https_via_proxy(setup, origin.port, [("GET", "/hsts", None)])
+    )
+    # MIR-04: the header reaches the client unchanged...
+    assert results[0][1]["strict-transport-security"] == "max-age=1000; includeSubDomains"
+    # ...and tlsmitm's own store noted it (POL-01), including subdomains.
+    assert setup.interceptor.hsts.is_known_host(HOST, now=now)
+    assert setup.interceptor.hsts.is_known_host("a." + HOST, now=now)
+
+
+def _expired_leaf(hierarchy: Hierarchy) -> Any:
+    return make_leaf(hierarchy.intermediate, HOST, not_before=NOW - 30 * DAY, not_after=NOW - DAY)
+
+
+async def test_native_profile_makes_the_browser_show_its_own_warning(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    origin = await start_origin(nursery, tmp_path, hierarchy, _expired_leaf(hierarchy))
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+
+    def client() -> None:
+        https_via_proxy(setup, origin.port, [("GET", "/", None)])
+
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await trio.to_thread.run_sync(client)
+    assert origin.stats.requests == []  # nothing was ever asked of the bad upstream
+    await trio.sleep(0.05)
+    assert setup.records[-1].verdict == CertError.EXPIRED.value
+
+    # A client that accepts anything (the user "proceeded" in the browser) sees a leaf from
+    # the error CA -- never one that chains to the trusted root.
+    insecure = ssl.create_default_context()
+    insecure.check_hostname = False
+    insecure.verify_mode = ssl.CERT_NONE
+
+    def proceed() -> tuple[bytes, bytes]:
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", setup.proxy_port, context=insecure, timeout=20
+        )
+        conn.set_tunnel(HOST, origin.port)
+        conn.request("GET", "/")
+        body = conn.getresponse().read()
+        assert conn.sock is not None
+        der = conn.sock.getpeercert(binary_form=True)
+        conn.close()
+        assert der is not None
+        return body, der
+
+    body, der = await trio.to_thread.run_sync(proceed)
+    from cryptography import x509
+
+    leaf = x509.load_der_x509_certificate(der)
+    assert leaf.issuer == setup.ca.error_ca_certificate.subject
+    assert leaf.issuer != setup.ca.intermediate_certificate.subject
+    assert body == b"hello from origin"  # the user's decision, as without tlsmitm
+    # Nothing from an unverified connection is recorded as HSTS.
+    assert not setup.interceptor.hsts.is_known_host(HOST, now=dt.datetime.now(dt.UTC))
+
+
+async def test_page_profile_redirects_to_the_error_origin(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    origin = await start_origin(nursery, tmp_path, hierarchy, _expired_leaf(hierarchy))
+    setup = await start_proxy(
+        nursery, tmp_path, hierarchy, responder=ErrorResponder(profile="page")
+    )
+    results = await trio.to_thread.run_sync(
+        lambda: https_via_proxy(setup, origin.port, [("GET", "/secret?token=1", None)])
+    )
+    status, headers, body = results[0]
+    assert status == 303
+    location = headers["location"]
+    assert location.startswith("https://error.invalid/")
+    assert "token" not in location
+    assert HOST not in location
+    assert headers.get("cache-control") == "no-store"
+    assert b"hello" not in body
+    assert origin.stats.requests == []
+
+    # The error origin is served by the proxy itself, with a leaf from the trusted CA.
+    path = location[len("https://error.invalid") :]
+    page = await trio.to_thread.run_sync(
+        lambda: https_via_proxy(setup, 443, [("GET", path, None)], host="error.invalid")
+    )
+    page_status, page_headers, page_body = page[0]
+    assert page_status == 200
+    assert page_headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in page_headers["content-security-policy"]
+    assert HOST.encode() in page_body
+
+
+async def test_known_hsts_host_never_gets_an_override(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    good = await start_origin(nursery, tmp_path, hierarchy)
+    bad = await start_origin(nursery, tmp_path, hierarchy, _expired_leaf(hierarchy))
+    for profile in ("native", "page"):
+        setup = await start_proxy(
+            nursery, tmp_path, hierarchy, responder=ErrorResponder(profile=profile)
+        )
+        await trio.to_thread.run_sync(
+            functools.partial(https_via_proxy, setup, good.port, [("GET", "/hsts", None)])
+        )
+        results = await trio.to_thread.run_sync(
+            functools.partial(https_via_proxy, setup, bad.port, [("GET", "/", None)])
+        )
+        status, headers, _ = results[0]
+        # Not the browser's own (overridable) warning: a trusted connection that only
+        # redirects to a block page without an override control.
+        assert status == 303
+        path = headers["location"][len("https://error.invalid") :]
+        page = await trio.to_thread.run_sync(
+            functools.partial(
+                https_via_proxy, setup, 443, [("GET", path, None)], host="error.invalid"
+            )
+        )
+        assert b"/override" not in page[0][2], profile
+        assert bad.stats.requests == []
+
+
+async def test_bypass_rule_splices_the_real_certificate(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    setup = await start_proxy(
+        nursery, tmp_path, hierarchy, policy=InterceptPolicy(RuleSet.from_strings([HOST]))
+    )
+    origin_trust = ssl.create_default_context(cadata=hierarchy.root.pem.decode())
+    results = await trio.to_thread.run_sync(
+        lambda: https_via_proxy(setup, origin.port, [("GET", "/", None)], context=origin_trust)
+    )
+    assert results[0][2] == b"hello from origin"
+    await trio.sleep(0.05)
+    assert setup.records[-1].decision == "bypass"
+    assert setup.interceptor.stats.bypassed == 1
+
+
+class EicarBlocker(Hooks):
+    body_limit = 1 << 20
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[FlowInfo, bytes]] = []
+
+    async def on_request(self, flow: FlowInfo, request: Request) -> Request | Block | None:
+        self.seen.append((flow, request.target))
+        return None
+
+    async def on_response(
+        self, flow: FlowInfo, request: Request, response: Response
+    ) -> Response | Block | None:
+        if response.body is not None and EICAR in response.body:
+            return Block(title="Virus blocked", explanation="EICAR test file")
+        return None
+
+
+async def test_hooks_see_requests_and_block_through_the_error_origin(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    hooks = EicarBlocker()
+    setup = await start_proxy(nursery, tmp_path, hierarchy, hooks=hooks)
+    ok = await trio.to_thread.run_sync(
+        lambda: https_via_proxy(setup, origin.port, [("GET", "/", None)])
+    )
+    assert ok[0][2] == b"hello from origin"
+    blocked = await trio.to_thread.run_sync(
+        lambda: https_via_proxy(setup, origin.port, [("GET", "/eicar", None)])
+    )
+    status, headers, body = blocked[0]
+    assert status == 303
+    assert headers["location"].startswith("https://error.invalid/")
+    assert EICAR not in body
+    assert [t for _, t in hooks.seen] == [b"/", b"/eicar"]
+    assert all(flow.verified and flow.host == HOST for flow, _ in hooks.seen)
+
+
+async def test_websocket_upgrade_is_relayed_raw(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+
+    def client() -> bytes:
+        raw = socket.create_connection(("127.0.0.1", setup.proxy_port), timeout=10)
+        raw.sendall(f"CONNECT {HOST}:{origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+        tls = setup.client_context().wrap_socket(raw, server_hostname=HOST)
+        tls.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: www.example.test\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n\r\n"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += tls.recv(4096)
+        assert head.startswith(b"HTTP/1.1 101")
+        tls.sendall(b"ping-frame-bytes")
+        echoed = b""
+        while len(echoed) < len(b"ping-frame-bytes"):
+            echoed += tls.recv(4096)
+        tls.close()
+        return echoed
+
+    assert await trio.to_thread.run_sync(client) == b"ping-frame-bytes"
+
+
+async def test_curl_through_the_proxy(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    curl = require_tool("curl")
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    bad = await start_origin(nursery, tmp_path, hierarchy, _expired_leaf(hierarchy))
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+    proxy = f"http://127.0.0.1:{setup.proxy_port}"
+    ok = await trio.run_process(
+        [
+            curl,
+            "-sS",
+            "--max-time",
+            "20",
+            "--proxy",
+            proxy,
+            "--cacert",
+            str(setup.root_pem),
+            f"https://{HOST}:{origin.port}/",
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == b"hello from origin"
+    refused = await trio.run_process(
+        [
+            curl,
+            "-sS",
+            "--max-time",
+            "20",
+            "--proxy",
+            proxy,
+            "--cacert",
+            str(setup.root_pem),
+            f"https://{HOST}:{bad.port}/",
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert refused.returncode == 60  # CURLE_PEER_FAILED_VERIFICATION: curl's own error
+    assert refused.stdout == b""
+
+
+async def test_bad_proxy_requests_get_400_and_unreachable_hosts_502(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+
+    def exchange(payload: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", setup.proxy_port), timeout=10) as s:
+            s.sendall(payload)
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    return data
+                data += chunk
+
+    for payload in (
+        b"\x16\x03\x01garbage-instead-of-connect\r\n\r\n",
+        b"CONNECT nocolon HTTP/1.1\r\n\r\n",
+        b"CONNECT bad..name:443 HTTP/1.1\r\n\r\n",
+        b"CONNECT host:99999 HTTP/1.1\r\n\r\n",
+        b"GET /relative HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
+        answer = await trio.to_thread.run_sync(exchange, payload)
+        assert answer.startswith(b"HTTP/1.1 400"), (payload, answer)
+    answer = await trio.to_thread.run_sync(
+        exchange, f"CONNECT 127.0.0.1:{dead_port} HTTP/1.1\r\n\r\n".encode()
+    )
+    assert answer.startswith(b"HTTP/1.1 502")
+    await trio.sleep(0.05)
+    assert setup.interceptor.stats.active == 0
+
+
+async def test_non_tls_bytes_after_connect_are_spliced_raw(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    received: list[bytes] = []
+
+    async def echo(stream: trio.SocketStream) -> None:
+        data = await stream.receive_some(1024)
+        received.append(data)
+        await stream.send_all(b"echo:" + data)
+        await stream.aclose()
+
+    listeners = await nursery.start(trio.serve_tcp, echo, 0)
+    port = listeners[0].socket.getsockname()[1]
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+
+    def client() -> bytes:
+        with socket.create_connection(("127.0.0.1", setup.proxy_port), timeout=10) as s:
+            s.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            s.sendall(b"SSH-2.0-not-tls\r\n")
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    return data
+                data += chunk
+
+    assert await trio.to_thread.run_sync(client) == b"echo:SSH-2.0-not-tls\r\n"
+    assert received == [b"SSH-2.0-not-tls\r\n"]
+
+
+async def test_truncated_hello_vanishing_client_and_stalled_server_are_bounded(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    async def stall(stream: trio.SocketStream) -> None:
+        await trio.sleep(30)
+
+    listeners = await nursery.start(trio.serve_tcp, stall, 0)
+    stall_port = listeners[0].socket.getsockname()[1]
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    setup = await start_proxy(
+        nursery,
+        tmp_path,
+        hierarchy,
+        config=InterceptorConfig(
+            resolve={HOST: "127.0.0.1"}, handshake_timeout=0.5, head_timeout=0.5
+        ),
+    )
+
+    def truncated_hello() -> bytes:
+        with socket.create_connection(("127.0.0.1", setup.proxy_port), timeout=10) as s:
+            s.sendall(f"CONNECT {HOST}:{origin.port} HTTP/1.1\r\n\r\n".encode())
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a hello cut short
+            s.shutdown(socket.SHUT_WR)
+            return s.recv(4096)
+
+    def stalled_server() -> bytes:
+        with socket.create_connection(("127.0.0.1", setup.proxy_port), timeout=10) as s:
+            s.sendall(f"CONNECT {HOST}:{stall_port} HTTP/1.1\r\n\r\n".encode())
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            context = setup.client_context()
+            try:
+                context.wrap_socket(s, server_hostname=HOST)
+            except (ssl.SSLError, OSError):
+                return b"closed"
+            return b"handshake completed?!"
+
+    def silent_client() -> bytes:
+        with socket.create_connection(("127.0.0.1", setup.proxy_port), timeout=10) as s:
+            return s.recv(4096)  # never sends a request: closed after head_timeout
+
+    with trio.fail_after(10):
+        assert await trio.to_thread.run_sync(truncated_hello) == b""
+        assert await trio.to_thread.run_sync(stalled_server) == b"closed"
+        assert await trio.to_thread.run_sync(silent_client) == b""
+    await trio.sleep(0.1)
+    assert setup.interceptor.stats.active == 0
+    reasons = {r.reason for r in setup.records}
+    assert "truncated_hello" in reasons
+    assert "handshake_timeout" in reasons
+
+
+async def test_a_thousand_connections_leave_no_descriptor_or_task_behind(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+    # Warm up (first connection builds contexts), then count descriptors.
+    await trio.to_thread.run_sync(lambda: https_via_proxy(setup, origin.port, [("GET", "/", None)]))
+    await trio.sleep(0.1)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    tasks_before = trio.lowlevel.current_statistics().tasks_living
+
+    async def one(i: int) -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
+        async with stream:
+            if i % 2:
+                await stream.send_all(f"CONNECT {HOST}:{origin.port} HTTP/1.1\r\n\r\n".encode())
+                await stream.receive_some(1024)
+
+    async with trio.open_nursery() as inner:
+        limiter = trio.CapacityLimiter(50)
+
+        async def bounded(i: int) -> None:
+            async with limiter:
+                await one(i)
+
+        for i in range(1000):
+            inner.start_soon(bounded, i)
+    with trio.fail_after(10):
+        while setup.interceptor.stats.active:
+            await trio.sleep(0.05)
+    assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
+    assert trio.lowlevel.current_statistics().tasks_living == tasks_before
+    assert setup.interceptor.stats.connections >= 1001
+
+
+async def test_plain_http_is_proxied(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    stats = OriginStats()
+
+    async def plain(stream: trio.SocketStream) -> None:
+        try:
+            await serve_http(stream, stats)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    listeners = await nursery.start(trio.serve_tcp, plain, 0)
+    port = listeners[0].socket.getsockname()[1]
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+
+    def client() -> tuple[bytes, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", setup.proxy_port, timeout=10)
+        conn.request("GET", f"http://{HOST}:{port}/hsts")
+        first = conn.getresponse().read()
+        conn.request("GET", f"http://{HOST}:{port}/")
+        second = conn.getresponse().read()
+        conn.close()
+        return first, second
+
+    assert await trio.to_thread.run_sync(client) == (b"hsts", b"hello from origin")
+    assert stats.requests == [(b"GET", b"/hsts"), (b"GET", b"/")]  # origin-form upstream
+    # POL-07: an STS header over plain HTTP is ignored.
+    assert not setup.interceptor.hsts.is_known_host(HOST, now=dt.datetime.now(dt.UTC))
+
+
+async def test_graceful_shutdown_finishes_in_flight_responses(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+    result: list[Any] = []
+
+    async def slow_request() -> None:
+        result.extend(
+            await trio.to_thread.run_sync(
+                lambda: https_via_proxy(setup, origin.port, [("GET", "/slow", None)])
+            )
+        )
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(slow_request)
+        with trio.fail_after(10):
+            while origin.stats.requests == []:
+                await trio.sleep(0.01)
+        setup.interceptor.shutdown()
+    assert result[0][2] == b"slow"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", setup.proxy_port), timeout=2).close()
+
+
+async def test_alpn_is_exactly_what_upstream_selected(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    only_http1 = await start_origin(nursery, tmp_path, hierarchy, alpn=("http/1.1",))
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+
+    def negotiated(port: int, offer: list[str]) -> str | None:
+        raw = socket.create_connection(("127.0.0.1", setup.proxy_port), timeout=10)
+        raw.sendall(f"CONNECT {HOST}:{port} HTTP/1.1\r\n\r\n".encode())
+        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+        context = setup.client_context()
+        context.set_alpn_protocols(offer)
+        tls = context.wrap_socket(raw, server_hostname=HOST)
+        selected = tls.selected_alpn_protocol()
+        tls.close()
+        return selected
+
+    # MIR-03: the client offers h2 and http/1.1; upstream speaks only http/1.1.
+    assert await trio.to_thread.run_sync(negotiated, only_http1.port, ["h2", "http/1.1"]) == (
+        "http/1.1"
+    )
