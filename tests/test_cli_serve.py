@@ -1,4 +1,4 @@
-"""``python -m tlsmitm serve`` and ``check`` as a user runs them: subprocesses, real sockets, curl."""
+"""``python -m tlsmitm serve`` and ``check`` as a user runs them: subprocesses, sockets, curl."""
 
 from __future__ import annotations
 
