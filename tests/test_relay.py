@@ -25,14 +25,14 @@ from conftest import require_tool
 from origin import EICAR, OriginStats, serve_http, serve_tls, server_ssl_context
 from pki import DAY, NOW, Hierarchy, good_hierarchy, make_leaf
 from tlsmitm._ca import CertificateAuthority
-from tlsmitm._hsts import HstsStore, PreloadList
-from tlsmitm._responder import ErrorResponder
 from tlsmitm._verify import TrustConfig, UpstreamVerifier
 
 from tlsmitm._errors import CertError
+from tlsmitm._hsts import HstsStore, PreloadList
 from tlsmitm._http import Block, FlowInfo, Hooks, Request, Response
 from tlsmitm._policy import ConnectionRecord, DecisionLog, InterceptPolicy, RuleSet
 from tlsmitm._relay import Interceptor, InterceptorConfig
+from tlsmitm._responder import ErrorResponder
 
 pytestmark = pytest.mark.e2e
 
