@@ -736,6 +736,8 @@ def _load_toml_rules(text: str, source: str) -> list[Rule]:
                 elif key == "client":
                     values["client"] = _parse_toml_network(value, "client")
                 elif key == "port":
+                    if not isinstance(value, int) or isinstance(value, bool):
+                        raise _bad(f"port must be a number from 1 to 65535, not {value!r}")
                     values["port"] = _parse_port(value)
                 elif key == "category":
                     values["category"] = _normalize_category(value)
