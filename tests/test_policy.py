@@ -943,6 +943,13 @@ def test_pinning_learning_can_be_turned_off() -> None:
     assert decide(policy, "app.example").intercept
 
 
+def test_decision_log_types_are_reachable_from_the_policy_module() -> None:
+    from tlsmitm import _decisionlog, _policy
+
+    assert _policy.ConnectionRecord is _decisionlog.ConnectionRecord
+    assert _policy.DecisionLog is _decisionlog.DecisionLog
+
+
 def test_policy_settings_are_validated() -> None:
     for kwargs in (
         {"pinning_threshold": 0},
@@ -1117,7 +1124,7 @@ def test_policy_modules_are_pure(module: str) -> None:
             if node.level == 0:
                 assert (node.module or "").split(".")[0] in _ALLOWED_IMPORTS, node.module
             else:
-                assert node.module in {"_errors", "_names", "_store"}, node.module
+                assert node.module in {"_decisionlog", "_errors", "_names", "_store"}, node.module
         elif isinstance(node, ast.Attribute):
             # no clock reads: time is always a parameter (and the time module is not imported)
             assert node.attr not in {"now", "utcnow", "today"}, node.attr

@@ -50,17 +50,21 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
+from ._decisionlog import ConnectionRecord, DecisionLog, format_record
 from ._errors import ConfigurationError
 from ._names import ip_address_of, normalize_host
 from ._store import MemoryStore, StateStore
 
 __all__ = [
     "CategoryCallback",
+    "ConnectionRecord",  # re-exported from _decisionlog
     "Decision",
+    "DecisionLog",  # re-exported from _decisionlog
     "InterceptPolicy",
     "LearnedBypass",
     "Rule",
     "RuleSet",
+    "format_record",  # re-exported from _decisionlog
 ]
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
