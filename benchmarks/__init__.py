@@ -1,0 +1,1 @@
+"""tlsmitm benchmarks: each module exposes ``run(seconds) -> dict[str, float]``."""
