@@ -1,0 +1,1559 @@
+"""The interception certificate authority: created per installation, kept on disk safely.
+
+Theory of operation
+-------------------
+
+A :class:`CertificateAuthority` is three keys and their certificates::
+
+    root (trusted by clients, pathLen 1) ── signs ──▶ intermediate (online, pathLen 0) ──▶ leaves
+    error CA (self-signed, pathLen 0, never exported, never trusted) ──────────────────────▶ leaves
+
+* Every key is generated on first use from the operating system's CSPRNG (through
+  ``cryptography``), so two installations never share a root (matrix CA-01). Nothing is shipped
+  and nothing is derived from a name, a machine id or a password.
+* The **root** is the only certificate users install. Its key is needed once at creation and
+  again only to rotate the intermediate or to re-sign the CRL, so it may be passphrase-encrypted
+  (PKCS #8 PBES2, PBKDF2-HMAC-SHA256, AES-256-CBC) or moved off the machine. A running proxy never
+  holds it in memory.
+* The **intermediate** signs every forged leaf and is the only key a running proxy needs.
+  ``rotate_intermediate`` replaces it without touching the root (clients keep trusting the same
+  certificate) and lists the retired one in a CRL signed by the root.
+* Every CA certificate can vouch for TLS server certificates and nothing else: basicConstraints
+  critical with pathLen 1/0 (root → intermediate → leaf, nothing longer), keyUsage keyCertSign +
+  cRLSign, extendedKeyUsage serverAuth (no code signing, e-mail or client authentication), and
+  optional name constraints excluding subtrees the deployer must never intercept.
+* The **error CA** signs leaves that must make a client show *its own* certificate warning (the
+  upstream certificate failed verification). It is trusted nowhere, by construction.
+
+On disk (see ``docs/ca.rst``), everything lives in ``<state_dir>/ca/``, a 0700 directory whose
+files are created 0600 before their first byte is written and moved into place atomically. The
+metadata file ``ca.json`` is written last: it is the commit point, so a half-written directory
+is recognisable, reported, and never replaced by a fresh CA (which would silently break every
+client that trusts the old root).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import enum
+import hashlib
+import ipaddress
+import json
+import os
+import secrets
+import stat
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, padding, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from . import _der
+from ._errors import ConfigurationError
+from ._names import InvalidHostName, ip_address_of, is_same_or_subdomain, normalize_host
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "KEY_TYPES",
+    "CertificateAuthority",
+    "IssuerKind",
+    "KeyFileStatus",
+    "Passphrase",
+    "PrivateKey",
+    "generate_key",
+    "passphrase_from_env",
+]
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+Passphrase = bytes | Callable[[], bytes]
+
+#: Key types a CA or a leaf may use. BR §6.1.5: RSA >= 2048 bits, ECDSA on P-256 or P-384.
+KEY_TYPES = ("ec256", "ec384", "rsa2048", "rsa3072")
+
+FORMAT_VERSION = 1
+CA_SUBDIR = "ca"
+METADATA_FILE = "ca.json"
+ROOT_CERT_FILE = "root.pem"
+ROOT_KEY_FILE = "root.key"
+ERROR_CERT_FILE = "error-ca.pem"
+ERROR_KEY_FILE = "error-ca.key"
+LOCK_FILE = ".lock"
+DEFAULT_ORGANIZATION = "tlsmitm"
+PASSPHRASE_ENV = "TLSMITM_CA_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
+
+ROOT_LIFETIME = dt.timedelta(days=3650)
+INTERMEDIATE_LIFETIME = dt.timedelta(days=730)
+ERROR_CA_LIFETIME = dt.timedelta(days=3650)
+CA_BACKDATE = dt.timedelta(days=1)  # tolerate clients whose clocks run a little slow
+CRL_LIFETIME = dt.timedelta(days=365)
+CRL_REFRESH_MARGIN = dt.timedelta(days=30)
+#: PBKDF2-HMAC-SHA256 iterations for an encrypted root key (OWASP 2023 guidance).
+PBKDF2_ITERATIONS = 600_000
+_MAX_STATE_FILE = 1 << 20
+
+_OID_PBES2 = "1.2.840.113549.1.5.13"
+_OID_PBKDF2 = "1.2.840.113549.1.5.12"
+_OID_HMAC_SHA256 = "1.2.840.113549.2.9"
+_OID_AES256_CBC = "2.16.840.1.101.3.4.1.42"
+
+
+class IssuerKind(enum.Enum):
+    """Which CA signs a forged leaf."""
+
+    #: The intermediate under the root that clients trust: the client accepts the leaf.
+    TRUSTED = "trusted"
+    #: The never-trusted error CA: the client shows its own certificate warning.
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyFileStatus:
+    """How one CA private key is stored (for ``ca show`` and for monitoring).
+
+    Attributes:
+        role: ``"root"``, ``"intermediate"`` or ``"error-ca"``.
+        path: where the key file is (or would be).
+        present: ``False`` when the key is not in the state directory (a root moved offline).
+        encrypted: whether the file is passphrase-encrypted (``None`` when absent).
+        mode: the file's permission bits (``None`` when absent).
+        owner_uid: the file's owner (``None`` when absent or on Windows).
+    """
+
+    role: str
+    path: Path
+    present: bool
+    encrypted: bool | None = None
+    mode: int | None = None
+    owner_uid: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Signer:
+    """An issuing CA as the forge sees it: certificate, key, and what to send after a leaf."""
+
+    kind: IssuerKind
+    certificate: x509.Certificate
+    key: PrivateKey = field(repr=False)
+    chain: tuple[x509.Certificate, ...]
+    fingerprint: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Retired:
+    certificate: x509.Certificate
+    generation: int
+    retired_at: dt.datetime
+    reason: x509.ReasonFlags
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Snapshot:
+    """Everything except the root key; replaced as a whole when the CA changes."""
+
+    root: x509.Certificate
+    intermediate: _Signer
+    generation: int
+    error: _Signer
+    retired: tuple[_Retired, ...]
+    crl: x509.CertificateRevocationList
+    crl_number: int
+
+
+# --------------------------------------------------------------------------------------------
+# keys, names and certificates
+
+
+def generate_key(key_type: str) -> PrivateKey:
+    """A fresh private key of ``key_type`` (one of :data:`KEY_TYPES`) from the OS CSPRNG."""
+    if key_type == "ec256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "ec384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if key_type in ("rsa2048", "rsa3072"):
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[3:]))
+    raise ConfigurationError(
+        f"unsupported key type {key_type!r}; use one of {', '.join(KEY_TYPES)}",
+        reason="key_type",
+    )
+
+
+def _check_key_type(key_type: str) -> str:
+    if key_type not in KEY_TYPES:
+        generate_key(key_type)  # raises the ConfigurationError
+    return key_type
+
+
+def _key_type_of(key: PrivateKey) -> str:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return {"secp256r1": "ec256", "secp384r1": "ec384"}.get(key.curve.name, key.curve.name)
+    return f"rsa{key.key_size}"
+
+
+def signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
+    """The digest to sign with: SHA-384 for P-384 (Mozilla Root Store Policy §5.1), else SHA-256."""
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1":
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def _spki(key: PrivateKey | x509.Certificate) -> bytes:
+    public = key.public_key()
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _fingerprint(certificate: x509.Certificate) -> bytes:
+    return certificate.fingerprint(hashes.SHA256())
+
+
+def _utc_now_param(now: dt.datetime) -> dt.datetime:
+    if not isinstance(now, dt.datetime) or now.tzinfo is None:
+        raise ValueError("now must be a timezone-aware datetime (UTC)")
+    return now.astimezone(dt.UTC).replace(microsecond=0)
+
+
+def _canonical_exclusion(text: str) -> str:
+    """One excluded subtree, canonical: a DNS name or an IP network in CIDR form."""
+    raw = text.strip()
+    if "/" in raw:
+        try:
+            return str(ipaddress.ip_network(raw, strict=True))
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"name constraint {text!r} is not an IP network in CIDR form with the host bits "
+                "zero (for example 10.0.0.0/8 or 2001:db8::/32)",
+                reason="name_constraint",
+            ) from exc
+    address = ip_address_of(raw)
+    if address is not None:
+        return str(ipaddress.ip_network(address))
+    if raw.startswith(".") or "*" in raw:
+        raise ConfigurationError(
+            f"name constraint {text!r}: write the domain without a leading dot or wildcard; "
+            "a DNS name constraint covers the name and every name below it (RFC 5280 §4.2.1.10)",
+            reason="name_constraint",
+        )
+    try:
+        return normalize_host(raw)
+    except InvalidHostName as exc:
+        raise ConfigurationError(
+            f"name constraint {text!r} is not a valid DNS name or IP network: {exc}",
+            reason="name_constraint",
+        ) from exc
+
+
+def _general_name(canonical: str) -> x509.GeneralName:
+    if "/" in canonical:
+        return x509.IPAddress(ipaddress.ip_network(canonical))
+    return x509.DNSName(canonical)
+
+
+def _check_organization(organization: str) -> str:
+    if not 1 <= len(organization) <= 64 or not organization.isprintable():
+        raise ConfigurationError(
+            "organization must be 1 to 64 printable characters (X.520 ub-organization-name)",
+            reason="organization",
+        )
+    return organization
+
+
+def _subject(organization: str, installation_id: str, common_name: str) -> x509.Name:
+    # The subject names tlsmitm and the installation and nothing else: no user, host or
+    # secret (matrix CA-05: "Subject names the product").
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+            x509.NameAttribute(
+                NameOID.ORGANIZATIONAL_UNIT_NAME, f"tlsmitm installation {installation_id}"
+            ),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _ca_certificate(
+    *,
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: PrivateKey,
+    signing_key: PrivateKey,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    path_length: int,
+    excluded: Sequence[str],
+) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key.public_key())
+        .serial_number(x509.random_serial_number())  # BR §7.1: >= 64 bits from a CSPRNG
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        # RFC 5280 §4.2.1.9: critical; pathLen 1 on the root and 0 below it allows exactly
+        # root -> intermediate -> leaf.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        # RFC 5280 §4.2.1.3 / BR §7.1.2.10.7: keyCertSign + cRLSign only, critical.
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        # RFC 5280 §4.2.1.12 as applied to CAs by Windows, NSS and OpenSSL: a CA carrying only
+        # serverAuth cannot vouch for code signing, S/MIME or client certificates.
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(public_key.public_key()), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()),
+            critical=False,
+        )
+    )
+    if excluded:
+        # RFC 5280 §4.2.1.10: "Conforming CAs MUST mark this extension as critical".
+        builder = builder.add_extension(
+            x509.NameConstraints(
+                permitted_subtrees=None,
+                excluded_subtrees=[_general_name(name) for name in excluded],
+            ),
+            critical=True,
+        )
+    return builder.sign(signing_key, signature_hash(signing_key))
+
+
+def _new_intermediate(
+    *,
+    root: x509.Certificate,
+    root_key: PrivateKey,
+    key_type: str,
+    organization: str,
+    installation_id: str,
+    generation: int,
+    excluded: Sequence[str],
+    now: dt.datetime,
+) -> tuple[x509.Certificate, PrivateKey]:
+    not_after = min(now + INTERMEDIATE_LIFETIME, root.not_valid_after_utc)
+    if not_after <= now + dt.timedelta(days=1):
+        raise ConfigurationError(
+            f"the root certificate expires on {root.not_valid_after_utc:%Y-%m-%d}; a new CA "
+            "must be created (python -m tlsmitm ca init with a new --state-dir) and trusted",
+            reason="ca_expired",
+        )
+    key = generate_key(key_type)
+    certificate = _ca_certificate(
+        subject=_subject(
+            organization,
+            installation_id,
+            f"tlsmitm intermediate CA {installation_id} G{generation}",
+        ),
+        issuer=root.subject,
+        public_key=key,
+        signing_key=root_key,
+        not_before=max(now - CA_BACKDATE, root.not_valid_before_utc),
+        not_after=not_after,
+        path_length=0,
+        excluded=excluded,
+    )
+    return certificate, key
+
+
+def _sign_crl(
+    *,
+    root: x509.Certificate,
+    root_key: PrivateKey,
+    retired: Sequence[_Retired],
+    number: int,
+    now: dt.datetime,
+) -> x509.CertificateRevocationList:
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(root.subject)
+        .last_update(now)
+        .next_update(now + CRL_LIFETIME)  # RFC 5280 §5.1.2.5: conforming issuers include it
+        # RFC 5280 §5.2.1 (AKI, MUST) and §5.2.3 (CRL number, MUST, monotonically increasing).
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
+            critical=False,
+        )
+        .add_extension(x509.CRLNumber(number), critical=False)
+    )
+    for entry in retired:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(entry.certificate.serial_number)
+            .revocation_date(entry.retired_at)
+            .add_extension(x509.CRLReason(entry.reason), critical=False)  # RFC 5280 §5.3.1
+            .build()
+        )
+    return builder.sign(root_key, signature_hash(root_key))
+
+
+# --------------------------------------------------------------------------------------------
+# passphrases and encrypted keys
+
+
+def passphrase_from_env(name: str = PASSPHRASE_ENV) -> Callable[[], bytes]:
+    """A passphrase callback that reads the environment variable ``name`` when called."""
+
+    def read() -> bytes:
+        value = os.environ.get(name)
+        if not value:
+            raise ConfigurationError(
+                f"the CA passphrase was to come from the environment variable {name}, which is "
+                "not set or empty",
+                reason="passphrase",
+            )
+        return os.fsencode(value)
+
+    return read
+
+
+def _resolve_passphrase(passphrase: Passphrase | None) -> bytes | None:
+    if passphrase is None:
+        return None
+    value = passphrase() if callable(passphrase) else passphrase
+    if not isinstance(value, bytes):
+        raise TypeError("a CA passphrase must be bytes (or a callable returning bytes)")
+    if not value:
+        raise ConfigurationError("the CA passphrase is empty", reason="passphrase")
+    return value
+
+
+def _pem(label: str, der: bytes) -> bytes:
+    body = base64.encodebytes(der).replace(b"\n", b"")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    begin = f"-----BEGIN {label}-----\n".encode()
+    end = f"-----END {label}-----\n".encode()
+    return b"".join([begin, *(line + b"\n" for line in lines), end])
+
+
+def _encrypt_private_key(key: PrivateKey, passphrase: bytes, *, iterations: int) -> bytes:
+    """PKCS #8 EncryptedPrivateKeyInfo (RFC 5958 §3) with PBES2 (RFC 8018 §6.2), as PEM.
+
+    PBKDF2-HMAC-SHA256 with ``iterations`` rounds and a 128-bit salt derives an AES-256-CBC key.
+    ``openssl pkey -in root.key`` reads the result with the same passphrase.
+    """
+    plain = key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    salt = secrets.token_bytes(16)
+    iv = secrets.token_bytes(16)
+    kek = PBKDF2HMAC(algorithm=hashes.SHA256(), length=32, salt=salt, iterations=iterations).derive(
+        passphrase
+    )
+    padder = padding.PKCS7(128).padder()
+    padded = padder.update(plain) + padder.finalize()
+    encryptor = Cipher(algorithms.AES(kek), modes.CBC(iv)).encryptor()
+    ciphertext = encryptor.update(padded) + encryptor.finalize()
+    pbkdf2_params = _der.sequence(
+        _der.octet_string(salt),
+        _der.integer(iterations),
+        _der.sequence(_der.oid(_OID_HMAC_SHA256), _der.NULL),
+    )
+    pbes2_params = _der.sequence(
+        _der.sequence(_der.oid(_OID_PBKDF2), pbkdf2_params),
+        _der.sequence(_der.oid(_OID_AES256_CBC), _der.octet_string(iv)),
+    )
+    info = _der.sequence(
+        _der.sequence(_der.oid(_OID_PBES2), pbes2_params), _der.octet_string(ciphertext)
+    )
+    return _pem("ENCRYPTED PRIVATE KEY", info)
+
+
+def _plain_private_key(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _is_encrypted_pem(data: bytes) -> bool:
+    return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data or b"Proc-Type: 4,ENCRYPTED" in data
+
+
+def _parse_private_key(
+    data: bytes, path: Path, passphrase: bytes | None, *, role: str
+) -> PrivateKey:
+    encrypted = _is_encrypted_pem(data)
+    if encrypted and passphrase is None:
+        raise ConfigurationError(
+            f"the {role} key {path} is passphrase-encrypted; give the passphrase (for the "
+            f"command line: --passphrase-file, --passphrase-env or set {PASSPHRASE_ENV})",
+            reason="passphrase",
+        )
+    try:
+        key = serialization.load_pem_private_key(data, passphrase if encrypted else None)
+    except ValueError:
+        if encrypted:
+            raise ConfigurationError(
+                f"could not decrypt the {role} key {path}: wrong passphrase (or a damaged file)",
+                reason="passphrase",
+            ) from None  # no chained detail: nothing about the key or passphrase leaks
+        raise ConfigurationError(
+            f"the {role} key file {path} is damaged or not a PEM private key; restore it from "
+            "a backup (never delete the CA: clients trust its root)",
+            reason="key_corrupt",
+        ) from None
+    except TypeError:
+        raise ConfigurationError(
+            f"the {role} key file {path} is damaged or not a PEM private key",
+            reason="key_corrupt",
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ConfigurationError(
+            f"the {role} key {path} is neither an ECDSA nor an RSA key", reason="key_corrupt"
+        )
+    return key
+
+
+# --------------------------------------------------------------------------------------------
+# files: permission checks and atomic writes
+
+
+def _uid_text(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def _euid() -> int | None:
+    geteuid = getattr(os, "geteuid", None)
+    return geteuid() if geteuid is not None else None
+
+
+def _check_owner(path: Path, st: os.stat_result, what: str) -> None:
+    euid = _euid()
+    if euid is not None and st.st_uid != euid:
+        raise ConfigurationError(
+            f"{what} {path} is owned by {_uid_text(st.st_uid)}, not by the user running tlsmitm "
+            f"({_uid_text(euid)}); run tlsmitm as its owner, or: chown {euid} {path}",
+            reason="key_owner",
+        )
+
+
+def _who(mode: int, *, read: bool) -> str:
+    group = mode & (0o060 if read else 0o020)
+    other = mode & (0o006 if read else 0o002)
+    return " and ".join(w for w, bit in (("group", group), ("others", other)) if bit)
+
+
+def _check_state_dir(state_dir: Path, ca_dir: Path) -> None:
+    """The state directory must not be writable by others; ``ca/`` must be private (0700)."""
+    if _euid() is None:  # pragma: no cover - Windows: the profile's ACL protects the directory
+        return
+    for path, private in ((state_dir, False), (ca_dir, True)):
+        st = os.stat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigurationError(f"{path} is not a directory", reason="state_corrupt")
+        _check_owner(path, st, "the CA state directory")
+        mode = stat.S_IMODE(st.st_mode)
+        if private and mode & 0o077:
+            raise ConfigurationError(
+                f"the CA directory {path} is accessible by {_who(mode, read=True) or 'others'} "
+                f"(mode {mode:04o}); run: chmod 700 {path}",
+                reason="key_permissions",
+            )
+        if not private and mode & 0o022 and not mode & stat.S_ISVTX:
+            raise ConfigurationError(
+                f"the state directory {path} is writable by {_who(mode, read=False)} (mode "
+                f"{mode:04o}), who could replace the CA; run: chmod go-w {path}",
+                reason="key_permissions",
+            )
+
+
+def _read_state_file(path: Path, *, secret: bool, what: str) -> bytes:
+    """Read a state file after checking, on the open descriptor, who owns it and who may read it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ConfigurationError(
+            f"{what} {path} is missing: the CA state is incomplete; restore the file from a "
+            "backup (do not delete the CA directory: clients trust its root)",
+            reason="state_incomplete",
+        ) from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot open {what} {path}: {exc.strerror}", reason="io") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigurationError(f"{what} {path} is not a regular file", reason="state_corrupt")
+        if _euid() is not None:
+            _check_owner(path, st, what)
+            mode = stat.S_IMODE(st.st_mode)
+            if secret and mode & 0o077:
+                raise ConfigurationError(
+                    f"{what} {path} is accessible by {_who(mode, read=True) or 'others'} (mode "
+                    f"{mode:04o}); run: chmod 600 {path}",
+                    reason="key_permissions",
+                )
+            if not secret and mode & 0o022:
+                raise ConfigurationError(
+                    f"{what} {path} is writable by {_who(mode, read=False)} (mode {mode:04o}); "
+                    f"run: chmod 600 {path}",
+                    reason="key_permissions",
+                )
+        if st.st_size > _MAX_STATE_FILE:
+            raise ConfigurationError(f"{what} {path} is implausibly large", reason="state_corrupt")
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(directory: Path, name: str, data: bytes) -> None:
+    """Write ``directory/name`` atomically; the file is 0600 before its first byte is written."""
+    temporary = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(temporary, flags | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o600)  # whatever the umask was: no window where it is readable
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        temporary.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        os.replace(temporary, directory / name)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(directory)
+
+
+def _make_private_dir(path: Path) -> None:
+    """Create ``path`` as 0700 (parents too), or tighten an existing empty one that we own."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        if not path.is_dir():
+            raise ConfigurationError(
+                f"{path} exists and is not a directory", reason="state_corrupt"
+            ) from None
+        st = os.stat(path)
+        if _euid() is not None:
+            _check_owner(path, st, "the CA state directory")
+    os.chmod(path, 0o700)  # the umask may have loosened mkdir's mode
+
+
+@contextlib.contextmanager
+def _exclusive(ca_dir: Path) -> Iterator[None]:
+    """Serialise writers of one CA directory across processes (``ca rotate`` vs a server)."""
+    fd = os.open(ca_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _ca_files(ca_dir: Path) -> list[str]:
+    """The CA's own files in ``ca_dir`` (hidden lock and temporary files excluded)."""
+    try:
+        return sorted(name for name in os.listdir(ca_dir) if not name.startswith("."))
+    except FileNotFoundError:
+        return []
+
+
+def _refuse_existing(ca_dir: Path) -> None:
+    present = _ca_files(ca_dir)
+    if not present:
+        return
+    if METADATA_FILE in present:
+        raise ConfigurationError(
+            f"a CA already exists in {ca_dir}; it was left untouched", reason="state_exists"
+        )
+    raise ConfigurationError(
+        f"{ca_dir} holds an incomplete CA ({', '.join(present)}) from an interrupted creation; "
+        f"it was left untouched. If no client trusts it, remove {ca_dir} and try again",
+        reason="state_incomplete",
+    )
+
+
+def _intermediate_files(generation: int) -> tuple[str, str]:
+    return f"intermediate-{generation}.pem", f"intermediate-{generation}.key"
+
+
+def _crl_file(number: int) -> str:
+    return f"crl-{number}.der"
+
+
+def _iso(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_iso(text: object) -> dt.datetime:
+    if not isinstance(text, str):
+        raise ValueError("not a timestamp")
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+
+
+_REASONS = {
+    "superseded": x509.ReasonFlags.superseded,
+    "ca_compromise": x509.ReasonFlags.ca_compromise,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# the CA
+
+
+class CertificateAuthority:
+    """The per-installation interception CA: a root, an online intermediate and an error CA.
+
+    Build one with :meth:`load_or_create`, :meth:`create`, :meth:`load` or :meth:`ephemeral`;
+    the constructor is private. Instances are thread-safe. They never hold the root key of a CA
+    stored on disk except during :meth:`rotate_intermediate` or a CRL refresh, and they refuse
+    to be pickled; their ``repr`` shows fingerprints, never keys.
+    """
+
+    def __init__(
+        self,
+        *,
+        _snapshot: _Snapshot,
+        _state_dir: Path | None,
+        _metadata: dict[str, Any],
+        _root_key: PrivateKey | None = None,
+        _passphrase: Passphrase | None = None,
+    ) -> None:
+        self._snapshot = _snapshot
+        self._state_dir = _state_dir
+        self._metadata = _metadata
+        self._memory_root_key = _root_key  # only for ephemeral CAs
+        self._passphrase = _passphrase
+        self._lock = threading.RLock()
+
+    # -- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def ephemeral(
+        cls,
+        *,
+        now: dt.datetime,
+        key_type: str = "ec256",
+        name_constraints_excluded: Sequence[str] = (),
+        organization: str = DEFAULT_ORGANIZATION,
+    ) -> CertificateAuthority:
+        """A CA that lives in memory only (tests, short-lived embedders); nothing is written."""
+        now = _utc_now_param(now)
+        metadata, snapshot, root_key = cls._generate(
+            key_type=key_type,
+            excluded=[_canonical_exclusion(n) for n in name_constraints_excluded],
+            organization=_check_organization(organization),
+            now=now,
+        )
+        return cls(_snapshot=snapshot, _state_dir=None, _metadata=metadata, _root_key=root_key)
+
+    @classmethod
+    def create(
+        cls,
+        state_dir: Path,
+        *,
+        passphrase: Passphrase | None = None,
+        key_type: str = "ec256",
+        name_constraints_excluded: Sequence[str] = (),
+        organization: str = DEFAULT_ORGANIZATION,
+        now: dt.datetime,
+    ) -> CertificateAuthority:
+        """Generate a new CA in ``state_dir/ca/``.
+
+        Args:
+            state_dir: the installation's state directory (created 0700 if missing).
+            passphrase: when given, the root key is stored encrypted with it.
+            key_type: one of :data:`KEY_TYPES`, for all three CA keys.
+            name_constraints_excluded: DNS names (with everything below them) and IP networks
+                in CIDR form that the CA must never be able to vouch for.
+            organization: the subject's O attribute (the product's name).
+            now: the current time.
+
+        Raises:
+            ConfigurationError: ``state_exists`` if a CA (complete or not) is already there;
+                ``key_type``, ``name_constraint``, ``passphrase`` for bad arguments.
+        """
+        now = _utc_now_param(now)
+        state_dir = Path(state_dir)
+        excluded = [_canonical_exclusion(n) for n in name_constraints_excluded]
+        organization = _check_organization(organization)
+        _check_key_type(key_type)
+        secret = _resolve_passphrase(passphrase)
+        ca_dir = state_dir / CA_SUBDIR
+        _refuse_existing(ca_dir)  # before touching anything, even a directory's mode
+        if not state_dir.exists():
+            _make_private_dir(state_dir)
+        _make_private_dir(ca_dir)
+        _check_state_dir(state_dir, ca_dir)
+        with _exclusive(ca_dir):
+            _refuse_existing(ca_dir)  # another process may have been quicker
+            metadata, snapshot, root_key = cls._generate(
+                key_type=key_type, excluded=excluded, organization=organization, now=now
+            )
+            root_key_pem = (
+                _encrypt_private_key(root_key, secret, iterations=PBKDF2_ITERATIONS)
+                if secret is not None
+                else _plain_private_key(root_key)
+            )
+            cert_file, key_file = _intermediate_files(snapshot.generation)
+            pem = serialization.Encoding.PEM
+            _write_atomic(ca_dir, ROOT_KEY_FILE, root_key_pem)
+            _write_atomic(ca_dir, ROOT_CERT_FILE, snapshot.root.public_bytes(pem))
+            _write_atomic(ca_dir, key_file, _plain_private_key(snapshot.intermediate.key))
+            _write_atomic(ca_dir, cert_file, snapshot.intermediate.certificate.public_bytes(pem))
+            _write_atomic(ca_dir, ERROR_KEY_FILE, _plain_private_key(snapshot.error.key))
+            _write_atomic(ca_dir, ERROR_CERT_FILE, snapshot.error.certificate.public_bytes(pem))
+            _write_atomic(
+                ca_dir,
+                _crl_file(snapshot.crl_number),
+                snapshot.crl.public_bytes(serialization.Encoding.DER),
+            )
+            encoded = cls._encode_metadata(metadata)
+            _write_atomic(ca_dir, METADATA_FILE, encoded)  # the commit point: written last
+            del root_key
+        ca = cls(
+            _snapshot=snapshot, _state_dir=state_dir, _metadata=metadata, _passphrase=passphrase
+        )
+        ca._metadata_digest = hashlib.sha256(encoded).digest()
+        return ca
+
+    @classmethod
+    def load_or_create(
+        cls,
+        state_dir: Path,
+        *,
+        passphrase: Passphrase | None = None,
+        key_type: str = "ec256",
+        name_constraints_excluded: Sequence[str] = (),
+        organization: str = DEFAULT_ORGANIZATION,
+        now: dt.datetime,
+    ) -> CertificateAuthority:
+        """Load the CA in ``state_dir``, or create it there if there is none at all.
+
+        A damaged or half-written CA is reported (:class:`ConfigurationError`), never replaced.
+        ``key_type``, ``name_constraints_excluded`` and ``organization`` apply only to creation.
+        """
+        state_dir = Path(state_dir)
+        if not _ca_files(state_dir / CA_SUBDIR):
+            try:
+                return cls.create(
+                    state_dir,
+                    passphrase=passphrase,
+                    key_type=key_type,
+                    name_constraints_excluded=name_constraints_excluded,
+                    organization=organization,
+                    now=now,
+                )
+            except ConfigurationError as exc:
+                if exc.reason != "state_exists":  # another process created it meanwhile
+                    raise
+        return cls.load(state_dir, passphrase=passphrase)
+
+    @classmethod
+    def load(cls, state_dir: Path, *, passphrase: Passphrase | None = None) -> CertificateAuthority:
+        """Load the CA in ``state_dir``, checking every file; nothing on disk is changed.
+
+        When the root key is encrypted and ``passphrase`` is given, the passphrase is checked
+        now (and remembered, as given, for a later rotation or CRL refresh); without it the CA
+        still works, it just cannot rotate or re-sign its CRL.
+
+        Raises:
+            ConfigurationError: with ``reason`` one of ``state_missing``, ``state_incomplete``,
+                ``state_corrupt``, ``key_corrupt``, ``key_mismatch``, ``key_permissions``,
+                ``key_owner``, ``passphrase``; the message says what to do.
+        """
+        state_dir = Path(state_dir)
+        ca_dir = state_dir / CA_SUBDIR
+        present = _ca_files(ca_dir)
+        if not present:
+            raise ConfigurationError(
+                f"there is no CA in {ca_dir}; create one with: python -m tlsmitm ca init "
+                f"--state-dir {state_dir}",
+                reason="state_missing",
+            )
+        _check_state_dir(state_dir, ca_dir)
+        if METADATA_FILE not in present:
+            raise ConfigurationError(
+                f"{ca_dir} holds an incomplete CA ({', '.join(present)}): its creation was "
+                f"interrupted before {METADATA_FILE} was written. If no client trusts it, remove "
+                f"{ca_dir} and run: python -m tlsmitm ca init --state-dir {state_dir}",
+                reason="state_incomplete",
+            )
+        encoded = _read_state_file(ca_dir / METADATA_FILE, secret=False, what="the CA metadata")
+        metadata = cls._decode_metadata(encoded, ca_dir / METADATA_FILE)
+        snapshot = cls._load_snapshot(ca_dir, metadata)
+        root_key_path = ca_dir / ROOT_KEY_FILE
+        if root_key_path.exists():
+            data = _read_state_file(root_key_path, secret=True, what="the root CA key file")
+            if not _is_encrypted_pem(data) or passphrase is not None:
+                key = _parse_private_key(
+                    data, root_key_path, _resolve_passphrase(passphrase), role="root"
+                )
+                cls._check_pair(key, snapshot.root, root_key_path, "root")
+                del key
+        ca = cls(
+            _snapshot=snapshot, _state_dir=state_dir, _metadata=metadata, _passphrase=passphrase
+        )
+        ca._metadata_digest = hashlib.sha256(encoded).digest()
+        return ca
+
+    # -- public view ---------------------------------------------------------------------------
+
+    @property
+    def root_certificate(self) -> x509.Certificate:
+        """The certificate clients trust."""
+        return self._snapshot.root
+
+    @property
+    def intermediate_certificate(self) -> x509.Certificate:
+        """The current (online) intermediate that signs trusted leaves."""
+        return self._snapshot.intermediate.certificate
+
+    @property
+    def error_ca_certificate(self) -> x509.Certificate:
+        """The never-trusted CA for leaves that must make a client show its own warning."""
+        return self._snapshot.error.certificate
+
+    @property
+    def retired_intermediates(self) -> tuple[x509.Certificate, ...]:
+        """Intermediates replaced by :meth:`rotate_intermediate` (all listed in the CRL)."""
+        return tuple(entry.certificate for entry in self._snapshot.retired)
+
+    @property
+    def state_dir(self) -> Path | None:
+        """The state directory, or ``None`` for an :meth:`ephemeral` CA."""
+        return self._state_dir
+
+    @property
+    def ca_dir(self) -> Path | None:
+        """Where the CA's files are (``state_dir/ca``), or ``None`` for an ephemeral CA."""
+        return None if self._state_dir is None else self._state_dir / CA_SUBDIR
+
+    @property
+    def generation(self) -> int:
+        """The current intermediate's generation (1 after creation, +1 per rotation)."""
+        return self._snapshot.generation
+
+    @property
+    def key_type(self) -> str:
+        """The CA keys' type, one of :data:`KEY_TYPES`."""
+        return str(self._metadata["key_type"])
+
+    @property
+    def installation_id(self) -> str:
+        """A public, random-looking id of this installation (from the root public key)."""
+        return str(self._metadata["installation_id"])
+
+    @property
+    def name_constraints_excluded(self) -> tuple[str, ...]:
+        """The excluded subtrees, canonical (DNS names and CIDR networks)."""
+        return tuple(self._metadata["name_constraints_excluded"])
+
+    def own_certificates(self) -> tuple[x509.Certificate, ...]:
+        """Every CA certificate of this installation: root, intermediates (current and
+        retired), error CA. An upstream presenting one of them is refused (``OWN_CA``)."""
+        snapshot = self._snapshot
+        return (
+            snapshot.root,
+            snapshot.intermediate.certificate,
+            *(entry.certificate for entry in snapshot.retired),
+            snapshot.error.certificate,
+        )
+
+    def export_root(self, *, der: bool = False) -> bytes:
+        """The root certificate, PEM (default) or DER: the only thing clients need to trust."""
+        encoding = serialization.Encoding.DER if der else serialization.Encoding.PEM
+        return self._snapshot.root.public_bytes(encoding)
+
+    def is_excluded(self, host: str) -> bool:
+        """Whether ``host`` lies in an excluded subtree (no trusted leaf can be minted for it).
+
+        Raises:
+            InvalidHostName: ``host`` is not a valid host name.
+        """
+        return self._excludes(normalize_host(host))
+
+    def _excludes(self, name: str) -> bool:
+        """``name`` is normalised; wildcards ``*.rest`` count if they could match an exclusion."""
+        excluded = self._metadata["name_constraints_excluded"]
+        if not excluded:
+            return False
+        address = ip_address_of(name)
+        wildcard = name.startswith("*.")
+        base = name[2:] if wildcard else name
+        for entry in excluded:
+            if "/" in entry:
+                if address is not None and address in ipaddress.ip_network(entry):
+                    return True
+            elif address is None and (
+                is_same_or_subdomain(base, entry)
+                or (wildcard and is_same_or_subdomain(entry, base))
+            ):
+                return True
+        return False
+
+    def key_files(self) -> tuple[KeyFileStatus, ...]:
+        """How the root, intermediate and error CA keys are stored (empty when ephemeral)."""
+        ca_dir = self.ca_dir
+        if ca_dir is None:
+            return ()
+        out = []
+        for role, name in (
+            ("root", ROOT_KEY_FILE),
+            ("intermediate", _intermediate_files(self._snapshot.generation)[1]),
+            ("error-ca", ERROR_KEY_FILE),
+        ):
+            path = ca_dir / name
+            try:
+                st = os.stat(path)
+                with open(path, "rb") as handle:
+                    head = handle.read(256)
+            except OSError:
+                out.append(KeyFileStatus(role=role, path=path, present=False))
+                continue
+            out.append(
+                KeyFileStatus(
+                    role=role,
+                    path=path,
+                    present=True,
+                    encrypted=_is_encrypted_pem(head),
+                    mode=stat.S_IMODE(st.st_mode),
+                    owner_uid=st.st_uid if _euid() is not None else None,
+                )
+            )
+        return tuple(out)
+
+    # -- CRL -----------------------------------------------------------------------------------
+
+    def crl(
+        self, *, now: dt.datetime, passphrase: Passphrase | None = None
+    ) -> x509.CertificateRevocationList:
+        """The CRL (signed by the root) listing every retired intermediate.
+
+        The stored CRL is returned while it has more than a month to live; after that it is
+        re-signed (and stored) when the root key is at hand: an ephemeral CA, an unencrypted
+        ``root.key``, or an encrypted one with a passphrase (this argument, or the one the CA
+        was loaded with).
+
+        Raises:
+            ConfigurationError: ``crl_stale`` when the stored CRL has expired and the root key
+                is not available.
+        """
+        now = _utc_now_param(now)
+        snapshot = self._snapshot
+        next_update = snapshot.crl.next_update_utc
+        assert next_update is not None  # every CRL tlsmitm signs has one
+        if now < next_update - CRL_REFRESH_MARGIN:
+            return snapshot.crl
+        with self._lock, self._writing():
+            snapshot = self._snapshot
+            try:
+                root_key = self._root_key(passphrase, None)
+            except ConfigurationError as exc:
+                if now < next_update:
+                    return snapshot.crl
+                raise ConfigurationError(
+                    f"the CRL expired on {next_update:%Y-%m-%d} and cannot be re-signed: {exc}",
+                    reason="crl_stale",
+                ) from None
+            crl = _sign_crl(
+                root=snapshot.root,
+                root_key=root_key,
+                retired=snapshot.retired,
+                number=snapshot.crl_number + 1,
+                now=now,
+            )
+            del root_key
+            self._commit(
+                replace={"crl": crl, "crl_number": snapshot.crl_number + 1},
+                new_files={
+                    _crl_file(snapshot.crl_number + 1): crl.public_bytes(serialization.Encoding.DER)
+                },
+                old_files=[_crl_file(snapshot.crl_number)],
+            )
+            return crl
+
+    def export_crl(self, *, now: dt.datetime, passphrase: Passphrase | None = None) -> bytes:
+        """:meth:`crl` as DER."""
+        return self.crl(now=now, passphrase=passphrase).public_bytes(serialization.Encoding.DER)
+
+    # -- rotation ------------------------------------------------------------------------------
+
+    def rotate_intermediate(
+        self,
+        *,
+        now: dt.datetime,
+        passphrase: Passphrase | None = None,
+        root_key_file: Path | None = None,
+        compromised: bool = False,
+    ) -> None:
+        """Replace the intermediate; the root (what clients trust) stays the same.
+
+        The old intermediate is revoked in a new CRL (reason ``superseded``, or ``cACompromise``
+        when ``compromised``) and its key file is deleted. Leaves minted afterwards chain to the
+        new intermediate; a running proxy that loaded the CA earlier keeps the old one until it
+        reloads.
+
+        Args:
+            now: the current time.
+            passphrase: for an encrypted root key (else the one the CA was loaded with).
+            root_key_file: where the root key is when it was moved off the state directory.
+            compromised: the old intermediate's key may have leaked.
+
+        Raises:
+            ConfigurationError: ``root_key_unavailable``, ``passphrase``, ``key_mismatch``,
+                ``state_changed`` (another process changed the CA since it was loaded).
+        """
+        now = _utc_now_param(now)
+        with self._lock, self._writing():
+            snapshot = self._snapshot
+            root_key = self._root_key(passphrase, root_key_file)
+            generation = snapshot.generation + 1
+            certificate, key = _new_intermediate(
+                root=snapshot.root,
+                root_key=root_key,
+                key_type=self.key_type,
+                organization=str(self._metadata["organization"]),
+                installation_id=self.installation_id,
+                generation=generation,
+                excluded=self.name_constraints_excluded,
+                now=now,
+            )
+            reason = x509.ReasonFlags.ca_compromise if compromised else x509.ReasonFlags.superseded
+            retired = (
+                *snapshot.retired,
+                _Retired(
+                    certificate=snapshot.intermediate.certificate,
+                    generation=snapshot.generation,
+                    retired_at=now,
+                    reason=reason,
+                ),
+            )
+            crl = _sign_crl(
+                root=snapshot.root,
+                root_key=root_key,
+                retired=retired,
+                number=snapshot.crl_number + 1,
+                now=now,
+            )
+            del root_key
+            signer = _Signer(
+                kind=IssuerKind.TRUSTED,
+                certificate=certificate,
+                key=key,
+                chain=(certificate,),
+                fingerprint=_fingerprint(certificate),
+            )
+            cert_file, key_file = _intermediate_files(generation)
+            self._commit(
+                replace={
+                    "intermediate": signer,
+                    "generation": generation,
+                    "retired": retired,
+                    "crl": crl,
+                    "crl_number": snapshot.crl_number + 1,
+                },
+                new_files={
+                    key_file: _plain_private_key(key),
+                    cert_file: certificate.public_bytes(serialization.Encoding.PEM),
+                    _crl_file(snapshot.crl_number + 1): crl.public_bytes(
+                        serialization.Encoding.DER
+                    ),
+                },
+                old_files=[
+                    _intermediate_files(snapshot.generation)[1],
+                    _crl_file(snapshot.crl_number),
+                ],
+            )
+
+    # -- for CertForge ---------------------------------------------------------------------------
+
+    def _signer(self, kind: IssuerKind) -> _Signer:
+        snapshot = self._snapshot  # one read: a consistent view even during a rotation
+        return snapshot.intermediate if kind is IssuerKind.TRUSTED else snapshot.error
+
+    # -- dunder --------------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        where = "ephemeral" if self._state_dir is None else str(self._state_dir)
+        return (
+            f"<CertificateAuthority {where} root sha256={_fingerprint(self._snapshot.root).hex()}"
+            f" generation={self._snapshot.generation}>"
+        )
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a CertificateAuthority holds private keys and cannot be pickled or copied")
+
+    # -- internals -----------------------------------------------------------------------------
+
+    _metadata_digest: bytes = b""
+
+    @classmethod
+    def _generate(
+        cls, *, key_type: str, excluded: list[str], organization: str, now: dt.datetime
+    ) -> tuple[dict[str, Any], _Snapshot, PrivateKey]:
+        root_key = generate_key(key_type)
+        installation_id = hashlib.sha256(_spki(root_key)).hexdigest()[:16]
+        root_subject = _subject(organization, installation_id, f"tlsmitm root CA {installation_id}")
+        root = _ca_certificate(
+            subject=root_subject,
+            issuer=root_subject,
+            public_key=root_key,
+            signing_key=root_key,
+            not_before=now - CA_BACKDATE,
+            not_after=now + ROOT_LIFETIME,
+            path_length=1,
+            excluded=excluded,
+        )
+        intermediate, intermediate_key = _new_intermediate(
+            root=root,
+            root_key=root_key,
+            key_type=key_type,
+            organization=organization,
+            installation_id=installation_id,
+            generation=1,
+            excluded=excluded,
+            now=now,
+        )
+        error_key = generate_key(key_type)
+        error_subject = _subject(
+            organization, installation_id, f"tlsmitm error CA {installation_id} (never trusted)"
+        )
+        error = _ca_certificate(
+            subject=error_subject,
+            issuer=error_subject,
+            public_key=error_key,
+            signing_key=error_key,
+            not_before=now - CA_BACKDATE,
+            not_after=now + ERROR_CA_LIFETIME,
+            path_length=0,
+            excluded=(),
+        )
+        crl = _sign_crl(root=root, root_key=root_key, retired=(), number=1, now=now)
+        snapshot = _Snapshot(
+            root=root,
+            intermediate=_Signer(
+                kind=IssuerKind.TRUSTED,
+                certificate=intermediate,
+                key=intermediate_key,
+                chain=(intermediate,),
+                fingerprint=_fingerprint(intermediate),
+            ),
+            generation=1,
+            error=_Signer(
+                kind=IssuerKind.ERROR,
+                certificate=error,
+                key=error_key,
+                chain=(),
+                fingerprint=_fingerprint(error),
+            ),
+            retired=(),
+            crl=crl,
+            crl_number=1,
+        )
+        metadata: dict[str, Any] = {
+            "format": FORMAT_VERSION,
+            "software": "tlsmitm",
+            "installation_id": installation_id,
+            "created": _iso(now),
+            "key_type": key_type,
+            "organization": organization,
+            "name_constraints_excluded": excluded,
+        }
+        cls._fill_metadata(metadata, snapshot)
+        return metadata, snapshot, root_key
+
+    @staticmethod
+    def _fill_metadata(metadata: dict[str, Any], snapshot: _Snapshot) -> None:
+        metadata["root_sha256"] = _fingerprint(snapshot.root).hex()
+        metadata["intermediate"] = {
+            "generation": snapshot.generation,
+            "sha256": snapshot.intermediate.fingerprint.hex(),
+        }
+        metadata["retired"] = [
+            {
+                "generation": entry.generation,
+                "sha256": _fingerprint(entry.certificate).hex(),
+                "retired": _iso(entry.retired_at),
+                "reason": entry.reason.name,
+            }
+            for entry in snapshot.retired
+        ]
+        metadata["error_ca_sha256"] = snapshot.error.fingerprint.hex()
+        metadata["crl"] = {
+            "number": snapshot.crl_number,
+            "sha256": hashlib.sha256(
+                snapshot.crl.public_bytes(serialization.Encoding.DER)
+            ).hexdigest(),
+        }
+
+    @staticmethod
+    def _encode_metadata(metadata: dict[str, Any]) -> bytes:
+        return (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+    @staticmethod
+    def _decode_metadata(encoded: bytes, path: Path) -> dict[str, Any]:
+        def corrupt(why: str) -> NoReturn:
+            raise ConfigurationError(
+                f"the CA metadata {path} is damaged ({why}); restore it from a backup",
+                reason="state_corrupt",
+            )
+
+        try:
+            metadata = json.loads(encoded.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            corrupt("not JSON")
+        if not isinstance(metadata, dict):
+            corrupt("not a JSON object")
+        if metadata.get("format") != FORMAT_VERSION:
+            raise ConfigurationError(
+                f"the CA in {path.parent} has format {metadata.get('format')!r}; this tlsmitm "
+                f"reads format {FORMAT_VERSION}: use the tlsmitm version that created it",
+                reason="state_version",
+            )
+        try:
+            generation = metadata["intermediate"]["generation"]
+            number = metadata["crl"]["number"]
+            checks = [
+                isinstance(metadata["installation_id"], str),
+                isinstance(metadata["root_sha256"], str),
+                isinstance(metadata["error_ca_sha256"], str),
+                isinstance(metadata["intermediate"]["sha256"], str),
+                isinstance(metadata["crl"]["sha256"], str),
+                all(isinstance(e["sha256"], str) for e in metadata["retired"]),
+                metadata["key_type"] in KEY_TYPES,
+                isinstance(metadata["organization"], str),
+                isinstance(generation, int) and generation >= 1,
+                isinstance(number, int) and number >= 1,
+                all(isinstance(n, str) for n in metadata["name_constraints_excluded"]),
+                all(
+                    isinstance(e["generation"], int) and e["reason"] in _REASONS
+                    for e in metadata["retired"]
+                ),
+            ]
+            for entry in metadata["retired"]:
+                _parse_iso(entry["retired"])
+            for name in metadata["name_constraints_excluded"]:
+                if _canonical_exclusion(name) != name:
+                    checks.append(False)
+        except (KeyError, TypeError, ValueError, ConfigurationError):
+            corrupt("missing or malformed fields")
+        if not all(checks):
+            corrupt("malformed fields")
+        return metadata
+
+    @staticmethod
+    def _check_pair(key: PrivateKey, certificate: x509.Certificate, path: Path, role: str) -> None:
+        if _spki(key) != _spki(certificate):
+            raise ConfigurationError(
+                f"the {role} key {path} does not belong to the {role} certificate; restore the "
+                "matching pair from a backup",
+                reason="key_mismatch",
+            )
+
+    @classmethod
+    def _load_certificate(cls, path: Path, expected_sha256: object, what: str) -> x509.Certificate:
+        data = _read_state_file(path, secret=False, what=what)
+        try:
+            certificate = x509.load_pem_x509_certificate(data)
+        except ValueError:
+            raise ConfigurationError(
+                f"{what} {path} is damaged or not a PEM certificate; restore it from a backup",
+                reason="state_corrupt",
+            ) from None
+        if _fingerprint(certificate).hex() != expected_sha256:
+            raise ConfigurationError(
+                f"{what} {path} is not the certificate recorded in {METADATA_FILE} (it was "
+                "replaced or damaged); restore it from a backup",
+                reason="state_corrupt",
+            )
+        return certificate
+
+    @classmethod
+    def _load_private_key(cls, path: Path, certificate: x509.Certificate, role: str) -> PrivateKey:
+        data = _read_state_file(path, secret=True, what=f"the {role} CA key file")
+        key = _parse_private_key(data, path, None, role=role)
+        cls._check_pair(key, certificate, path, role)
+        return key
+
+    @classmethod
+    def _load_snapshot(cls, ca_dir: Path, metadata: dict[str, Any]) -> _Snapshot:
+        root = cls._load_certificate(
+            ca_dir / ROOT_CERT_FILE, metadata["root_sha256"], "the root certificate"
+        )
+        generation = metadata["intermediate"]["generation"]
+        cert_file, key_file = _intermediate_files(generation)
+        intermediate = cls._load_certificate(
+            ca_dir / cert_file, metadata["intermediate"]["sha256"], "the intermediate certificate"
+        )
+        intermediate_key = cls._load_private_key(ca_dir / key_file, intermediate, "intermediate")
+        error = cls._load_certificate(
+            ca_dir / ERROR_CERT_FILE, metadata["error_ca_sha256"], "the error CA certificate"
+        )
+        error_key = cls._load_private_key(ca_dir / ERROR_KEY_FILE, error, "error CA")
+        try:
+            intermediate.verify_directly_issued_by(root)
+            error.verify_directly_issued_by(error)
+        except (ValueError, TypeError, InvalidSignature):
+            raise ConfigurationError(
+                f"the certificates in {ca_dir} do not chain (intermediate not signed by the root, "
+                "or a damaged error CA); restore them from a backup",
+                reason="state_corrupt",
+            ) from None
+        retired = tuple(
+            _Retired(
+                certificate=cls._load_certificate(
+                    ca_dir / _intermediate_files(entry["generation"])[0],
+                    entry["sha256"],
+                    "a retired intermediate certificate",
+                ),
+                generation=entry["generation"],
+                retired_at=_parse_iso(entry["retired"]),
+                reason=_REASONS[entry["reason"]],
+            )
+            for entry in metadata["retired"]
+        )
+        number = metadata["crl"]["number"]
+        crl_path = ca_dir / _crl_file(number)
+        data = _read_state_file(crl_path, secret=False, what="the CRL")
+        try:
+            crl = x509.load_der_x509_crl(data)
+            valid = crl.is_signature_valid(root.public_key())  # type: ignore[arg-type]
+        except (ValueError, TypeError):
+            valid = False
+        if not valid or hashlib.sha256(data).hexdigest() != metadata["crl"]["sha256"]:
+            raise ConfigurationError(
+                f"the CRL {crl_path} is damaged or not signed by the root; restore it from a "
+                "backup",
+                reason="state_corrupt",
+            )
+        return _Snapshot(
+            root=root,
+            intermediate=_Signer(
+                kind=IssuerKind.TRUSTED,
+                certificate=intermediate,
+                key=intermediate_key,
+                chain=(intermediate,),
+                fingerprint=_fingerprint(intermediate),
+            ),
+            generation=generation,
+            error=_Signer(
+                kind=IssuerKind.ERROR,
+                certificate=error,
+                key=error_key,
+                chain=(),
+                fingerprint=_fingerprint(error),
+            ),
+            retired=retired,
+            crl=crl,
+            crl_number=number,
+        )
+
+    def _root_key(self, passphrase: Passphrase | None, root_key_file: Path | None) -> PrivateKey:
+        """The root key for one operation: from memory (ephemeral), a file, or the state dir."""
+        root = self._snapshot.root
+        if root_key_file is not None:
+            path = Path(root_key_file)
+            data = _read_state_file(path, secret=True, what="the root CA key file")
+        elif self._memory_root_key is not None:
+            return self._memory_root_key
+        else:
+            ca_dir = self.ca_dir
+            if ca_dir is None or not (ca_dir / ROOT_KEY_FILE).exists():
+                raise ConfigurationError(
+                    f"the root key is not in {ca_dir} (moved offline?); pass its file (ca rotate "
+                    "--root-key PATH)",
+                    reason="root_key_unavailable",
+                )
+            path = ca_dir / ROOT_KEY_FILE
+            data = _read_state_file(path, secret=True, what="the root CA key file")
+        secret = _resolve_passphrase(passphrase if passphrase is not None else self._passphrase)
+        key = _parse_private_key(data, path, secret, role="root")
+        self._check_pair(key, root, path, "root")
+        return key
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the cross-process lock and make sure nobody changed the CA since we loaded it."""
+        ca_dir = self.ca_dir
+        if ca_dir is None:
+            yield
+            return
+        with _exclusive(ca_dir):
+            current = _read_state_file(ca_dir / METADATA_FILE, secret=False, what="the CA metadata")
+            if hashlib.sha256(current).digest() != self._metadata_digest:
+                raise ConfigurationError(
+                    f"the CA in {ca_dir} was changed by another process (ca rotate?) since it was "
+                    "loaded; reload it (restart the proxy) and try again",
+                    reason="state_changed",
+                )
+            yield
+
+    def _commit(
+        self, *, replace: dict[str, Any], new_files: dict[str, bytes], old_files: list[str]
+    ) -> None:
+        """Write ``new_files``, then the metadata (the commit point), then drop ``old_files``."""
+        snapshot = _Snapshot(
+            **{name: getattr(self._snapshot, name) for name in _Snapshot.__dataclass_fields__}
+            | replace
+        )
+        metadata = dict(self._metadata)
+        self._fill_metadata(metadata, snapshot)
+        ca_dir = self.ca_dir
+        if ca_dir is not None:
+            for name, data in new_files.items():
+                _write_atomic(ca_dir, name, data)
+            encoded = self._encode_metadata(metadata)
+            _write_atomic(ca_dir, METADATA_FILE, encoded)
+            self._metadata_digest = hashlib.sha256(encoded).digest()
+            for name in old_files:
+                with contextlib.suppress(FileNotFoundError):
+                    (ca_dir / name).unlink()
+            _fsync_directory(ca_dir)
+        self._metadata = metadata
+        self._snapshot = snapshot
