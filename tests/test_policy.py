@@ -324,6 +324,62 @@ def test_rule_text_round_trips(rule: Rule) -> None:
     assert RuleSet.from_strings([rule.text]).rules == (rule,)
 
 
+_SMALL_LABEL = st.sampled_from(["a", "b", "bank", "example", "xn--bcher-kva"])
+_SMALL_NAME = st.lists(_SMALL_LABEL, min_size=1, max_size=4).map(".".join)
+_SMALL_RULE = st.one_of(
+    st.tuples(st.sampled_from(["", "*.", "."]), _SMALL_NAME).map("".join),
+    st.tuples(st.sampled_from(["", "*.", "."]), _SMALL_NAME, st.sampled_from([443, 8443])).map(
+        lambda p: f"{p[0]}{p[1]}:{p[2]}"
+    ),
+    st.sampled_from(["port:8443", "client:10.0.0.0/8", "category:finance", "10.0.0.0/8"]),
+    st.tuples(st.sampled_from(["", "*.", "."]), _SMALL_NAME).map(
+        lambda p: f"{p[0]}{p[1]} category:finance"
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(_SMALL_RULE, max_size=12),
+    _SMALL_NAME,
+    st.sampled_from([443, 8443]),
+    st.sampled_from([None, "finance"]),
+)
+def test_indexed_lookup_equals_a_linear_scan(
+    texts: list[str], host: str, port: int, category: str | None
+) -> None:
+    rules = RuleSet.from_strings(texts)
+    policy = InterceptPolicy(rules, category=lambda name: category)
+    expected = next(
+        (
+            rule
+            for rule in rules
+            if rule.category is None
+            and rule.matches(client_ip="10.1.1.1", host=host, port=port, destination_ip="10.2.2.2")
+        ),
+        None,
+    )
+    if expected is None and category is not None:
+        expected = next(
+            (
+                rule
+                for rule in rules
+                if rule.category is not None
+                and rule.matches(
+                    client_ip="10.1.1.1",
+                    host=host,
+                    port=port,
+                    destination_ip="10.2.2.2",
+                    category=category,
+                )
+            ),
+            None,
+        )
+    decision = decide(policy, host, port, client_ip="10.1.1.1", destination_ip="10.2.2.2")
+    assert decision.rule == (expected.text if expected is not None else None)
+    assert decision.intercept is (expected is None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Destinations, ports and clients
 

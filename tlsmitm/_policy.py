@@ -532,6 +532,7 @@ class RuleSet:
     """
 
     rules: tuple[Rule, ...] = ()
+    _index: _RuleIndex = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         rules = tuple(self.rules)
@@ -539,6 +540,7 @@ class RuleSet:
             if not isinstance(rule, Rule):
                 raise TypeError(f"RuleSet holds Rule objects, not {rule!r}")
         object.__setattr__(self, "rules", rules)
+        object.__setattr__(self, "_index", _RuleIndex(rules))
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -549,7 +551,7 @@ class RuleSet:
     @property
     def has_category_rules(self) -> bool:
         """Whether any rule needs the category callback."""
-        return any(rule.category is not None for rule in self.rules)
+        return self._index.has_category_rules
 
     @classmethod
     def from_strings(cls, texts: Sequence[str], *, source: str = "--bypass") -> RuleSet:
@@ -617,12 +619,54 @@ class RuleSet:
 
     def _first_match(self, query: _Query, *, category: str | None = None) -> Rule | None:
         """The first rule matching a connection; category rules only when ``category`` is given."""
-        for rule in self.rules:
-            if rule.category is not None and (category is None or rule.category != category):
+        for position in self._index.candidates(query.host):
+            rule = self.rules[position]
+            if rule.category is not None and rule.category != category:
                 continue
             if rule._matches_connection(query):
                 return rule
         return None
+
+
+class _RuleIndex:
+    """Host rules by the name they hang off, so a decision costs O(labels), not O(rules).
+
+    Every rule sits in exactly one bucket: exact names, ``.suffix`` names, ``*.suffix`` names, or
+    the list of rules without a host (scanned for every connection). Candidates come back in load
+    order, so the first matching rule is the one reported, as with a linear scan.
+    """
+
+    __slots__ = ("exact", "has_category_rules", "hostless", "suffix", "wildcard")
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.exact: dict[str, list[int]] = {}
+        self.suffix: dict[str, list[int]] = {}
+        self.wildcard: dict[str, list[int]] = {}
+        self.hostless: list[int] = []
+        self.has_category_rules = any(rule.category is not None for rule in rules)
+        for position, rule in enumerate(rules):
+            host = rule.host
+            if host is None:
+                self.hostless.append(position)
+            elif host.startswith("*."):
+                self.wildcard.setdefault(host[2:], []).append(position)
+            elif host.startswith("."):
+                self.suffix.setdefault(host[1:], []).append(position)
+            else:
+                self.exact.setdefault(host, []).append(position)
+
+    def candidates(self, host: str | None) -> list[int]:
+        found = list(self.hostless)
+        if host is not None:
+            found += self.exact.get(host, ())
+            found += self.suffix.get(host, ())
+            parent = host
+            while (dot := parent.find(".")) >= 0:
+                parent = parent[dot + 1 :]  # each proper parent, at label boundaries
+                found += self.suffix.get(parent, ())
+                found += self.wildcard.get(parent, ())
+        found.sort()
+        return found
 
 
 _TOML_POSITION = re.compile(
