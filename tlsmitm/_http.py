@@ -216,7 +216,7 @@ class HttpRelay:
                 raise error(f"malformed HTTP from {side}: {exc}", reason="bad_http") from exc
             if event is not h11.NEED_DATA:
                 return event
-            data = await stream.receive_some(_RECEIVE_SIZE)
+            data = bytes(await stream.receive_some(_RECEIVE_SIZE))
             if side == "client":
                 self.counters.bytes_up += len(data)
             else:
@@ -301,11 +301,7 @@ class HttpRelay:
         return result[0]
 
     async def _forward_request_body(self) -> None:
-        while True:
-            if self._down.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
-                return
-            if self._down.their_state is h11.MIGHT_SWITCH_PROTOCOL:
-                return
+        while self._down.their_state is h11.SEND_BODY:
             event = await self._next_event(self._down, self.client, "client")
             if isinstance(event, h11.Data):
                 await self._send(self._up, self.upstream, event)
@@ -442,10 +438,12 @@ class _Blocked(Exception):
 
 async def run_relay(relay: HttpRelay) -> Switched | None:
     """Run ``relay``; a blocked or replaced response ends it cleanly."""
+    result: Switched | None = None
     try:
-        return await relay.run()
+        result = await relay.run()
     except* _Blocked:
-        return None
+        result = None
+    return result
 
 
 # -- a small HTTP client for AIA, OCSP and CRL fetching ---------------------------------------
@@ -500,7 +498,7 @@ async def fetch_http(
                 except h11.RemoteProtocolError as exc:
                     raise UpstreamError(f"fetching {url}: {exc}", reason="fetch_failed") from exc
                 if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(_RECEIVE_SIZE))
+                    conn.receive_data(bytes(await stream.receive_some(_RECEIVE_SIZE)))
                 elif isinstance(event, h11.Response):
                     status = event.status_code
                 elif isinstance(event, h11.Data):

@@ -624,6 +624,7 @@ class Interceptor:
             await self._save_client_cert_site(client_stream, peeked, upstream, name, port, conn)
             return
         verdict = probe.verdict
+        assert verdict is not None  # (None only with client_certificate_requested)
         conn.verdict = "ok" if verdict.ok else (verdict.error.value if verdict.error else None)
         if verdict.error is not None:
             self.stats.cert_errors[verdict.error.value] = (
@@ -941,7 +942,7 @@ class Interceptor:
             while True:
                 event = parser.next_event()
                 if event is h11.NEED_DATA:
-                    parser.receive_data(await downstream.receive_some(_RECEIVE))
+                    parser.receive_data(bytes(await downstream.receive_some(_RECEIVE)))
                     continue
                 break
         if not isinstance(event, h11.Request):
@@ -987,7 +988,7 @@ class Interceptor:
                 while True:
                     event = parser.next_event()
                     if event is h11.NEED_DATA:
-                        parser.receive_data(await stream.receive_some(_RECEIVE))
+                        parser.receive_data(bytes(await stream.receive_some(_RECEIVE)))
                     elif isinstance(event, h11.Request):
                         request = event
                     elif isinstance(event, h11.Data):
