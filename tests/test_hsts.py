@@ -430,6 +430,17 @@ def test_observe_edge_inputs() -> None:
     assert list(hsts.store.items("hsts")) == []
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=80), st.binary(max_size=80)))
+def test_fuzz_host_names_never_raise(host: str | bytes) -> None:
+    hsts = make_store()
+    noted = hsts.observe(host, ["max-age=5"], now=NOW, secure_and_verified=True)  # type: ignore[arg-type]
+    known = hsts.is_known_host(host, now=NOW)  # type: ignore[arg-type]
+    assert known is (noted is not None)
+    hsts.forget(host)  # type: ignore[arg-type]
+    assert not hsts.is_known_host(host, now=NOW)  # type: ignore[arg-type]
+
+
 def test_a_later_header_replaces_the_entry() -> None:
     hsts = make_store()
     observe(hsts, "example.com", "max-age=100; includeSubDomains")
@@ -864,3 +875,29 @@ def test_store_without_get_many_is_queried_per_suffix() -> None:
     calls.clear()
     assert hsts.is_known_host("a.b.example.com", now=NOW)
     assert calls == ["a.b.example.com", "b.example.com", "example.com", "com"]
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark runs and reports every figure
+# --------------------------------------------------------------------------------------------
+
+
+def test_benchmark_reports_positive_rates(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import bench_hsts
+
+    results = bench_hsts.run(0.3)
+    assert set(results) >= {
+        "parse_per_s",
+        "preload_decode_s",
+        "lookup_preloaded_per_s",
+        "lookup_observed_per_s",
+        "lookup_miss_per_s",
+        "lookup_distinct_per_s",
+        "memory_observe_per_s",
+        "sqlite_lookup_hit_per_s",
+        "sqlite_lookup_miss_per_s",
+        "sqlite_observe_per_s",
+    }
+    assert all(value > 0 for value in results.values())
+    assert results["preload_entries"] > 100_000

@@ -232,6 +232,22 @@ def test_garbage_behind_a_valid_header_is_moved_aside_with_its_log(db: Path) -> 
     assert not db.exists()
 
 
+def test_corrupt_file_that_cannot_be_moved_is_reported(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db.parent.mkdir(mode=0o700)
+    db.write_bytes(b"garbage" * 10)
+
+    def refuse(self: Path, target: object) -> Path:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "rename", refuse)
+    with pytest.raises(ConfigurationError, match="could not be moved aside") as info:
+        SqliteStore(db)
+    assert info.value.reason == "corrupt_state"
+    assert db.read_bytes() == b"garbage" * 10
+
+
 def test_damaged_pages_are_detected(db: Path) -> None:
     with SqliteStore(db) as store:
         for i in range(2000):

@@ -221,11 +221,24 @@ class SqliteStore:
             n += 1
         target = self._path.with_name(f"{self._path.name}.corrupt-{n}")
         moved: list[str] = []
+        failed: list[str] = []
         for suffix in ("", "-wal", "-shm"):
             source = Path(f"{self._path}{suffix}")
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 source.rename(f"{target}{suffix}")
-                moved.append(f"{source.name} -> {target.name}{suffix}")
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                failed.append(f"{source.name} ({exc.strerror or exc})")
+                continue
+            moved.append(f"{source.name} -> {target.name}{suffix}")
+        if failed:
+            return ConfigurationError(
+                f"the state store {self._path} is corrupted ({why}) and could not be moved "
+                f"aside: {', '.join(failed)}; move or delete it by hand (restore a backup if you "
+                "have one), then start again",
+                reason="corrupt_state",
+            )
         return ConfigurationError(
             f"the state store {self._path} is corrupted ({why}); moved it aside "
             f"({', '.join(moved) or 'nothing to move'}) in {self._path.parent}. Its learned state "
