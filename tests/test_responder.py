@@ -351,6 +351,32 @@ def test_now_must_be_aware() -> None:
         )
 
 
+def test_real_verdict_with_a_real_leaf() -> None:
+    """tlsmitm._verify.Verdict satisfies VerdictLike; the override binds to the leaf's DER."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from pki import good_hierarchy
+
+    from tlsmitm._verify import Verdict
+
+    leaf = good_hierarchy(HOST).leaf.cert
+    digest = hashlib.sha256(leaf.public_bytes(Encoding.DER)).digest()
+    verdict = Verdict(
+        host=HOST,
+        ok=False,
+        error=CertError.UNKNOWN_ISSUER,
+        detail="issuer not in the trust store",
+        chain=(leaf,),
+        leaf=leaf,
+        leaf_sha256=digest,
+    )
+    r = make(profile="page")
+    action = r.plan(verdict, host=HOST, hsts_known=False, client_speaks_http=True, now=NOW)
+    assert action.kind is ActionKind.OVERRIDE_PAGE
+    assert action.leaf_sha256 == digest
+    page = page_of(r, r.redirect_for(action, now=NOW))
+    assert ":".join(f"{b:02X}" for b in digest) in Dom(page.body).text
+
+
 # -- the embedder's mapping is clamped ------------------------------------------------------------
 
 
@@ -1030,6 +1056,11 @@ def test_return_target_keeps_the_port_and_ipv6_brackets() -> None:
         page = r.handle(request(target=f"/error/{ref}"), now=NOW)
         token = Dom(page.body).tags("input")[1].attrs["value"]
         assert token is not None
+        csp = page.header(b"content-security-policy")
+        assert csp is not None
+        # form-action must allow the redirect back (browsers apply it to redirects).
+        allowed = b"https:" if host[0].isdigit() else b"https://%s:%d" % (host.encode(), port)
+        assert b"form-action 'self' " + allowed + b";" in csp
         assert post(r, ref, token).header(b"location") == want
 
 

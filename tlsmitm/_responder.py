@@ -1055,8 +1055,9 @@ def _authority(host: str, port: int, default: int) -> str:
 
 def _form_action_target(host: str, port: int) -> str:
     """The CSP source for the override's redirect back to the site (form-action covers it)."""
-    if ":" in host:
-        return "https:"  # CSP host-source has no IPv6 literal syntax (CSP3 §2.3.1)
+    if ip_address_of(host) is not None:
+        # CSP3 host-source has no IPv6 syntax, and its host matching is defined for domains.
+        return "https:"
     return f"https://{host}:{port}"
 
 
