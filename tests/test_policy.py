@@ -7,6 +7,7 @@ import ast
 import inspect
 import ipaddress
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -600,7 +601,22 @@ def test_inline_rule_array_is_accepted() -> None:
         ('[[bypas]]\nhost = "a.example"\n', "line 1", "unknown setting 'bypas'"),
         ('version = 2\n[[bypass]]\nhost = "a.example"\n', "line 1", "unknown setting"),
         ('[bypass]\nhost = "a.example"\n', "line 1", "two brackets"),
-        ('bypass = ["a.example"]\n', "rule #1", "must be a table"),
+        ('bypass = ["a.example"]\n', "line 1 (rule #1)", "must be a table"),
+        (
+            '# rules\nbypass = [\n  { host = "a.example" },\n  { port = 0 },\n]\n',
+            "line 4 (rule #2)",
+            "out of range",
+        ),
+        (
+            'bypass = [\n  { host = "a.example", port = 1 },\n  { port = 1, x = 2 },\n]\n',
+            "line 3 (rule #2)",
+            "unknown key 'x'",
+        ),
+        (
+            '[[bypass]]\nhost = "a.example"\n[bypass.sub]\nx = 1\n',
+            "line 1 (rule #1)",
+            "unknown key 'sub'",
+        ),
         (
             'bypass = [{ host = "a.example" }, { host = "b..example" }]\n',
             "line 1 (rule #2)",
@@ -616,6 +632,83 @@ def test_malformed_rule_file_names_the_line(text: str, where: str, complaint: st
     assert message.startswith("/etc/tlsmitm/rules.toml")
     assert where in message
     assert complaint in message
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return repr(value)
+
+
+_TOML_SCALAR = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["*.bank.example", ".a.example", "10.0.0.0/8", "fd00::/8", "finance", "x"]),
+    st.integers(-5, 70000),
+    st.booleans(),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+_TOML_TABLE = st.dictionaries(
+    st.sampled_from(["host", "destination", "port", "client", "category", "comment", "hots"]),
+    st.one_of(_TOML_SCALAR, st.lists(_TOML_SCALAR, max_size=2)),
+    max_size=4,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_TOML_TABLE, max_size=4), st.booleans())
+def test_any_rule_file_loads_or_names_a_line(tables: list[dict[str, object]], inline: bool) -> None:
+    if inline:
+        text = (
+            "bypass = [\n"
+            + "".join(
+                "  { " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in table.items()) + " },\n"
+                for table in tables
+            )
+            + "]\n"
+        )
+    else:
+        text = "".join(
+            "[[bypass]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in table.items())
+            for table in tables
+        )
+    try:
+        rules: RuleSet | ConfigurationError = RuleSet.from_toml_text(text, source="fuzz.toml")
+    except ConfigurationError as exc:
+        rules = exc
+    if isinstance(rules, ConfigurationError):
+        assert rules.reason == "bad_rules"
+        assert re.match(r"fuzz\.toml, line [0-9]+", str(rules)), str(rules)
+    else:
+        assert len(rules) == len(tables)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_any_text_is_a_rule_or_a_clean_error(text: str) -> None:
+    try:
+        rule: Rule | ConfigurationError = Rule.parse(text)
+    except ConfigurationError as exc:
+        rule = exc
+    if isinstance(rule, ConfigurationError):
+        assert rule.reason == "bad_rule"
+    else:
+        assert Rule.parse(rule.text) == rule
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80))
+def test_any_file_text_is_rules_or_a_clean_error(text: str) -> None:
+    try:
+        result: RuleSet | ConfigurationError = RuleSet.from_toml_text(text, source="fuzz.toml")
+    except ConfigurationError as exc:
+        result = exc
+    if isinstance(result, ConfigurationError):
+        assert result.reason == "bad_rules"
+        assert str(result).startswith("fuzz.toml")
 
 
 def test_rule_file_errors_for_unreadable_and_non_utf8_files(tmp_path: Path) -> None:

@@ -720,6 +720,17 @@ def _find_text(lines: Sequence[str], needle: str) -> int | None:
     return None
 
 
+def _find_inline(lines: Sequence[str], key: str, value: object) -> int | None:
+    """Best guess at the line of ``key = value`` inside an inline table."""
+    setter = re.compile(rf"""(^|[\s{{,])["']?{re.escape(key)}["']?\s*=""")
+    shown = str(value).lower() if isinstance(value, bool) else str(value)
+    with_key = [index + 1 for index, line in enumerate(lines) if setter.search(line)]
+    for number in with_key:
+        if shown in lines[number - 1]:
+            return number
+    return with_key[0] if with_key else _find_text(lines, shown)
+
+
 def _load_toml_rules(text: str, source: str) -> list[Rule]:
     if not isinstance(text, str):
         raise TypeError(f"rule-file text must be a str, not {type(text).__name__}")
@@ -748,6 +759,7 @@ def _load_toml_rules(text: str, source: str) -> list[Rule]:
     if len(headers) != len(entries):
         headers = []  # inline form (bypass = [{...}]) or a header inside a string: search values
 
+    inline_line = _find_line(lines, "bypass", 0, len(lines))  # "bypass = [...]", if written so
     rules: list[Rule] = []
     for number, entry in enumerate(entries, start=1):
         if headers:
@@ -759,12 +771,15 @@ def _load_toml_rules(text: str, source: str) -> list[Rule]:
 
         def line_of(key: str, value: object, start: int = start, end: int = end) -> int | None:
             if headers:
-                return _find_line(lines, key, start + 1, end)
-            shown = str(value).lower() if isinstance(value, bool) else str(value)
-            return _find_text(lines, shown)
+                return _find_line(lines, key, start + 1, end) or start + 1
+            return _find_inline(lines, key, value) or inline_line
 
         if not isinstance(entry, dict):
-            raise fail('rule must be a table such as { host = "bank.example" }', None, number)
+            raise fail(
+                'rule must be a table such as { host = "bank.example" }',
+                table_line or inline_line,
+                number,
+            )
         for key, value in entry.items():
             if key not in _TOML_KEYS:
                 raise fail(
@@ -791,8 +806,10 @@ def _load_toml_rules(text: str, source: str) -> list[Rule]:
                     values["category"] = _normalize_category(value)
             except ConfigurationError as exc:
                 raise fail(str(exc), line_of(key, value), number) from exc
-        line = table_line or (
-            line_of(next(iter(entry)), next(iter(entry.values()))) if entry else None
+        line = (
+            table_line
+            or (line_of(next(iter(entry)), next(iter(entry.values()))) if entry else None)
+            or inline_line
         )
         origin = f"{source}:{line}" if line is not None else f"{source} rule #{number}"
         try:
