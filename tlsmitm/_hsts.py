@@ -17,12 +17,13 @@ tlsmitm applies it instead, and for that it must know at least every host the br
   suffix of the name): the bundled copy from the ``hstspreload`` package, or a newer
   ``transport_security_state_static.json`` the deployer ships.
 
-Lookups never read a file: the preload list is a dict, and observed entries are fetched from the
-store for every suffix of the name in one query when the store offers ``get_many`` (SQLite does)
-or one ``get`` per suffix otherwise. The store stays the single source of truth, so several
+Lookups never parse a file: the preload list is a dict, and observed entries are fetched from
+the store for every suffix of the name in one query when the store offers ``get_many`` (SQLite
+does) or one ``get`` per suffix otherwise. The store stays the single source of truth, so several
 processes sharing one SQLite file see each other's observations at once.
 
-The module is pure: no clock (``now`` is a parameter), no sockets.
+No clock (``now`` is a parameter) and no sockets. The only file access is decoding the bundled
+preload list (once per process) and :meth:`HstsStore.open`, which opens a ``SqliteStore``.
 """
 
 from __future__ import annotations
@@ -309,8 +310,8 @@ class PreloadList:
     __slots__ = ("_entries",)
 
     def __init__(self, entries: dict[str, bool]) -> None:
-        """Wrap ``{normalised name: include_subdomains}``; prefer the class methods."""
-        self._entries = entries
+        """Wrap ``{normalised name: include_subdomains}`` (copied); prefer the class methods."""
+        self._entries = dict(entries)
 
     @classmethod
     def empty(cls) -> PreloadList:
