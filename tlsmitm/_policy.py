@@ -1058,6 +1058,9 @@ class InterceptPolicy:
     ) -> Decision:
         """Decide for one connection, awaiting the category callback if it is asynchronous.
 
+        This module imports no event loop: ``decide`` suspends only if the category callback
+        does, so it is not a checkpoint by itself.
+
         Args:
             client_ip: the client's address (``::ffff:a.b.c.d`` is read as IPv4).
             host: the CONNECT host or SNI name, ``None`` if the client sent none.
