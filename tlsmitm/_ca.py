@@ -994,6 +994,16 @@ class CertificateAuthority:
         """The excluded subtrees, canonical (DNS names and CIDR networks)."""
         return tuple(self._metadata["name_constraints_excluded"])
 
+    @property
+    def stored_crl(self) -> x509.CertificateRevocationList:
+        """The CRL as last signed (no refresh; :meth:`crl` re-signs one that is due)."""
+        return self._snapshot.crl
+
+    @property
+    def crl_number(self) -> int:
+        """The stored CRL's number (RFC 5280 §5.2.3), +1 at every rotation or refresh."""
+        return self._snapshot.crl_number
+
     def own_certificates(self) -> tuple[x509.Certificate, ...]:
         """Every CA certificate of this installation: root, intermediates (current and
         retired), error CA. An upstream presenting one of them is refused (``OWN_CA``)."""

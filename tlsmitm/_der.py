@@ -120,10 +120,12 @@ def time(when: dt.datetime) -> bytes:
     """
     if when.tzinfo is None:
         raise ValueError("certificate times must be timezone-aware")
-    when = when.astimezone(dt.UTC)
+    if when.tzinfo is not dt.UTC:
+        when = when.astimezone(dt.UTC)
+    rest = f"{when.month:02d}{when.day:02d}{when.hour:02d}{when.minute:02d}{when.second:02d}Z"
     if 1950 <= when.year < 2050:
-        return tlv(0x17, when.strftime("%y%m%d%H%M%SZ").encode("ascii"))
-    return tlv(0x18, f"{when.year:04d}{when.strftime('%m%d%H%M%S')}Z".encode("ascii"))
+        return b"\x17\x0d" + f"{when.year % 100:02d}{rest}".encode("ascii")
+    return b"\x18\x0f" + f"{when.year:04d}{rest}".encode("ascii")
 
 
 def read_tlv(data: bytes, offset: int = 0) -> tuple[int, int, int]:

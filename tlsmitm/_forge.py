@@ -111,6 +111,8 @@ _EXT_KEY_USAGE = _extension("2.5.29.15", b"\x03\x02\x07\x80", critical=True)
 # RFC 5280 §4.2.1.12: id-kp-serverAuth, non-critical (BR §7.1.2.7.10).
 _EXT_EKU = _extension("2.5.29.37", _der.sequence(_der.oid("1.3.6.1.5.5.7.3.1")), critical=False)
 
+_EXT_FIXED = _EXT_BASIC_CONSTRAINTS + _EXT_KEY_USAGE + _EXT_EKU
+
 _SIGNATURE_ALGORITHMS = {
     # RFC 5758 §3.2: ECDSA identifiers carry no parameters; RFC 4055 §5: RSA ones carry NULL.
     ("ec", "sha256"): _der.sequence(_der.oid("1.2.840.10045.4.3.2")),
@@ -120,11 +122,20 @@ _SIGNATURE_ALGORITHMS = {
 }
 
 
+# The SKI extension of a leaf: everything but the 20-byte key identifier at the end.
+_EXT_SKI_PREFIX = _extension("2.5.29.14", _der.octet_string(bytes(20)), critical=False)[:-20]
+
+
 def _general_name(name: str) -> bytes:
-    """GeneralName (RFC 5280 §4.2.1.6): [2] dNSName IA5String or [7] iPAddress OCTET STRING."""
-    address = ip_address_of(name)
-    if address is not None:
-        return _der.context_primitive(7, address.packed)
+    """GeneralName (RFC 5280 §4.2.1.6): [2] dNSName IA5String or [7] iPAddress OCTET STRING.
+
+    ``name`` is normalised: an IPv6 literal has a colon, an IPv4 one only digits and dots (a
+    normalised DNS name is never all-numeric), so most names skip the ``ipaddress`` parser.
+    """
+    if ":" in name or name.replace(".", "").isdigit():
+        address = ip_address_of(name)
+        if address is not None:
+            return _der.context_primitive(7, address.packed)
     return _der.context_primitive(2, name.encode("ascii"))
 
 
@@ -524,7 +535,7 @@ class CertForge:
         )
         serial = 0
         while not serial:  # RFC 5280 §4.1.2.2: positive; BR §7.1: >= 64 bits of CSPRNG output
-            serial = int.from_bytes(secrets.token_bytes(16), "big")
+            serial = secrets.randbits(128)
         if len(host) <= 64:  # X.520 ub-common-name
             subject = _der.sequence(
                 _der.set_of(_der.sequence(_OID_COMMON_NAME, _der.utf8_string(host)))
@@ -533,16 +544,13 @@ class CertForge:
         else:  # RFC 5280 §4.2.1.6: empty subject => SAN critical
             subject = _der.sequence()
             san_critical = True
+        san = _der.octet_string(_der.sequence(*[_general_name(n) for n in names]))
         extensions = _der.sequence(
-            _EXT_BASIC_CONSTRAINTS,
-            _EXT_KEY_USAGE,
-            _EXT_EKU,
-            _der.sequence(
-                _OID_SAN,
-                *([_der.BOOLEAN_TRUE] if san_critical else []),
-                _der.octet_string(_der.sequence(*(_general_name(n) for n in names))),
-            ),
-            _extension("2.5.29.14", _der.octet_string(_key_identifier(spki)), critical=False),
+            _EXT_FIXED,
+            _der.sequence(_OID_SAN, _der.BOOLEAN_TRUE, san)
+            if san_critical
+            else _der.sequence(_OID_SAN, san),
+            _EXT_SKI_PREFIX + _key_identifier(spki),
             template.authority_key_identifier,
         )
         tbs = _der.sequence(

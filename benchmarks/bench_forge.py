@@ -1,0 +1,173 @@
+"""CertForge benchmark: cold mints, cache hits, and the raw signature rate they compare to.
+
+Run ``python -m benchmarks.bench_forge [seconds]``. :func:`run` returns the figures as a dict.
+
+Figures (per second unless the name says otherwise), all measured in the same process:
+
+* ``raw_p256_sign_per_s`` -- ECDSA P-256 signatures over a 400-byte message with ``cryptography``:
+  the floor under any minting scheme (each leaf needs one).
+* ``p256_keygen_per_s`` -- P-256 key generation (each leaf gets a fresh key).
+* ``builder_reused_key_per_s`` -- ``cryptography``'s ``CertificateBuilder`` signing a leaf of the
+  same shape with one reused key (the usual "fast" approach, and it reuses the key).
+* ``cold_mint_per_s`` -- :meth:`~tlsmitm.CertForge.leaf_for` for distinct hosts: fresh key,
+  template-built TBS, signature, and the parsed ``cryptography`` and pyOpenSSL objects.
+* ``cache_hit_per_s`` -- :meth:`~tlsmitm.CertForge.leaf_for` for a host already cached.
+* ``cold_vs_raw_sign_ratio`` -- ``cold_mint_per_s / raw_p256_sign_per_s`` (goal: >= 0.5).
+* ``us_*`` -- microseconds per cold mint spent in each step, to show what limits it:
+  ``us_keygen``, ``us_sign``, ``us_tbs_encode`` (our DER templates), ``us_pyopenssl_cert``
+  and ``us_pyopenssl_key`` (pyOpenSSL parsing the new leaf and key), ``us_other``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import sys
+import time
+from collections.abc import Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import crypto
+
+from tlsmitm._ca import CertificateAuthority, IssuerKind
+from tlsmitm._forge import CertForge
+
+__all__ = ["run"]
+
+NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+
+
+def _rate(operation: Callable[[], object], seconds: float, batch: int = 50) -> float:
+    """Calls per second of ``operation``, measured for about ``seconds``."""
+    done = 0
+    start = time.perf_counter()
+    while True:
+        for _ in range(batch):
+            operation()
+        done += batch
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return done / elapsed
+
+
+def _builder_leaf(issuer_key: ec.EllipticCurvePrivateKey, issuer: x509.Name) -> Callable[[], object]:
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
+    ski = x509.SubjectKeyIdentifier.from_public_key(leaf_key.public_key())
+    counter = itertools.count()
+
+    def build() -> object:
+        host = f"b{next(counter)}.example.com"
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(issuer)
+            .public_key(leaf_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW)
+            .not_valid_after(NOW + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .add_extension(ski, critical=False)
+            .add_extension(aki, critical=False)
+            .sign(issuer_key, hashes.SHA256())
+        )
+
+    return build
+
+
+def run(seconds: float = 2.0) -> dict[str, float]:
+    """Measure every figure for about ``seconds`` each; returns them (see the module doc)."""
+    ca = CertificateAuthority.ephemeral(now=NOW)
+    signer = ca._signer(IssuerKind.TRUSTED)
+    assert isinstance(signer.key, ec.EllipticCurvePrivateKey)
+    message = b"\x5a" * 400
+    scheme = ec.ECDSA(hashes.SHA256())
+    figures: dict[str, float] = {}
+
+    figures["raw_p256_sign_per_s"] = _rate(lambda: signer.key.sign(message, scheme), seconds)
+    figures["p256_keygen_per_s"] = _rate(
+        lambda: ec.generate_private_key(ec.SECP256R1()), seconds / 2
+    )
+    figures["builder_reused_key_per_s"] = _rate(
+        _builder_leaf(signer.key, signer.certificate.subject), seconds / 2
+    )
+
+    forge = CertForge(ca, max_cache_entries=1000)
+    counter = itertools.count()
+    figures["cold_mint_per_s"] = _rate(
+        lambda: forge.leaf_for(f"h{next(counter)}.example.com", now=NOW), seconds
+    )
+    forge.leaf_for("hot.example.com", now=NOW)
+    figures["cache_hit_per_s"] = _rate(
+        lambda: forge.leaf_for("hot.example.com", now=NOW), seconds / 2, batch=500
+    )
+    figures["cold_vs_raw_sign_ratio"] = figures["cold_mint_per_s"] / figures["raw_p256_sign_per_s"]
+
+    # Where a cold mint's time goes.
+    leaf = forge.leaf_for("probe.example.com", now=NOW)
+    der = leaf.certificate.public_bytes(serialization.Encoding.DER)
+    key_der = leaf.private_key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    tbs = leaf.certificate.tbs_certificate_bytes
+    part = seconds / 4
+    us = {
+        "us_keygen": 1e6 / figures["p256_keygen_per_s"],
+        "us_sign": 1e6 / _rate(lambda: signer.key.sign(tbs, scheme), part),
+        "us_pyopenssl_cert": 1e6
+        / _rate(lambda: crypto.load_certificate(crypto.FILETYPE_ASN1, der), part),
+        "us_pyopenssl_key": 1e6
+        / _rate(lambda: crypto.load_privatekey(crypto.FILETYPE_ASN1, key_der), part),
+    }
+    template = forge._template(signer)
+    counter2 = itertools.count()
+
+    def encode_only() -> object:
+        # _mint without the key, signature and pyOpenSSL parsing: names, validity, DER.
+        host = f"t{next(counter2)}.example.com"
+        names = forge._names(host, None, False, True)
+        forge._validity(signer, None, True, NOW)
+        return template, names
+
+    us["us_names_validity"] = 1e6 / _rate(encode_only, part, batch=500)
+    total = 1e6 / figures["cold_mint_per_s"]
+    us["us_cold_mint_total"] = total
+    us["us_other"] = total - sum(
+        us[k]
+        for k in (
+            "us_keygen",
+            "us_sign",
+            "us_pyopenssl_cert",
+            "us_pyopenssl_key",
+            "us_names_validity",
+        )
+    )
+    figures.update(us)
+    return figures
+
+
+def main(argv: list[str]) -> int:
+    """Print the figures as a table."""
+    seconds = float(argv[0]) if argv else 2.0
+    figures = run(seconds)
+    width = max(len(name) for name in figures)
+    print(f"{'figure':<{width}}  value")
+    for name, value in figures.items():
+        shown = f"{value:.2f}" if "ratio" in name or name.startswith("us_") else f"{value:,.0f}"
+        print(f"{name:<{width}}  {shown:>12}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
