@@ -62,7 +62,7 @@ async def test_serve_prints_a_working_curl_line_and_stops_on_sigint(
     output = b""
     try:
         with trio.fail_after(30):
-            while b"Stop with Ctrl-C" not in output:
+            while b"Stop with Ctrl-C" not in output:  # the banner's last line
                 chunk = await process.stdout.receive_some(4096)
                 assert chunk, output
                 output += chunk

@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     host, port = args.listen
 
     async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 addresses = await nursery.start(interceptor.serve, host, port)
                 bound_host, bound_port = addresses[0][0], addresses[0][1]
@@ -173,8 +173,16 @@ def run(args: argparse.Namespace) -> int:
                     "&& sudo update-ca-certificates"
                 )
                 print(f"Try it:   curl --proxy {proxy} --cacert {root_pem} https://example.com/")
-                print("Stop with Ctrl-C.", flush=True)
-                async for _ in signals:
+                print("Stop with Ctrl-C; SIGHUP reloads the bypass rules.", flush=True)
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        # Reload the bypass rule file; a broken file keeps the old rules.
+                        try:
+                            interceptor.policy.reload()
+                            print("tlsmitm: bypass rules reloaded", flush=True)
+                        except TlsMitmError as exc:
+                            print(f"tlsmitm: rules not reloaded: {exc}", file=sys.stderr)
+                        continue
                     print("tlsmitm: shutting down (finishing open connections)", flush=True)
                     interceptor.shutdown()
                     break

@@ -276,7 +276,6 @@ class Interceptor:
         connector: Connector | None = None,
     ) -> Interceptor:
         """A persistent installation in ``state_dir``: CA created on first use, HSTS in SQLite."""
-        from ._policy import RuleSet
         from ._sqlite_store import SqliteStore
         from ._verify import TrustConfig
 
@@ -289,9 +288,7 @@ class Interceptor:
             verifier=UpstreamVerifier(trust),
             hsts=HstsStore(store),
             responder=ErrorResponder(profile=error_profile, override_store=store),
-            policy=InterceptPolicy(
-                RuleSet.from_strings(bypass), store=store, rules_file=rules_file
-            ),
+            policy=InterceptPolicy(store=store, rules_file=rules_file, extra_rules=bypass),
             config=config,
             hooks=hooks,
             connector=connector,
@@ -959,7 +956,7 @@ class Interceptor:
         self, client_stream: trio.abc.Stream, initial: bytes, conn: _Conn
     ) -> None:
         """tlsmitm's own origin (``https://error.invalid/``): error, block and override pages."""
-        conn.decision, conn.reason = "error_origin", "error_origin"
+        conn.decision, conn.reason = "intercept", "error_origin"
         self.stats.error_origin += 1
         peeked, hello = await self._peek_hello(client_stream, initial)
         host = self.responder.error_origin_host
@@ -1029,7 +1026,7 @@ class Interceptor:
         host, port, _ = _split_http_url(target)
         name = normalize_host(host)
         conn.host, conn.port = name, port
-        conn.decision, conn.reason = "plain_http", "plain_http"
+        conn.decision, conn.reason = "intercept", "plain_http"
         self.stats.plain_http += 1
         try:
             upstream = await self._connect(name, port)
