@@ -546,7 +546,6 @@ def test_block_redirects_too() -> None:
 SECURITY_HEADERS = {
     b"cache-control": b"no-store",
     b"x-frame-options": b"DENY",
-    b"referrer-policy": b"no-referrer",
     b"x-content-type-options": b"nosniff",
     b"cross-origin-opener-policy": b"same-origin",
     b"cross-origin-resource-policy": b"same-origin",
@@ -567,6 +566,11 @@ def assert_protected(response: HttpResponse) -> None:
     assert directives["frame-ancestors"] == ["'none'"]
     assert directives["base-uri"] == ["'none'"]
     assert "form-action" in directives
+    # No referrer to any other origin. Only the override page, whose form must send a real Origin
+    # (browsers send "Origin: null" under no-referrer), relaxes it to same-origin.
+    with_form = directives["form-action"] != ["'none'"]
+    want = b"same-origin" if with_form else b"no-referrer"
+    assert response.header(b"referrer-policy") == want
     assert b"unsafe" not in csp
     length = response.header(b"content-length")
     assert length is not None
@@ -585,6 +589,8 @@ def assert_static_markup(dom: Dom) -> None:
         for name in element.attrs:
             assert not name.startswith("on"), (element.tag, name)
             assert name != "style", element.tag
+    # A <meta name="referrer"> would override the Referrer-Policy header.
+    assert not [m for m in dom.tags("meta") if (m.attrs.get("name") or "").lower() == "referrer"]
     links = [e.attrs.get("href") for e in dom.tags("link") if e.attrs.get("rel") == "stylesheet"]
     assert links == ["/static/error.css"]
 
@@ -597,6 +603,7 @@ def test_override_page_structure() -> None:  # matrix UI-01, UI-04
     assert_protected(page)
     csp = page.header(b"content-security-policy")
     assert b"form-action 'self' https://www.example.test:443" in csp  # type: ignore[operator]
+    assert page.header(b"referrer-policy") == b"same-origin"  # so the POST carries its Origin
     dom = Dom(page.body)
     assert_static_markup(dom)
     back, advanced = dom.by_id("back"), dom.by_id("advanced")

@@ -21,8 +21,8 @@ tokens are in it. :class:`ErrorResponder` makes that impossible in three ways:
    reference is 128 random bits naming an in-memory record; it carries no host, no user and no
    installation identifier, and expires after ``page_ttl``.
 3. The proxy itself serves the error origin (:meth:`ErrorResponder.handle`). Its pages forbid
-   framing, embedding, caching and referrers; their only script is a same-origin file. The
-   override is a ``POST`` that must come from the error origin itself (``Origin`` and
+   framing, embedding, caching and cross-origin referrers; their only script is a same-origin
+   file. The override is a ``POST`` that must come from the error origin itself (``Origin`` and
    ``Sec-Fetch-*``), carrying an HMAC token bound to (page reference, host, upstream certificate
    SHA-256, error class), minted at least one second earlier, single-use and short-lived. A grant
    covers exactly that (host, certificate, error class) triple for ``override_ttl``.
@@ -342,10 +342,10 @@ _REASONS: Final[Mapping[int, bytes]] = {
     502: b"Bad Gateway",
 }
 
-# Headers on every response the error origin serves (matrix UI-04, §5; issue 6 "Pages").
+# Headers on every response the error origin serves (matrix UI-04, §5; issue 6 "Pages"), with
+# Referrer-Policy added per response (see _response).
 _COMMON_HEADERS: Final[tuple[tuple[bytes, bytes], ...]] = (
     (b"cache-control", b"no-store"),
-    (b"referrer-policy", b"no-referrer"),
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),  # RFC 7034
     (b"cross-origin-opener-policy", b"same-origin"),
@@ -975,10 +975,16 @@ class ErrorResponder:
         content_type: bytes = b"text/html; charset=utf-8",
         form_action: str | None = None,
     ) -> HttpResponse:
+        # A page with the override form must let its own POST carry a real Origin: under
+        # "no-referrer" browsers send "Origin: null" for a form POST (Fetch, "append a request
+        # Origin header"), which the Origin check rightly refuses. "same-origin" still sends no
+        # referrer to any other origin.
+        referrer = b"no-referrer" if form_action is None else b"same-origin"
         headers = (
             (b"content-type", content_type),
             (b"content-length", str(len(body)).encode("ascii")),
             (b"content-security-policy", _csp(form_action).encode("ascii")),
+            (b"referrer-policy", referrer),
             *_COMMON_HEADERS,
         )
         return HttpResponse(
