@@ -901,3 +901,34 @@ def test_benchmark_reports_positive_rates(monkeypatch: pytest.MonkeyPatch) -> No
     }
     assert all(value > 0 for value in results.values())
     assert results["preload_entries"] > 100_000
+
+
+class _CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.puts = 0
+
+    def put(self, namespace: str, key: str, value: bytes, *, expires: float) -> None:
+        self.puts += 1
+        super().put(namespace, key, value, expires=expires)
+
+
+def test_an_unchanged_policy_is_not_rewritten_on_every_response() -> None:
+    store = _CountingStore()
+    hsts = HstsStore(store, preload=PreloadList.empty())
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    header = [b"max-age=31536000; includeSubDomains"]
+    hsts.observe("a.example", header, now=t0, secure_and_verified=True)
+    for seconds in (1, 60, 3600):  # well inside the 1-day refresh slack
+        hsts.observe(
+            "a.example", header, now=t0 + timedelta(seconds=seconds), secure_and_verified=True
+        )
+    assert store.puts == 1
+    hsts.observe("a.example", header, now=t0 + timedelta(days=2), secure_and_verified=True)
+    assert store.puts == 2  # the expiry moved by more than the slack: refreshed
+    hsts.observe(
+        "a.example", [b"max-age=31536000"], now=t0 + timedelta(days=2), secure_and_verified=True
+    )
+    assert store.puts == 3  # includeSubDomains changed: written at once
+    entry = hsts.known_host("sub.a.example", now=t0 + timedelta(days=2))
+    assert entry is None  # without includeSubDomains the subdomain is no longer covered

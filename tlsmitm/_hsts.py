@@ -57,6 +57,7 @@ __all__ = [
 MAX_STS_AGE = 86400 * 365
 
 NAMESPACE = "hsts"
+_REFRESH_SLACK = 86400.0  # seconds: see HstsStore.observe
 _FORMAT_VERSION = 1
 
 
@@ -702,10 +703,19 @@ class HstsStore:
             # (§8.1.1, matrix M-14/M-17).
             self._store.delete(NAMESPACE, normalized)
             return policy
+        expires = now_ts + policy.max_age
+        existing = self._store.get(NAMESPACE, normalized)
+        if (
+            existing is not None
+            and _include_subdomains_of(existing) == policy.include_subdomains
+            and 0.0 <= expires - existing.expires < min(_REFRESH_SLACK, policy.max_age * 0.01)
+        ):
+            # Most sites send the same header on every response: re-writing (and, with SQLite,
+            # syncing to disk) an entry whose expiry would move by less than 1 % of max-age (at
+            # most a day) buys nothing, so an unchanged policy costs one read, not one fsync.
+            return policy
         self._evict_if_due(now_ts)
-        self._store.put(
-            NAMESPACE, normalized, _encode(policy, now_ts), expires=now_ts + policy.max_age
-        )
+        self._store.put(NAMESPACE, normalized, _encode(policy, now_ts), expires=expires)
         return policy
 
     def _evict_if_due(self, now_ts: float) -> None:
