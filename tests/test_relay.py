@@ -716,3 +716,38 @@ async def test_alpn_is_exactly_what_upstream_selected(
     assert await trio.to_thread.run_sync(negotiated, only_http1.port, ["h2", "http/1.1"]) == (
         "http/1.1"
     )
+
+
+@pytest.mark.parametrize("tls_max", ["TLSv1_2", "TLSv1_3"])
+async def test_client_certificate_sites_are_spliced_from_the_first_connection_on(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy, tls_max: str
+) -> None:
+    from pki import make_root
+
+    client_root = make_root("Bank Client CA")
+    client_leaf = make_leaf(client_root, "user@bank", eku=None)
+    client_cert, client_key = client_leaf.write(tmp_path, "client")
+    (tmp_path / "client-ca.pem").write_bytes(client_root.pem)
+
+    def require_client_cert(context: ssl.SSLContext) -> None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(str(tmp_path / "client-ca.pem"))
+        context.maximum_version = getattr(ssl.TLSVersion, tls_max)
+
+    origin = await start_origin(nursery, tmp_path, hierarchy, configure=require_client_cert)
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+    # The user's browser trusts the bank's real root (a public CA) and tlsmitm's root.
+    context = setup.client_context()
+    context.load_verify_locations(cadata=hierarchy.root.pem.decode())
+    context.load_cert_chain(client_cert, client_key)
+    for _ in range(2):
+        results = await trio.to_thread.run_sync(
+            functools.partial(
+                https_via_proxy, setup, origin.port, [("GET", "/", None)], context=context
+            )
+        )
+        assert results[0][2] == b"hello from origin"
+    await trio.sleep(0.05)
+    first, second = setup.records[-2:]
+    assert (first.decision, first.reason) == ("bypass", "client_certificate_requested")
+    assert (second.decision, second.reason) == ("bypass", "learned_client_cert")

@@ -800,7 +800,11 @@ class Interceptor:
         hold a certificate for).
         """
         now = self.clock()
-        chain = upstream.peer_certificate_chain()
+        # With TLS 1.2 the handshake failed (the server alerted after our empty Certificate),
+        # but the chain it presented before asking was received: read it from the connection.
+        chain = upstream.peer_certificate_chain() or (
+            upstream.connection.get_peer_cert_chain(as_cryptography=True) or []
+        )
         verified = False
         if chain:
             verified = self.verifier.verify(chain, name, now=now).ok
