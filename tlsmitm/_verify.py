@@ -607,6 +607,24 @@ def _serial(cert: x509.Certificate) -> int:
         return cert.serial_number
 
 
+def _malformed_reason(cert: x509.Certificate) -> str | None:
+    """Why a field of ``cert`` cannot be parsed, or ``None``.
+
+    cryptography parses certificate fields lazily, so a damaged field only raises when read;
+    reading them all once here keeps every later check total.
+    """
+    try:
+        _name_der(cert.subject)
+        _name_der(cert.issuer)
+        cert.subject.rfc4514_string()
+        list(cert.extensions)
+        _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_algorithm_oid)
+        _serial(cert)
+    except (ValueError, TypeError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
 def _name_der(name: x509.Name) -> bytes:
     return name.public_bytes()
 
@@ -1320,11 +1338,30 @@ class UpstreamVerifier:
             )
         leaf = presented[0]
         ctx = _Context(leaf, presented, parsed_host, now, stapled_ocsp)
-        pool = tuple(
-            dict.fromkeys(
-                c for c in (*presented[1:_MAX_PRESENTED], *extra_intermediates) if c != leaf
+        broken = _malformed_reason(leaf)
+        if broken is not None:
+            return self._failure(
+                ctx, _Problem(CertError.MALFORMED, f"the certificate cannot be parsed: {broken}")
             )
+        # Certificates that cannot be parsed are of no use to any path: leave them out.
+        pool = tuple(
+            c
+            for c in dict.fromkeys((*presented[1:_MAX_PRESENTED], *extra_intermediates))
+            if c != leaf and _malformed_reason(c) is None
         )
+        try:
+            return self._verify_parsed(ctx, pool)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            # Defence in depth: some field that cryptography parses lazily still failed.
+            return self._failure(
+                ctx,
+                _Problem(CertError.MALFORMED, f"a certificate of the chain is malformed ({exc})"),
+            )
+
+    def _verify_parsed(self, ctx: _Context, pool: tuple[x509.Certificate, ...]) -> _Outcome:
+        leaf = ctx.leaf
+        parsed_host = ctx.host
+        now = ctx.now
         built: list[x509.Certificate] | None = None
         subject = parsed_host.subject()
         if subject is not None:
