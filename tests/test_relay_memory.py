@@ -1,0 +1,151 @@
+"""The relay core over memory streams: no sockets, virtual time (trio's MockClock).
+
+client (trio.SSLStream, stdlib ssl) <-> Interceptor.handle <-> origin (trio.SSLStream server),
+wired with ``trio.testing.memory_stream_pair`` through an injected connector.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from origin import OriginStats, serve_tls, server_ssl_context
+from pki import good_hierarchy
+
+from tlsmitm._ca import CertificateAuthority
+from tlsmitm._hsts import HstsStore, PreloadList
+from tlsmitm._policy import ConnectionRecord, DecisionLog
+from tlsmitm._relay import Interceptor, InterceptorConfig
+from tlsmitm._verify import TrustConfig, UpstreamVerifier
+
+HOST = "www.example.test"
+
+
+def _build(
+    tmp: Path, nursery: trio.Nursery, *, idle: float = 300.0
+) -> tuple[Interceptor, ssl.SSLContext, OriginStats, list[tuple[str, int]], list[ConnectionRecord]]:
+    hierarchy = good_hierarchy(HOST)
+    origin_context = server_ssl_context(hierarchy.leaf, tmp)
+    stats = OriginStats()
+    dialed: list[tuple[str, int]] = []
+
+    async def connector(host: str, port: int) -> trio.abc.Stream:
+        dialed.append((host, port))
+        ours, theirs = trio.testing.memory_stream_pair()
+        nursery.start_soon(serve_tls, theirs, origin_context, stats)
+        return ours
+
+    now = dt.datetime.now(dt.UTC)
+    ca = CertificateAuthority.ephemeral(now=now)
+    records: list[ConnectionRecord] = []
+    log = DecisionLog()
+    log.subscribe(records.append)
+    interceptor = Interceptor(
+        ca=ca,
+        verifier=UpstreamVerifier(
+            TrustConfig(
+                replace_bundle=(hierarchy.root.cert,), own_certificates=ca.own_certificates()
+            )
+        ),
+        hsts=HstsStore(preload=PreloadList.empty()),
+        decision_log=log,
+        config=InterceptorConfig(idle_timeout=idle),
+        connector=connector,
+    )
+    client_context = ssl.create_default_context(cadata=ca.export_root().decode())
+    client_context.set_alpn_protocols(["http/1.1"])
+    return interceptor, client_context, stats, dialed, records
+
+
+async def _read_response(stream: trio.abc.Stream) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await stream.receive_some(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(
+            line.split(b":")[1]
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+    )
+    while len(body) < length:
+        body += await stream.receive_some(65536)
+    return head + b"\r\n\r\n" + body
+
+
+async def test_connect_flow_over_memory_streams(nursery: trio.Nursery, tmp_path: Path) -> None:
+    interceptor, client_context, stats, dialed, records = _build(tmp_path, nursery)
+    client_end, proxy_end = trio.testing.memory_stream_pair()
+    nursery.start_soon(lambda: interceptor.handle(proxy_end, client=("192.0.2.7", 5555)))
+    await client_end.send_all(f"CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n".encode())
+    answer = await client_end.receive_some(1024)
+    assert answer.startswith(b"HTTP/1.1 200")
+    tls = trio.SSLStream(client_end, client_context, server_hostname=HOST)
+    await tls.do_handshake()
+    assert tls.selected_alpn_protocol() == "http/1.1"
+    for _ in range(3):
+        await tls.send_all(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        response = await _read_response(tls)
+        assert response.endswith(b"hello from origin")
+    await tls.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    assert dialed == [(HOST, 443)]
+    assert stats.requests == [(b"GET", b"/")] * 3
+    assert records[-1].client == "192.0.2.7:5555"
+    assert records[-1].decision == "intercept"
+    assert interceptor.stats.active == 0
+
+
+async def test_transparent_mode_uses_sni_and_the_original_destination(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    interceptor, client_context, _stats, dialed, records = _build(tmp_path, nursery)
+    client_end, proxy_end = trio.testing.memory_stream_pair()
+    nursery.start_soon(
+        lambda: interceptor.handle(
+            proxy_end, client=("192.0.2.8", 4444), destination=("198.51.100.1", 443)
+        )
+    )
+    tls = trio.SSLStream(client_end, client_context, server_hostname=HOST)
+    await tls.do_handshake()
+    await tls.send_all(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    assert (await _read_response(tls)).endswith(b"hello from origin")
+    await tls.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    # The original destination is dialled (never a fresh DNS lookup of the SNI name), and the
+    # certificate is checked against the name the client will check ours against.
+    assert dialed == [("198.51.100.1", 443)]
+    assert records[-1].host == HOST
+    assert records[-1].verdict == "ok"
+
+
+@pytest.mark.parametrize("idle", [60.0])
+async def test_idle_connections_are_closed_in_virtual_time(
+    nursery: trio.Nursery, tmp_path: Path, idle: float, autojump_clock: trio.testing.MockClock
+) -> None:
+    interceptor, client_context, _, _, records = _build(tmp_path, nursery, idle=idle)
+    client_end, proxy_end = trio.testing.memory_stream_pair()
+    done = trio.Event()
+
+    async def run() -> None:
+        await interceptor.handle(proxy_end, client=("192.0.2.9", 1))
+        done.set()
+
+    nursery.start_soon(run)
+    await client_end.send_all(f"CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n".encode())
+    await client_end.receive_some(1024)
+    tls = trio.SSLStream(client_end, client_context, server_hostname=HOST)
+    await tls.do_handshake()
+    await tls.send_all(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    await _read_response(tls)
+    started = trio.current_time()
+    with trio.fail_after(idle * 3):
+        await done.wait()  # the client says nothing more: closed after idle_timeout
+    assert idle - 1 <= trio.current_time() - started <= idle + 1
+    assert interceptor.stats.active == 0
+    assert records[-1].decision == "intercept"
