@@ -1520,3 +1520,40 @@ def test_property_a_modified_certificate_is_never_accepted(
     else:
         assert verdict.error is not None
         assert verdict.detail
+
+
+# --------------------------------------------------------------------------------------------
+# Cost
+
+
+def test_store_is_built_once_never_per_verification(
+    h: Hierarchy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tlsmitm._verify as verify_module
+
+    built: list[int] = []
+    real_store = verify_module.Store
+
+    def counting_store(certs: list[x509.Certificate]) -> object:
+        built.append(len(certs))
+        return real_store(certs)
+
+    monkeypatch.setattr(verify_module, "Store", counting_store)
+    v = UpstreamVerifier(TrustConfig(extra_roots=(h.root.cert,)))
+    assert len(built) == 1
+    assert built[0] > 100  # certifi's bundle and the extra root
+    for _ in range(3):
+        assert verify(v, [h.leaf.cert, h.intermediate.cert]).ok
+    assert len(built) == 1
+
+
+def test_benchmark_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    from benchmarks import bench_verify
+
+    results = bench_verify.run(0.2)
+    for name in ("store_build_ms", "raw_verify_ms", "verify_ok_ms", "verify_expired_ms"):
+        assert results[name] > 0
+    assert results["verify_ok_overhead"] == pytest.approx(
+        results["verify_ok_ms"] / results["raw_verify_ms"]
+    )

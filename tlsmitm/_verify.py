@@ -490,10 +490,12 @@ class _Host:
             normal = normalize_host(host)
         except InvalidHostName as exc:
             return cls(host, None, None, str(exc))
-        try:
-            address: IpAddress | None = ipaddress.ip_address(normal)
-        except ValueError:
-            address = None
+        address: IpAddress | None = None
+        if ":" in normal or normal.replace(".", "").isdigit():
+            try:
+                address = ipaddress.ip_address(normal)
+            except ValueError:
+                address = None
         if address is not None:
             return cls(host, None, address, "")
         if normal.rsplit(".", 1)[-1].isdigit():
@@ -1338,16 +1340,10 @@ class UpstreamVerifier:
             )
         leaf = presented[0]
         ctx = _Context(leaf, presented, parsed_host, now, stapled_ocsp)
-        broken = _malformed_reason(leaf)
-        if broken is not None:
-            return self._failure(
-                ctx, _Problem(CertError.MALFORMED, f"the certificate cannot be parsed: {broken}")
-            )
-        # Certificates that cannot be parsed are of no use to any path: leave them out.
         pool = tuple(
             c
             for c in dict.fromkeys((*presented[1:_MAX_PRESENTED], *extra_intermediates))
-            if c != leaf and _malformed_reason(c) is None
+            if c != leaf
         )
         try:
             return self._verify_parsed(ctx, pool)
@@ -1416,6 +1412,13 @@ class UpstreamVerifier:
         )
 
     def _classify(self, ctx: _Context, pool: tuple[x509.Certificate, ...]) -> _Outcome:
+        broken = _malformed_reason(ctx.leaf)
+        if broken is not None:
+            return self._failure(
+                ctx, _Problem(CertError.MALFORMED, f"the certificate cannot be parsed: {broken}")
+            )
+        # Certificates that cannot be parsed are of no use to any path: leave them out.
+        pool = tuple(c for c in pool if _malformed_reason(c) is None)
         paths = self._candidate_paths(ctx, pool)
         scored: list[tuple[tuple[int, int, int, int], _Path, list[_Problem]]] = []
         for path in paths:
@@ -1627,7 +1630,9 @@ class UpstreamVerifier:
         anchored = path.end == _ANCHORED
         anchor = self._anchors.get(certs[-1]) if anchored else None
         for index, cert in enumerate(certs):
-            spki = self._spki(cert, ctx)
+            # Distrust and own-CA keys are CA keys: hashing the leaf's key is not needed (a
+            # leaf that *is* one of tlsmitm's certificates is caught by equality).
+            spki = self._spki(cert, ctx) if index > 0 or len(certs) == 1 else None
             if (spki is not None and spki in self._own_spki) or cert in self._own:
                 problems.append(
                     _Problem(
