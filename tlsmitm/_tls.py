@@ -279,11 +279,6 @@ def _on_info(connection: SSL.Connection, where: int, ret: int) -> None:
             state.server_key_proven = state.server_certificate_seen
         elif step.endswith(b"read server certificate"):
             state.server_certificate_seen = True
-        elif step.endswith((b"read server done", b"read finished")) and (
-            state.server_certificate_seen
-        ):
-            # After ServerKeyExchange (TLS 1.2) or CertificateVerify (TLS 1.3, RFC 8446 §4.4.3).
-            state.server_key_proven = True
 
 
 def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes | object:
@@ -880,6 +875,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     reason="tls_truncated",
                 ) from None
             # No close_notify, but a whole number of records: what HTTPS peers usually do.
+            # OpenSSL has queued a fatal alert for the EOF; the peer is gone, so drop it.
+            self._drain_outgoing()
             self._received_close = True
             return b""
         if len(data) >= max_bytes:
@@ -1032,10 +1029,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
     def peer_certificate_chain(self) -> list[x509.Certificate]:
         """The chain the peer presented, leaf first, not verified.
 
-        Empty until the handshake succeeded -- or, client side, until the server proved that it
-        holds the leaf's key (a TLS 1.2 server that asked for a client certificate and then
-        failed the handshake has done so). A chain from a server that never proved possession
-        of the key is worthless, and is not returned.
+        Empty until the handshake succeeded -- with one exception, client side: a TLS 1.2 server
+        that asked for a client certificate had already proved that it holds the leaf's key
+        (by signing its ServerKeyExchange), so its chain is returned even when the handshake then
+        failed. A chain from a server that never proved possession of the key is worthless.
         """
         proven = self._info is not None and self._info.server_key_proven
         if not (self._negotiated() or (proven and not self.server_side)):
