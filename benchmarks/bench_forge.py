@@ -14,8 +14,12 @@ Figures (per second unless the name says otherwise), all measured in the same pr
 * ``cache_hit_per_s`` -- :meth:`~tlsmitm.CertForge.leaf_for` for a host already cached.
 * ``cold_vs_raw_sign_ratio`` -- ``cold_mint_per_s / raw_p256_sign_per_s`` (goal: >= 0.5).
 * ``us_*`` -- microseconds per cold mint spent in each step, to show what limits it:
-  ``us_keygen``, ``us_sign``, ``us_tbs_encode`` (our DER templates), ``us_pyopenssl_cert``
-  and ``us_pyopenssl_key`` (pyOpenSSL parsing the new leaf and key), ``us_other``.
+  ``us_keygen``, ``us_sign``, ``us_key_serialize`` (public key DER, private key PEM),
+  ``us_pyopenssl_cert`` and ``us_pyopenssl_key`` (pyOpenSSL parsing the new leaf and key:
+  OpenSSL 3+ runs its provider decoders for both), ``us_cryptography_cert``, and
+  ``us_our_python`` (the rest: DER assembly, names, validity, cache, the ForgedLeaf).
+* ``cold_without_pyopenssl_vs_raw_sign_ratio`` -- the ratio the cold path would reach if the
+  pyOpenSSL objects were not built at minting time.
 """
 
 from __future__ import annotations
@@ -41,19 +45,29 @@ NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
 
 
 def _rate(operation: Callable[[], object], seconds: float, batch: int = 50) -> float:
-    """Calls per second of ``operation``, measured for about ``seconds``."""
-    done = 0
-    start = time.perf_counter()
-    while True:
-        for _ in range(batch):
-            operation()
-        done += batch
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return done / elapsed
+    """Calls per second of ``operation``: the best of five rounds over about ``seconds``.
+
+    The best round, not the mean: on a shared machine other processes only ever slow a round
+    down, so the fastest round is the closest to the code's own cost.
+    """
+    best = 0.0
+    for _ in range(5):
+        done = 0
+        start = time.perf_counter()
+        while True:
+            for _ in range(batch):
+                operation()
+            done += batch
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds / 5:
+                break
+        best = max(best, done / elapsed)
+    return best
 
 
-def _builder_leaf(issuer_key: ec.EllipticCurvePrivateKey, issuer: x509.Name) -> Callable[[], object]:
+def _builder_leaf(
+    issuer_key: ec.EllipticCurvePrivateKey, issuer: x509.Name
+) -> Callable[[], object]:
     leaf_key = ec.generate_private_key(ec.SECP256R1())
     aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
     ski = x509.SubjectKeyIdentifier.from_public_key(leaf_key.public_key())
@@ -112,48 +126,47 @@ def run(seconds: float = 2.0) -> dict[str, float]:
     )
     figures["cold_vs_raw_sign_ratio"] = figures["cold_mint_per_s"] / figures["raw_p256_sign_per_s"]
 
-    # Where a cold mint's time goes.
+    # Where a cold mint's time goes: each step measured alone, the rest is our Python (DER
+    # assembly, names, validity, the cache and the ForgedLeaf).
     leaf = forge.leaf_for("probe.example.com", now=NOW)
     der = leaf.certificate.public_bytes(serialization.Encoding.DER)
-    key_der = leaf.private_key.private_bytes(
-        serialization.Encoding.DER,
-        serialization.PrivateFormat.PKCS8,
+    key = leaf.private_key
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption(),
     )
     tbs = leaf.certificate.tbs_certificate_bytes
     part = seconds / 4
+
+    def serialize() -> object:
+        key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+
     us = {
         "us_keygen": 1e6 / figures["p256_keygen_per_s"],
         "us_sign": 1e6 / _rate(lambda: signer.key.sign(tbs, scheme), part),
+        "us_key_serialize": 1e6 / _rate(serialize, part),
         "us_pyopenssl_cert": 1e6
         / _rate(lambda: crypto.load_certificate(crypto.FILETYPE_ASN1, der), part),
         "us_pyopenssl_key": 1e6
-        / _rate(lambda: crypto.load_privatekey(crypto.FILETYPE_ASN1, key_der), part),
+        / _rate(lambda: crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem), part),
+        "us_cryptography_cert": 1e6
+        / _rate(lambda: x509.load_der_x509_certificate(der), part, batch=500),
     }
-    template = forge._template(signer)
-    counter2 = itertools.count()
-
-    def encode_only() -> object:
-        # _mint without the key, signature and pyOpenSSL parsing: names, validity, DER.
-        host = f"t{next(counter2)}.example.com"
-        names = forge._names(host, None, False, True)
-        forge._validity(signer, None, True, NOW)
-        return template, names
-
-    us["us_names_validity"] = 1e6 / _rate(encode_only, part, batch=500)
     total = 1e6 / figures["cold_mint_per_s"]
+    us["us_our_python"] = total - sum(us.values())
     us["us_cold_mint_total"] = total
-    us["us_other"] = total - sum(
-        us[k]
-        for k in (
-            "us_keygen",
-            "us_sign",
-            "us_pyopenssl_cert",
-            "us_pyopenssl_key",
-            "us_names_validity",
-        )
-    )
     figures.update(us)
+    figures["cold_without_pyopenssl_vs_raw_sign_ratio"] = (
+        1e6 / (total - us["us_pyopenssl_cert"] - us["us_pyopenssl_key"])
+    ) / figures["raw_p256_sign_per_s"]
     return figures
 
 
