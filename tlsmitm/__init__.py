@@ -1,7 +1,24 @@
-"""tlsmitm: TLS interception that never leaves its users less safe."""
+"""tlsmitm: TLS interception that never leaves its users less safe.
+
+Everything a user needs is exported here; the modules behind it are private. The parts:
+
+* :class:`CertificateAuthority` and :class:`CertForge` -- the per-installation CA and leaf minting;
+* :class:`UpstreamVerifier` -- browser-grade checks of the real server's certificate;
+* :class:`HstsStore` -- RFC 6797 with Chromium's preload list;
+* :class:`ErrorResponder` -- errors shown by the browser itself or on ``https://error.invalid/``;
+* :class:`InterceptPolicy` -- what not to intercept, and the :class:`DecisionLog`;
+* :class:`Interceptor` -- the trio driver that wires them together, with :class:`Hooks` for the
+  embedder's inspection.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._ca import CertificateAuthority, IssuerKind, KeyFileStatus, passphrase_from_env
+from ._clienthello import ClientHello, ClientHelloError, looks_like_tls, parse_client_hello
+from ._decisionlog import ConnectionRecord, DecisionLog, format_record
 from ._errors import (
     CertError,
     ClientError,
@@ -10,22 +27,125 @@ from ._errors import (
     UpstreamCertificateError,
     UpstreamError,
 )
+from ._forge import CertForge, ForgedLeaf
+from ._hsts import MAX_STS_AGE, HstsStore, KnownHost, PreloadList, StsPolicy, parse_sts
 from ._names import InvalidHostName, normalize_host
+from ._policy import Decision, InterceptPolicy, LearnedBypass, Rule, RuleSet
+from ._responder import Action, ActionKind, ErrorResponder, HttpRequest, HttpResponse
+from ._sqlite_store import SqliteStore
 from ._store import MemoryStore, StateStore, StoredItem
+from ._verify import (
+    Fetcher,
+    RevocationMode,
+    TrustConfig,
+    UpstreamVerifier,
+    Verdict,
+    certifi_bundle_age,
+    trust_store_warning,
+)
+
+if TYPE_CHECKING:
+    from ._http import Block, FlowInfo, Hooks, Request, Response
+    from ._relay import (
+        CheckResult,
+        Interceptor,
+        InterceptorConfig,
+        InterceptorStats,
+        original_destination,
+    )
+    from ._tls import TLSStream
+
+# The driver (trio, sockets) is imported on first use, so that the pure core -- CA, forge,
+# verifier, HSTS, responder, policy -- can be used by an embedder that does not run trio.
+_LAZY = {
+    "Block": "_http",
+    "FlowInfo": "_http",
+    "Hooks": "_http",
+    "Request": "_http",
+    "Response": "_http",
+    "CheckResult": "_relay",
+    "Interceptor": "_relay",
+    "InterceptorConfig": "_relay",
+    "InterceptorStats": "_relay",
+    "original_destination": "_relay",
+    "TLSStream": "_tls",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tlsmitm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MAX_STS_AGE",
+    "Action",
+    "ActionKind",
+    "Block",
     "CertError",
+    "CertForge",
+    "CertificateAuthority",
+    "CheckResult",
     "ClientError",
+    "ClientHello",
+    "ClientHelloError",
     "ConfigurationError",
+    "ConnectionRecord",
+    "Decision",
+    "DecisionLog",
+    "ErrorResponder",
+    "Fetcher",
+    "FlowInfo",
+    "ForgedLeaf",
+    "Hooks",
+    "HstsStore",
+    "HttpRequest",
+    "HttpResponse",
+    "InterceptPolicy",
+    "Interceptor",
+    "InterceptorConfig",
+    "InterceptorStats",
     "InvalidHostName",
+    "IssuerKind",
+    "KeyFileStatus",
+    "KnownHost",
+    "LearnedBypass",
     "MemoryStore",
+    "PreloadList",
+    "Request",
+    "Response",
+    "RevocationMode",
+    "Rule",
+    "RuleSet",
+    "SqliteStore",
     "StateStore",
     "StoredItem",
+    "StsPolicy",
+    "TLSStream",
     "TlsMitmError",
+    "TrustConfig",
     "UpstreamCertificateError",
     "UpstreamError",
+    "UpstreamVerifier",
+    "Verdict",
     "__version__",
+    "certifi_bundle_age",
+    "format_record",
+    "looks_like_tls",
     "normalize_host",
+    "original_destination",
+    "parse_client_hello",
+    "parse_sts",
+    "passphrase_from_env",
+    "trust_store_warning",
 ]
