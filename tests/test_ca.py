@@ -293,9 +293,17 @@ def test_a_failed_write_leaves_no_temporary_file(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ca_module.os, "fsync", failing_fsync)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(ConfigurationError, match="No space left") as info:
         CertificateAuthority.create(state, now=NOW)
+    assert info.value.reason == "io"
     assert [p.name for p in (state / "ca").iterdir() if p.name != ".lock"] == []
+
+
+def test_a_state_dir_that_is_a_file_is_a_clean_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ConfigurationError) as info:
+        CertificateAuthority.load_or_create(tmp_path / "file", now=NOW)
+    assert info.value.reason == "io"
 
 
 @pytest.mark.parametrize("name", ["root.key", "intermediate-1.key", "error-ca.key"])

@@ -684,6 +684,17 @@ def _make_private_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def _io_errors(what: str) -> Iterator[None]:
+    """Report a failing disk or file system as a ConfigurationError that says what failed."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{what}: {exc.strerror or exc} ({exc.filename or 'no file name'})", reason="io"
+        ) from exc
+
+
+@contextlib.contextmanager
 def _exclusive(ca_dir: Path) -> Iterator[None]:
     """Serialise writers of one CA directory across processes (``ca rotate`` vs a server)."""
     fd = os.open(ca_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
@@ -695,11 +706,31 @@ def _exclusive(ca_dir: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+@contextlib.contextmanager
+def _shared(ca_dir: Path) -> Iterator[None]:
+    """Wait for any writer of ``ca_dir`` to finish, and keep writers out while reading.
+
+    Readers create nothing: without a lock file (a directory restored without hidden files)
+    they read unlocked.
+    """
+    try:
+        fd = os.open(ca_dir / LOCK_FILE, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _ca_files(ca_dir: Path) -> list[str]:
     """The CA's own files in ``ca_dir`` (hidden lock and temporary files excluded)."""
     try:
         return sorted(name for name in os.listdir(ca_dir) if not name.startswith("."))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
 
 
@@ -826,11 +857,12 @@ class CertificateAuthority:
         secret = _resolve_passphrase(passphrase)
         ca_dir = state_dir / CA_SUBDIR
         _refuse_existing(ca_dir)  # before touching anything, even a directory's mode
-        if not state_dir.exists():
-            _make_private_dir(state_dir)
-        _make_private_dir(ca_dir)
-        _check_state_dir(state_dir, ca_dir)
-        with _exclusive(ca_dir):
+        with _io_errors(f"cannot create the CA in {ca_dir}"), contextlib.ExitStack() as stack:
+            if not state_dir.exists():
+                _make_private_dir(state_dir)
+            _make_private_dir(ca_dir)
+            _check_state_dir(state_dir, ca_dir)
+            stack.enter_context(_exclusive(ca_dir))
             _refuse_existing(ca_dir)  # another process may have been quicker
             metadata, snapshot, root_key = cls._generate(
                 key_type=key_type, excluded=excluded, organization=organization, now=now
@@ -917,6 +949,14 @@ class CertificateAuthority:
                 reason="state_missing",
             )
         _check_state_dir(state_dir, ca_dir)
+        with _io_errors(f"cannot read the CA in {ca_dir}"), _shared(ca_dir):
+            return cls._load_locked(state_dir, ca_dir, passphrase)
+
+    @classmethod
+    def _load_locked(
+        cls, state_dir: Path, ca_dir: Path, passphrase: Passphrase | None
+    ) -> CertificateAuthority:
+        present = _ca_files(ca_dir)  # again: a creation may have finished meanwhile
         if METADATA_FILE not in present:
             raise ConfigurationError(
                 f"{ca_dir} holds an incomplete CA ({', '.join(present)}): its creation was "
@@ -930,10 +970,10 @@ class CertificateAuthority:
         root_key_path = ca_dir / ROOT_KEY_FILE
         if root_key_path.exists():
             data = _read_state_file(root_key_path, secret=True, what="the root CA key file")
-            if not _is_encrypted_pem(data) or passphrase is not None:
-                key = _parse_private_key(
-                    data, root_key_path, _resolve_passphrase(passphrase), role="root"
-                )
+            encrypted = _is_encrypted_pem(data)
+            if not encrypted or passphrase is not None:
+                secret = _resolve_passphrase(passphrase) if encrypted else None
+                key = _parse_private_key(data, root_key_path, secret, role="root")
                 cls._check_pair(key, snapshot.root, root_key_path, "root")
                 del key
         ca = cls(
@@ -1534,7 +1574,7 @@ class CertificateAuthority:
         if ca_dir is None:
             yield
             return
-        with _exclusive(ca_dir):
+        with _io_errors(f"cannot update the CA in {ca_dir}"), _exclusive(ca_dir):
             current = _read_state_file(ca_dir / METADATA_FILE, secret=False, what="the CA metadata")
             if hashlib.sha256(current).digest() != self._metadata_digest:
                 raise ConfigurationError(
