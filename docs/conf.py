@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 project = "tlsmitm"
 author = "the tlsmitm developers"
-copyright = "2026, the tlsmitm developers"  # noqa: A001
+copyright = "2026, the tlsmitm developers"
 extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.intersphinx"]
 autodoc_typehints = "description"
 autodoc_member_order = "bysource"

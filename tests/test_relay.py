@@ -24,15 +24,15 @@ import trio.testing
 from conftest import require_tool
 from origin import EICAR, OriginStats, serve_http, serve_tls, server_ssl_context
 from pki import DAY, NOW, Hierarchy, good_hierarchy, make_leaf
-from tlsmitm._ca import CertificateAuthority
-from tlsmitm._verify import TrustConfig, UpstreamVerifier
 
+from tlsmitm._ca import CertificateAuthority
 from tlsmitm._errors import CertError
 from tlsmitm._hsts import HstsStore, PreloadList
 from tlsmitm._http import Block, FlowInfo, Hooks, Request, Response
 from tlsmitm._policy import ConnectionRecord, DecisionLog, InterceptPolicy, RuleSet
 from tlsmitm._relay import Interceptor, InterceptorConfig
 from tlsmitm._responder import ErrorResponder
+from tlsmitm._verify import TrustConfig, UpstreamVerifier
 
 pytestmark = pytest.mark.e2e
 
@@ -153,6 +153,11 @@ def https_via_proxy(
     finally:
         conn.close()
     return out
+
+
+def connect_line(host: str, port: int) -> bytes:
+    """A well-formed CONNECT request head (RFC 9110 §9.3.6, with Host as RFC 9112 requires)."""
+    return f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
 
 
 @pytest.fixture
@@ -407,9 +412,7 @@ async def test_websocket_upgrade_is_relayed_raw(
 
     def client() -> bytes:
         raw = socket.create_connection(("127.0.0.1", setup.proxy_port), timeout=10)
-        raw.sendall(
-            f"CONNECT {HOST}:{origin.port} HTTP/1.1\r\nHost: {HOST}:{origin.port}\r\n\r\n".encode()
-        )
+        raw.sendall(connect_line(HOST, origin.port))
         assert raw.recv(4096).startswith(b"HTTP/1.1 200")
         tls = setup.client_context().wrap_socket(raw, server_hostname=HOST)
         tls.sendall(
@@ -567,9 +570,7 @@ async def test_truncated_hello_vanishing_client_and_stalled_server_are_bounded(
 
     def truncated_hello() -> bytes:
         with socket.create_connection(("127.0.0.1", setup.proxy_port), timeout=10) as s:
-            s.sendall(
-                f"CONNECT {HOST}:{origin.port} HTTP/1.1\r\nHost: {HOST}:{origin.port}\r\n\r\n".encode()
-            )
+            s.sendall(connect_line(HOST, origin.port))
             assert s.recv(4096).startswith(b"HTTP/1.1 200")
             s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a hello cut short
             s.shutdown(socket.SHUT_WR)
@@ -577,9 +578,7 @@ async def test_truncated_hello_vanishing_client_and_stalled_server_are_bounded(
 
     def stalled_server() -> bytes:
         with socket.create_connection(("127.0.0.1", setup.proxy_port), timeout=10) as s:
-            s.sendall(
-                f"CONNECT {HOST}:{stall_port} HTTP/1.1\r\nHost: {HOST}:{stall_port}\r\n\r\n".encode()
-            )
+            s.sendall(connect_line(HOST, stall_port))
             assert s.recv(4096).startswith(b"HTTP/1.1 200")
             context = setup.client_context()
             try:
@@ -618,9 +617,7 @@ async def test_a_thousand_connections_leave_no_descriptor_or_task_behind(
         stream = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
         async with stream:
             if i % 2:
-                await stream.send_all(
-                    f"CONNECT {HOST}:{origin.port} HTTP/1.1\r\nHost: {HOST}:{origin.port}\r\n\r\n".encode()
-                )
+                await stream.send_all(connect_line(HOST, origin.port))
                 await stream.receive_some(1024)
 
     async with trio.open_nursery() as inner:
@@ -703,7 +700,7 @@ async def test_alpn_is_exactly_what_upstream_selected(
 
     def negotiated(port: int, offer: list[str]) -> str | None:
         raw = socket.create_connection(("127.0.0.1", setup.proxy_port), timeout=10)
-        raw.sendall(f"CONNECT {HOST}:{port} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode())
+        raw.sendall(connect_line(HOST, port))
         assert raw.recv(4096).startswith(b"HTTP/1.1 200")
         context = setup.client_context()
         context.set_alpn_protocols(offer)
