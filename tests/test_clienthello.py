@@ -7,6 +7,7 @@ import ssl
 import struct
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from conftest import require_tool
@@ -608,3 +609,18 @@ def test_client_hello_validates_itself(changes: dict[str, object]) -> None:
     fields = _fields(parse_ok(records(GOOD)))
     with pytest.raises(ValueError, match=r"."):
         ClientHello(**{**fields, **changes})  # type: ignore[arg-type]
+
+
+def test_benchmark_reports_positive_rates(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from benchmarks import bench_clienthello
+
+    results = bench_clienthello.run(0.1)
+    cases = ("python_ssl", "openssl4_pq", "fragmented", "need_more", "not_tls")
+    assert set(results) == {
+        "python_ssl_hello_bytes",
+        "openssl4_pq_hello_bytes",
+        *(f"{case}_per_s" for case in cases),
+        *(f"{case}_us" for case in cases),
+    }
+    assert all(value > 0 for value in results.values())

@@ -31,6 +31,7 @@ in every tuple) so that a policy can see exactly what the client offered;
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -137,11 +138,13 @@ class ClientHello:
         if not self.supported_versions:
             raise ValueError("supported_versions is never empty")
         for field_name in ("supported_versions", "cipher_suites", "extensions"):
-            if any(not 0 <= v <= 0xFFFF for v in getattr(self, field_name)):
+            values = getattr(self, field_name)
+            if values and (min(values) < 0 or max(values) > 0xFFFF):
                 raise ValueError(f"{field_name} holds 16-bit code points")
         if not 0 <= self.legacy_version <= 0xFFFF:
             raise ValueError("legacy_version is a 16-bit value")
-        if any(not 0 <= m <= 0xFF for m in self.compression_methods):
+        methods = self.compression_methods
+        if methods and (min(methods) < 0 or max(methods) > 0xFF):
             raise ValueError("compression_methods holds 8-bit code points")
         if self.raw_length < _RECORD_HEADER + _HANDSHAKE_HEADER:
             raise ValueError("raw_length cannot be smaller than one record and handshake header")
@@ -256,8 +259,8 @@ def parse_client_hello(data: bytes | bytearray | memoryview) -> ClientHello | Ne
             break
 
     assert message_end is not None  # the loop only breaks once it is known
-    message = fragments[0] if len(fragments) == 1 else memoryview(b"".join(fragments))
-    return _parse_body(_Reader(message, _HANDSHAKE_HEADER, message_end), raw_length=pos)
+    message = bytes(fragments[0]) if len(fragments) == 1 else b"".join(fragments)
+    return _parse_body(message, message_end, raw_length=pos)
 
 
 def _too_large() -> ClientHelloError:
@@ -279,7 +282,7 @@ class _Reader:
 
     __slots__ = ("_end", "_pos", "_view")
 
-    def __init__(self, view: memoryview, pos: int, end: int) -> None:
+    def __init__(self, view: bytes | memoryview, pos: int, end: int) -> None:
         self._view = view
         self._pos = pos
         self._end = end
@@ -287,7 +290,7 @@ class _Reader:
     def done(self) -> bool:
         return self._pos == self._end
 
-    def take(self, n: int, what: str) -> memoryview:
+    def take(self, n: int, what: str) -> bytes | memoryview:
         start = self._pos
         if n > self._end - start:
             raise _malformed(f"{what} runs past its enclosing length")
@@ -296,10 +299,6 @@ class _Reader:
 
     def u8(self, what: str) -> int:
         return self.take(1, what)[0]
-
-    def u16(self, what: str) -> int:
-        b = self.take(2, what)
-        return (b[0] << 8) | b[1]
 
     def vector(self, length_bytes: int, what: str, *, minimum: int = 0) -> _Reader:
         """A sub-reader over a ``<minimum..2^(8*length_bytes)-1>`` vector."""
@@ -310,7 +309,7 @@ class _Reader:
         self.take(size, what)
         return _Reader(self._view, start, start + size)
 
-    def rest(self, what: str) -> memoryview:
+    def rest(self, what: str) -> bytes | memoryview:
         """Everything left in this reader."""
         return self.take(self._end - self._pos, what)
 
@@ -321,42 +320,72 @@ class _Reader:
         return tuple((raw[i] << 8) | raw[i + 1] for i in range(0, len(raw), 2))
 
 
-def _parse_body(r: _Reader, *, raw_length: int) -> ClientHello:
-    # RFC 8446 §4.1.2 / RFC 5246 §7.4.1.2 ClientHello.
-    legacy_version = r.u16("legacy_version")
+def _parse_body(message: bytes, end: int, *, raw_length: int) -> ClientHello:
+    """Parse ``message[4:end]``, a ClientHello body (RFC 8446 §4.1.2, RFC 5246 §7.4.1.2).
+
+    Written with flat offsets rather than :class:`_Reader` objects: this is the hot path, about
+    twenty extensions per hello. Every length is checked against ``end`` before it is used.
+    """
+    pos = _HANDSHAKE_HEADER
+    if end - pos < 2 + 32 + 1:
+        raise _malformed("legacy_version, random and legacy_session_id run past the message")
+    legacy_version = (message[pos] << 8) | message[pos + 1]
     if legacy_version >> 8 != 3:
         raise _malformed(f"legacy_version 0x{legacy_version:04x} is not 3.x")
-    r.take(32, "random")
-    if len(r.vector(1, "legacy_session_id").rest("legacy_session_id")) > 32:
+    pos += 2 + 32
+    session_id_length = message[pos]
+    if session_id_length > 32:  # legacy_session_id<0..32>
         raise _malformed("legacy_session_id is longer than 32 bytes")
-    cipher_suites = r.vector(2, "cipher_suites", minimum=2).u16_list("cipher_suites")
-    compression_methods = tuple(
-        r.vector(1, "legacy_compression_methods", minimum=1).rest("legacy_compression_methods")
-    )
+    pos += 1 + session_id_length
+    if end - pos < 2:
+        raise _malformed("cipher_suites runs past the message")
+    length = (message[pos] << 8) | message[pos + 1]
+    pos += 2
+    if length < 2 or length % 2 or length > end - pos:  # cipher_suites<2..2^16-2>
+        raise _malformed("cipher_suites is empty, has an odd length or runs past the message")
+    cipher_suites = struct.unpack_from(f">{length // 2}H", message, pos)
+    pos += length
+    if pos >= end:
+        raise _malformed("legacy_compression_methods runs past the message")
+    length = message[pos]
+    pos += 1
+    if length < 1 or length > end - pos:  # legacy_compression_methods<1..2^8-1>
+        raise _malformed("legacy_compression_methods is empty or runs past the message")
+    compression_methods = tuple(message[pos : pos + length])
+    pos += length
 
     server_name: str | None = None
     alpn: tuple[bytes, ...] = ()
     versions: tuple[int, ...] | None = None
     types: list[int] = []
-    if not r.done():  # RFC 5246 §7.4.1.2: the extensions block may be absent
-        block = r.vector(2, "extensions")
-        if not r.done():
-            raise _malformed("bytes after the extensions block")
+    if pos < end:  # RFC 5246 §7.4.1.2: the extensions block may be absent
+        if end - pos < 2:
+            raise _malformed("extensions length runs past the message")
+        length = (message[pos] << 8) | message[pos + 1]
+        pos += 2
+        if length != end - pos:
+            raise _malformed("the extensions block does not end where the ClientHello ends")
         seen: set[int] = set()
-        while not block.done():
-            ext_type = block.u16("extension type")
-            ext = block.vector(2, f"extension {ext_type}")
+        while pos < end:
+            if end - pos < 4:
+                raise _malformed("extension header runs past the extensions block")
+            ext_type = (message[pos] << 8) | message[pos + 1]
+            length = (message[pos + 2] << 8) | message[pos + 3]
+            pos += 4
+            if length > end - pos:
+                raise _malformed(f"extension {ext_type} runs past the extensions block")
             if ext_type in seen:
                 # RFC 8446 §4.2: "There MUST NOT be more than one extension of the same type"
                 raise _malformed(f"duplicate extension {ext_type}")
             seen.add(ext_type)
             types.append(ext_type)
             if ext_type == _EXT_SERVER_NAME:
-                server_name = _parse_server_name(ext)
+                server_name = _parse_server_name(_Reader(message, pos, pos + length))
             elif ext_type == _EXT_ALPN:
-                alpn = _parse_alpn(ext)
+                alpn = _parse_alpn(_Reader(message, pos, pos + length))
             elif ext_type == _EXT_SUPPORTED_VERSIONS:
-                versions = _parse_supported_versions(ext)
+                versions = _parse_supported_versions(_Reader(message, pos, pos + length))
+            pos += length
     return ClientHello(
         server_name=server_name,
         alpn_protocols=alpn,
