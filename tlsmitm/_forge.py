@@ -81,6 +81,11 @@ _BR_SCHEDULE = (
 _BR_BEFORE_2026 = dt.timedelta(days=398)
 
 
+# Normalising a name costs more than the rest of a cache hit (``ipaddress`` parses every name
+# twice); hosts repeat, so remember the recent ones. Invalid names raise and are not cached.
+_normalize = functools.lru_cache(maxsize=8192)(normalize_host)
+
+
 def br_max_validity(issued: dt.datetime) -> dt.timedelta:
     """The CA/B Forum maximum validity period for a certificate issued at ``issued``."""
     for start, limit in _BR_SCHEDULE:
@@ -349,7 +354,7 @@ class CertForge:
         if not isinstance(now, dt.datetime) or now.tzinfo is None:
             raise ValueError("now must be a timezone-aware datetime (UTC)")
         now = now.astimezone(dt.UTC).replace(microsecond=0)
-        name = normalize_host(host)
+        name = _normalize(host)
         if not isinstance(issuer, IssuerKind):
             raise TypeError("issuer must be an IssuerKind")
         signer = self._ca._signer(issuer)
