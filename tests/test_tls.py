@@ -1060,3 +1060,18 @@ async def test_upstream_handshake_does_not_verify() -> None:
     await handshake_both(client, server)
     assert client.peer_certificate_chain() == [stranger.cert]
     assert UPSTREAM_CTX.get_verify_mode() == SSL.VERIFY_NONE
+
+
+def test_benchmark_reports_positive_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from benchmarks import bench_tls
+
+    results = bench_tls.run(0.1)
+    assert set(results) == {
+        "server_connection_openssl_us",
+        "server_connection_cryptography_us",
+        "handshakes_per_s",
+        "resumed_handshakes_per_s",
+        "bulk_mb_per_s",
+    }
+    assert all(value > 0 for value in results.values())
