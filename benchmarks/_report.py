@@ -1,0 +1,480 @@
+"""Turning a :class:`~benchmarks._harness.RunResult` into a table, JSON, a chart and a docs page.
+
+* :func:`text_report`: the table printed at the end of a run (figures, ratios, goals).
+* :func:`to_json`: everything measured, machine-readable.
+* :func:`write_chart`: a PNG (matplotlib).
+* :func:`rst_include`: the reStructuredText that ``docs/benchmarks.rst`` includes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._harness import SETUP_CELLS, RunResult
+
+__all__ = ["Goal", "evaluate_goals", "rst_include", "text_report", "to_json", "write_chart"]
+
+PEER_ORDER = ("direct", "terminator", "tlsmitm", "mitmproxy", "squid")
+RATIO_PEERS = ("mitmproxy", "squid", "terminator", "direct")
+NAMING = {"one": "1 name", "fifty": "50 names", "fresh": "new name each"}
+COLORS = {
+    "direct": "#7f7f7f",
+    "terminator": "#bcbd22",
+    "tlsmitm": "#1f77b4",
+    "mitmproxy": "#d62728",
+    "squid": "#9467bd",
+}
+FLAT_MEMORY_MIB = 16.0  # "flat": a 256 MiB body may not raise the proxy's RSS by more than this
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Row:
+    title: str
+    key: str
+    unit: str
+    ratio: bool = False  # a throughput: show tlsmitm / peer
+    digits: int = 1
+
+
+def _rows(result: RunResult) -> list[_Row]:
+    rows: list[_Row] = []
+    for naming, concurrency in SETUP_CELLS:
+        key = f"setup.{naming}.c{concurrency}"
+        head = f"setup, {NAMING[naming]}, {concurrency} in flight"
+        rows += [
+            _Row(title=head, key=f"{key}.per_s", unit="conn/s", ratio=True, digits=0),
+            _Row(title="  p50 / p99 latency", key=f"{key}.p50_ms", unit="ms"),
+            _Row(title="", key=f"{key}.p99_ms", unit="ms"),
+            _Row(title="  server CPU per connection", key=f"{key}.cpu_ms", unit="ms", digits=2),
+        ]
+    rows += [
+        _Row(title="warm keep-alive request, p50", key="latency.p50_ms", unit="ms", digits=3),
+        _Row(title="warm keep-alive request, p99", key="latency.p99_ms", unit="ms", digits=3),
+    ]
+    size = result.plan.bulk_size >> 20
+    for direction in ("download", "upload"):
+        rows += [
+            _Row(
+                title=f"{direction} {size} MiB",
+                key=f"bulk.{direction}.mb_s",
+                unit="MB/s",
+                ratio=True,
+                digits=0,
+            ),
+            _Row(title="  peak RSS", key=f"bulk.{direction}.peak_rss_mib", unit="MiB", digits=0),
+            _Row(
+                title="  RSS growth during it", key=f"bulk.{direction}.rss_growth_mib", unit="MiB"
+            ),
+        ]
+    counts = sorted({*result.plan.held_counts, *result.plan.held_counts_slow})
+    for count in counts:
+        rows += [
+            _Row(
+                title=f"{count:,} held: opened", key=f"held.{count}.opened", unit="conn", digits=0
+            ),
+            _Row(title="  answered again", key=f"held.{count}.answered", unit="conn", digits=0),
+            _Row(title="  RSS per connection", key=f"held.{count}.kib_per_conn", unit="KiB"),
+        ]
+    return rows
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _peers(result: RunResult) -> list[str]:
+    return [p for p in PEER_ORDER if p in result.peers]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Goal:
+    """One goal of issue 9 and how this run did against it."""
+
+    goal: str
+    measured: str
+    met: bool | None  # None: not measurable in this run
+
+
+def _ratio(result: RunResult, key: str, peer: str) -> float | None:
+    ours = result.peers.get("tlsmitm")
+    theirs = result.peers.get(peer)
+    if ours is None or theirs is None:
+        return None
+    a, b = ours.metrics.get(key), theirs.metrics.get(key)
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+def evaluate_goals(result: RunResult) -> list[Goal]:
+    """The issue's goals, each with the figure that decides it."""
+    goals: list[Goal] = []
+    ours = result.peers.get("tlsmitm")
+    metrics = ours.metrics if ours is not None else {}
+    for naming, concurrency in SETUP_CELLS:
+        key = f"setup.{naming}.c{concurrency}.per_s"
+        ratio = _ratio(result, key, "mitmproxy")
+        goals.append(
+            Goal(
+                goal=f"setup ({NAMING[naming]}, {concurrency} in flight) >= 4x mitmproxy",
+                measured="-" if ratio is None else f"{ratio:.1f}x",
+                met=None if ratio is None else ratio >= 4,
+            )
+        )
+    for naming, concurrency in SETUP_CELLS[:2]:
+        key = f"setup.{naming}.c{concurrency}.per_s"
+        ratio = _ratio(result, key, "terminator")
+        goals.append(
+            Goal(
+                goal=f"setup ({NAMING[naming]}, {concurrency} in flight) >= 40 % of the terminator",
+                measured="-" if ratio is None else f"{ratio:.0%}",
+                met=None if ratio is None else ratio >= 0.4,
+            )
+        )
+    for direction in ("download", "upload"):
+        key = f"bulk.{direction}.mb_s"
+        ratio = _ratio(result, key, "mitmproxy")
+        goals.append(
+            Goal(
+                goal=f"bulk {direction} >= 3x mitmproxy (streaming)",
+                measured="-" if ratio is None else f"{ratio:.1f}x",
+                met=None if ratio is None else ratio >= 3,
+            )
+        )
+        ratio = _ratio(result, key, "direct")
+        goals.append(
+            Goal(
+                goal=f"bulk {direction} >= 50 % of direct",
+                measured="-" if ratio is None else f"{ratio:.0%}",
+                met=None if ratio is None else ratio >= 0.5,
+            )
+        )
+        growth = metrics.get(f"bulk.{direction}.rss_growth_mib")
+        goals.append(
+            Goal(
+                goal=f"bulk {direction}: flat memory (RSS growth <= {FLAT_MEMORY_MIB:.0f} MiB)",
+                measured="-" if growth is None else f"+{growth:.1f} MiB",
+                met=None if growth is None else growth <= FLAT_MEMORY_MIB,
+            )
+        )
+    counts = sorted(result.plan.held_counts)
+    if counts:
+        count = counts[-1]
+        per = metrics.get(f"held.{count}.kib_per_conn")
+        opened = metrics.get(f"held.{count}.opened")
+        answered = metrics.get(f"held.{count}.answered")
+        goals.append(
+            Goal(
+                goal=f"<= 100 KiB RSS per held connection ({count:,} requested)",
+                measured="-" if per is None else f"{per:.1f} KiB at {opened or 0:,.0f} connections",
+                met=None if per is None else per <= 100,
+            )
+        )
+        goals.append(
+            Goal(
+                goal=f"all {count:,} held connections still answer",
+                measured="-"
+                if answered is None
+                else f"{answered:,.0f} of {opened or 0:,.0f} opened",
+                met=None if answered is None else answered == opened and bool(opened),
+            )
+        )
+    direct = result.peers.get("direct")
+    ours_p50 = metrics.get("latency.p50_ms")
+    direct_p50 = direct.metrics.get("latency.p50_ms") if direct is not None else None
+    if ours_p50 is not None and direct_p50 is not None:
+        added = ours_p50 - direct_p50
+        goals.append(
+            Goal(
+                goal="added p50 latency on a warm connection <= 1 ms",
+                measured=f"{added:.3f} ms",
+                met=added <= 1,
+            )
+        )
+    else:
+        goals.append(
+            Goal(goal="added p50 latency on a warm connection <= 1 ms", measured="-", met=None)
+        )
+    return goals
+
+
+def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+    out = [
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w)
+            for i, (h, w) in enumerate(zip(header, widths, strict=True))
+        )
+    ]
+    out.append("  ".join("-" * w for w in widths))
+    for row in lines:
+        out.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    return out
+
+
+def figures_table(result: RunResult) -> tuple[list[str], list[list[str]]]:
+    """The main table: one row per figure, one column per peer, then ratios tlsmitm / peer."""
+    peers = _peers(result)
+    ratio_peers = [p for p in RATIO_PEERS if p in result.peers and "tlsmitm" in result.peers]
+    header = ["figure", "unit", *peers, *(f"/{p}" for p in ratio_peers)]
+    lines: list[list[str]] = []
+    for row in _rows(result):
+        values = [result.peers[p].metrics.get(row.key) for p in peers]
+        if all(v is None for v in values):
+            continue
+        ratios = []
+        for peer in ratio_peers:
+            ratio = _ratio(result, row.key, peer) if row.ratio else None
+            ratios.append("" if ratio is None else f"{ratio:.2f}")
+        lines.append([row.title, row.unit, *(_fmt(v, row.digits) for v in values), *ratios])
+    return header, lines
+
+
+def _describe_machine(meta: dict[str, Any]) -> str:
+    return (
+        f"{meta.get('cpu', '?')}, {meta.get('cores', '?')} cores, "
+        f"{meta.get('memory_gib', '?')} GiB, {meta.get('os', '?')}; "
+        "a machine shared with other engineers' test runs "
+        f"(load average {meta.get('load_average_at_start', [0])[0]:.1f} at the start, "
+        f"{meta.get('load_average_at_end', [0])[0]:.1f} at the end)"
+    )
+
+
+def text_report(result: RunResult) -> str:
+    """The table printed at the end of a run."""
+    meta = result.meta
+    lines = [
+        f"tlsmitm benchmarks ({result.plan.mode} mode), {meta.get('date')}, "
+        f"took {meta.get('duration_s')} s",
+        f"machine: {_describe_machine(meta)}",
+        f"tlsmitm {meta.get('tlsmitm_commit')} on Python {meta.get('python')}, "
+        f"{meta.get('tlsmitm_openssl')}; client {meta.get('client_openssl')}",
+        "",
+    ]
+    for label in _peers(result):
+        record = result.peers[label]
+        status = record.status
+        line = f"  {label:<11} {status:<8} {record.version}"
+        lines.append(line)
+        for scenario, why in record.failures.items():
+            lines.append(f"      {scenario}: {why[:300]}")
+        for scenario, errors in record.errors.items():
+            total = sum(errors.values())
+            first = next(iter(errors))
+            lines.append(f"      {scenario}: {total} client errors, e.g. {first}")
+        for note in record.notes:
+            lines.append(f"      note: {note}")
+    lines.append("")
+    header, rows = figures_table(result)
+    lines += _table(header, rows)
+    lines.append("(/peer columns: tlsmitm's figure divided by that peer's, for throughputs)")
+    lines.append("")
+    lines.append("components:")
+    for name, component in result.components.items():
+        if component.status != "ok":
+            lines.append(f"  {name}: {component.status.upper()} ({component.detail})")
+            continue
+        shown = ", ".join(
+            f"{k} {_fmt(v, 0 if abs(v) >= 100 else 2)}" for k, v in component.figures.items()
+        )
+        lines.append(f"  {name}: {shown}")
+    lines.append("")
+    lines.append("goals (issue 9):")
+    for goal in evaluate_goals(result):
+        mark = "n/a " if goal.met is None else ("MET " if goal.met else "MISS")
+        lines.append(f"  [{mark}] {goal.goal}: {goal.measured}")
+    return "\n".join(lines)
+
+
+def to_json(result: RunResult) -> dict[str, Any]:
+    """Everything measured, ready for ``json.dump`` (NaN becomes null)."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    answer: dict[str, Any] = clean(
+        {
+            "meta": result.meta,
+            "plan": dataclasses.asdict(result.plan),
+            "peers": {label: dataclasses.asdict(record) for label, record in result.peers.items()},
+            "components": {
+                name: dataclasses.asdict(component) for name, component in result.components.items()
+            },
+            "goals": [dataclasses.asdict(goal) for goal in evaluate_goals(result)],
+        }
+    )
+    return answer
+
+
+def write_json(result: RunResult, path: Path) -> None:
+    """Write :func:`to_json` to ``path``."""
+    path.write_text(json.dumps(to_json(result), indent=2, sort_keys=False) + "\n")
+
+
+def write_chart(result: RunResult, path: Path) -> bool:
+    """Draw the four headline panels into a PNG; returns False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    peers = _peers(result)
+    figure, axes = plt.subplots(2, 2, figsize=(14, 9.5))
+    meta = result.meta
+    figure.suptitle(
+        f"tlsmitm benchmarks ({result.plan.mode}) - {meta.get('date', '')} - "
+        f"{meta.get('cpu', '')}, {meta.get('cores', '?')} cores (shared machine)",
+        fontsize=11,
+    )
+
+    def bars(
+        ax: Any, groups: Sequence[tuple[str, str]], title: str, unit: str, log: bool = False
+    ) -> None:
+        shown = [
+            p for p in peers if any(result.peers[p].metrics.get(k) is not None for _, k in groups)
+        ]
+        width = 0.8 / max(1, len(shown))
+        for index, peer in enumerate(shown):
+            values = [result.peers[peer].metrics.get(key) for _, key in groups]
+            xs = [g + (index - (len(shown) - 1) / 2) * width for g in range(len(groups))]
+            heights = [0.0 if v is None or math.isnan(v) else v for v in values]
+            drawn = ax.bar(xs, heights, width, label=peer, color=COLORS.get(peer))
+            for rect, value in zip(drawn, values, strict=True):
+                if value is not None and not math.isnan(value) and value > 0:
+                    text = f"{value:.0f}" if value >= 10 else f"{value:.2f}"
+                    ax.annotate(
+                        text,
+                        (rect.get_x() + rect.get_width() / 2, rect.get_height()),
+                        ha="center",
+                        va="bottom",
+                        fontsize=6,
+                    )
+        ax.set_xticks(range(len(groups)), [label for label, _ in groups], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(unit)
+        if log:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+
+    bars(
+        axes[0][0],
+        [(f"{NAMING[n]}\n{c} in flight", f"setup.{n}.c{c}.per_s") for n, c in SETUP_CELLS],
+        "New intercepted connections per second (one small request each)",
+        "connections/s",
+    )
+    bars(
+        axes[0][1],
+        [
+            (f"download {result.plan.bulk_size >> 20} MiB", "bulk.download.mb_s"),
+            (f"upload {result.plan.bulk_size >> 20} MiB", "bulk.upload.mb_s"),
+        ],
+        "Bulk relay through one connection",
+        "MB/s",
+    )
+    counts = sorted({*result.plan.held_counts, *result.plan.held_counts_slow})
+    bars(
+        axes[1][0],
+        [(f"{c:,} held", f"held.{c}.kib_per_conn") for c in counts],
+        "Memory per held-open connection (RSS growth / connections)",
+        "KiB per connection",
+    )
+    bars(
+        axes[1][1],
+        [("p50", "latency.p50_ms"), ("p99", "latency.p99_ms")],
+        "Request latency on a warm keep-alive connection",
+        "ms (log scale)",
+        log=True,
+    )
+    figure.tight_layout(rect=(0, 0, 1, 0.96))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def _escape(text: str) -> str:
+    """``text`` with every character reStructuredText could take as markup escaped."""
+    return re.sub(r"([\\`*_|\[\]<>])", r"\\\1", " ".join(text.split()))
+
+
+def _rst_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
+    out = [".. list-table::", "   :header-rows: 1", ""]
+    for row in [header, *lines]:
+        out.append(f"   * - {_escape(row[0]) or ' '}")
+        out += [f"     - {_escape(cell) or ' '}" for cell in row[1:]]
+    return out
+
+
+def rst_include(result: RunResult, chart: str | None) -> str:
+    """The part of ``docs/benchmarks.rst`` that each published run rewrites."""
+    meta = result.meta
+    lines = [
+        ".. This file is written by ``python -m benchmarks``; do not edit it by hand.",
+        "",
+        f"Latest published run: **{meta.get('date')}** ({result.plan.mode} mode, "
+        f"{meta.get('duration_s')} s), tlsmitm ``{meta.get('tlsmitm_commit')}``.",
+        "",
+        f"Machine: {_describe_machine(meta)}.",
+        f"Python {meta.get('python')}; tlsmitm's TLS engine: {meta.get('tlsmitm_openssl')}; "
+        f"the load generator: Python's ``ssl`` with {meta.get('client_openssl')}; "
+        f"origin: {meta.get('origin', '?')}.",
+        "",
+    ]
+    if chart:
+        lines += [f".. image:: {chart}", "   :alt: benchmark chart", ""]
+    lines += ["Peers:", ""]
+    for label in _peers(result):
+        record = result.peers[label]
+        text = f"* **{label}** ({record.status}): {_escape(record.version or 'not run')}"
+        for scenario, why in record.failures.items():
+            text += f"; {scenario}: {_escape(why[:200])}"
+        lines.append(text)
+        for scenario, errors in record.errors.items():
+            total = sum(errors.values())
+            lines.append(
+                f"  ({scenario}: {total} client errors, e.g. {_escape(next(iter(errors)))})"
+            )
+        for note in record.notes:
+            lines.append(f"  ({_escape(note)})")
+    lines.append("")
+    header, rows = figures_table(result)
+    lines += _rst_table(header, rows)
+    lines += ["", "Goals (issue 9):", ""]
+    goal_rows = [
+        [goal.goal, goal.measured, "n/a" if goal.met is None else ("met" if goal.met else "missed")]
+        for goal in evaluate_goals(result)
+    ]
+    lines += _rst_table(["goal", "measured", "verdict"], goal_rows)
+    lines += ["", "Component benchmarks:", ""]
+    for name, component in result.components.items():
+        if component.status != "ok":
+            lines.append(f"* ``{name}``: {component.status} ({_escape(component.detail)})")
+        else:
+            shown = ", ".join(
+                f"{k} {_fmt(v, 0 if abs(v) >= 100 else 2)}" for k, v in component.figures.items()
+            )
+            lines.append(f"* ``{name}``: {_escape(shown)}")
+    lines.append("")
+    return "\n".join(lines)
