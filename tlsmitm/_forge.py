@@ -67,7 +67,10 @@ __all__ = ["CertForge", "ForgedLeaf", "IssuerKind", "br_max_validity"]
 
 LEAF_BACKDATE = dt.timedelta(hours=1)  # tolerate clients whose clocks run a little slow
 _ERROR_CACHE_TTL = dt.timedelta(hours=1)
-_ENTRY_OVERHEAD = 2048  # Python and OpenSSL objects around the DER, estimated
+# Memory a cache entry holds besides the DER and PEM it is sized by: the Python, cryptography and
+# OpenSSL objects (an X509 with its cached extensions, two EVP_PKEYs). Measured as process RSS
+# growth over 5 000 P-256 leaves: about 12.5 KiB per entry in all.
+_ENTRY_OVERHEAD = 11_000
 _ONE_SECOND = dt.timedelta(seconds=1)
 
 # CA/Browser Forum Baseline Requirements §6.3.2 (ballot SC-081): the longest validity period of
