@@ -1075,3 +1075,18 @@ def test_benchmark_reports_positive_figures(monkeypatch: pytest.MonkeyPatch) -> 
         "bulk_mb_per_s",
     }
     assert all(value > 0 for value in results.values())
+
+
+async def test_forceful_close_keeps_the_session_resumable() -> None:
+    """trio.aclose_forcefully skips delivering close_notify; resumption must still work."""
+    session = None
+    reused = []
+    for _ in range(2):
+        client, server = await connected_pair(session=session)
+        reused.append(client.session_reused())
+        await server.send_all(b"tickets come first")
+        assert await client.receive_some() == b"tickets come first"
+        session = client.session()
+        await trio.aclose_forcefully(client)
+        await trio.aclose_forcefully(server)
+    assert reused == [False, True]

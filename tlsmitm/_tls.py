@@ -550,6 +550,10 @@ class _RecordBoundary:
         return not self._header and not self._remaining
 
 
+def _queued_output() -> None:
+    """An OpenSSL "operation" that only lets :meth:`TLSStream._retry` send what is queued."""
+
+
 class _PendingWrite:
     """Plaintext being encrypted; ``offset`` survives a "want read" so the retry is exact."""
 
@@ -990,20 +994,27 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if self._status is _Status.CLOSED:
             await trio.lowlevel.checkpoint()
             return
-        graceful = (
-            self._status is _Status.OK and self._handshake_done.is_set() and not self._sent_close
-        )
+        graceful = self._status is _Status.OK and self._handshake_ok and not self._sent_close
+        if graceful:
+            self._sent_close = True
+            try:
+                # Queue close_notify right away: even if delivering it is cancelled (as by
+                # trio.aclose_forcefully), OpenSSL then counts the close as clean and keeps the
+                # session resumable. Since TLS 1.1 an improper close need not prevent resumption
+                # anyway (RFC 4346 §7.2.1).
+                self.connection.shutdown()
+            except SSL.Error:
+                graceful = False
         if not graceful:
             self._status = _Status.CLOSED
             await self.transport_stream.aclose()
             return
-        self._sent_close = True
         try:
             with (
                 trio.move_on_after(CLOSE_NOTIFY_TIMEOUT) as scope,
                 suppress(trio.BrokenResourceError, trio.BusyResourceError),
             ):
-                await self._retry(self.connection.shutdown, ignore_want_read=True)
+                await self._retry(_queued_output)
         except BaseException:
             await trio.aclose_forcefully(self.transport_stream)
             raise
