@@ -439,7 +439,8 @@ def upstream_connection(
             in the client's order.
         session: a session from an earlier connection to the same host (same context), from
             :meth:`TLSStream.session`, to resume it. OpenSSL only resumes sessions of connections
-            that were closed with ``close_notify`` (:meth:`TLSStream.aclose` does that).
+            that were closed with ``close_notify``: close that stream with
+            :meth:`TLSStream.aclose` (also fine when cancelled, as by ``aclose_forcefully``).
 
     Raises:
         InvalidHostName: ``server_name`` is not a valid host name.
