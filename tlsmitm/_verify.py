@@ -1630,9 +1630,7 @@ class UpstreamVerifier:
         anchored = path.end == _ANCHORED
         anchor = self._anchors.get(certs[-1]) if anchored else None
         for index, cert in enumerate(certs):
-            # Distrust and own-CA keys are CA keys: hashing the leaf's key is not needed (a
-            # leaf that *is* one of tlsmitm's certificates is caught by equality).
-            spki = self._spki(cert, ctx) if index > 0 or len(certs) == 1 else None
+            spki = self._spki(cert, ctx)
             if (spki is not None and spki in self._own_spki) or cert in self._own:
                 problems.append(
                     _Problem(
