@@ -535,6 +535,14 @@ def test_cv34_distrusted_untrusted_root_is_distrusted_not_unknown(h: Hierarchy) 
     assert_rejected(verify(UpstreamVerifier(trust), [leaf.cert, root.cert]), CertError.DISTRUSTED)
 
 
+def test_cv34_distrusted_leaf_key(h: Hierarchy) -> None:
+    trust = TrustConfig(
+        extra_roots=(h.root.cert,), distrusted_spki_sha256={spki_sha256(h.leaf.cert)}
+    )
+    verdict = verify(UpstreamVerifier(trust), [h.leaf.cert, h.intermediate.cert])
+    assert_rejected(verdict, CertError.DISTRUSTED)
+
+
 def test_cv34_shipped_distrust_list() -> None:
     assert len(KNOWN_INTERCEPTION_SPKI_SHA256) == 6
     assert all(isinstance(d, bytes) and len(d) == 32 for d in KNOWN_INTERCEPTION_SPKI_SHA256)
@@ -829,6 +837,17 @@ def test_n85_critical_san_with_a_subject_breaks_the_public_profile(
     assert verify(enterprise_verifier, chain, host="www.example.com", now=T0).ok
 
 
+def test_public_root_policy_can_be_turned_off(public: Hierarchy) -> None:
+    issued = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
+    leaf = make_leaf(
+        public.intermediate, "server.local", not_before=issued, not_after=issued + 825 * DAY
+    )
+    v = UpstreamVerifier(TrustConfig(public_roots=(public.root.cert,)), public_root_policy=False)
+    verdict = verify(v, [leaf.cert, public.intermediate.cert], host="server.local", now=T0)
+    assert verdict.ok
+    assert verdict.public_root
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="CV-37: Certificate Transparency (SCT) checking is not implemented; "
@@ -1068,8 +1087,15 @@ async def test_aia_response_formats(h: Hierarchy, encoding: str) -> None:
 
 @pytest.mark.parametrize(
     "answer",
-    [OSError("connection refused"), TimeoutError(), ValueError("bad"), b"not a certificate"],
-    ids=["oserror", "timeout", "valueerror", "garbage"],
+    [
+        OSError("connection refused"),
+        TimeoutError(),
+        ValueError("bad"),
+        b"not a certificate",
+        b"",
+        "not bytes",
+    ],
+    ids=["oserror", "timeout", "valueerror", "garbage", "empty", "not-bytes"],
 )
 async def test_failed_aia_fetch_leaves_the_chain_incomplete(
     h: Hierarchy, answer: bytes | BaseException
