@@ -483,6 +483,11 @@ async def test_end_of_transport_at_a_record_boundary_is_a_clean_end() -> None:
     assert await client.receive_some() == b"last words"
     assert await client.receive_some() == b""
     assert await client.receive_some() == b""
+    with pytest.raises(UpstreamTLSError) as info:  # the server is gone
+        await client.send_all(b"too late")
+    assert info.value.reason == "connection_lost"
+    assert info.value.alert_sent is None
+    await client.aclose()
 
 
 async def test_end_of_transport_inside_a_record_is_truncation() -> None:

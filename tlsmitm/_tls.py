@@ -191,7 +191,8 @@ class TLSError(TlsMitmError, trio.BrokenResourceError):
             ``tls_client_certificate`` (upstream only: the server wanted a client certificate),
             ``tls_error`` (an alert or corrupt record after the handshake), ``tls_truncated``
             (the connection ended inside a record), ``connection_lost`` (the transport broke
-            after the handshake) or ``tls_broken`` (the stream was already broken).
+            after the handshake, or the peer had closed it) or ``tls_broken`` (the stream was
+            already broken).
         alert: the name of the alert the peer sent (``"unknown_ca"``, ``"protocol_version"``...),
             or ``None``.
         alert_sent: the name of the alert we sent, or ``None``.
@@ -657,6 +658,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
             detail += f" (the {self._peer} sent the alert {received})"
         elif sent:
             detail += f" (we sent the alert {sent})"
+        if not handshake and self._transport_eof:
+            # E.g. a write after the peer closed without close_notify: OpenSSL calls it an error.
+            message = f"the {self._peer} closed the connection"
+            return self._error(message, reason="connection_lost")
         if not handshake:
             return self._error(f"TLS error with the {self._peer}: {detail}", reason="tls_error")
         reason = "tls_handshake"
@@ -882,6 +887,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
             # No close_notify, but a whole number of records: what HTTPS peers usually do.
             # OpenSSL has queued a fatal alert for the EOF; the peer is gone, so drop it.
             self._drain_outgoing()
+            if self._info is not None:
+                self._info.alert_sent = None
             self._received_close = True
             return b""
         if len(data) >= max_bytes:
