@@ -70,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     """Run the check and print the result."""
-    from ._cli_serve import build_interceptor
+    from ._cli_serve import build_interceptor, warn_if_trust_store_is_old
     from ._relay import Interceptor
     from ._responder import ActionKind
 
@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"tlsmitm: {exc}", file=sys.stderr)
         return EXIT_CODES["usage"]
     assert isinstance(interceptor, Interceptor)
+    warn_if_trust_store_is_old()
     host, port = args.target
     try:
         result = trio.run(interceptor.check_upstream, host, port)

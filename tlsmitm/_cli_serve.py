@@ -139,6 +139,17 @@ def build_interceptor(args: argparse.Namespace) -> object:
     )
 
 
+def warn_if_trust_store_is_old() -> None:
+    """Print a warning when certifi's root bundle is older than a year (it must not rot)."""
+    from datetime import UTC, datetime
+
+    from ._verify import trust_store_warning
+
+    warning = trust_store_warning(datetime.now(UTC))
+    if warning:
+        print(f"tlsmitm: warning: {warning}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     """Start the proxy; returns when it was stopped by SIGINT or SIGTERM."""
     from ._relay import Interceptor
@@ -154,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"tlsmitm: {exc}", file=sys.stderr)
         return 2
     assert isinstance(interceptor, Interceptor)
+    warn_if_trust_store_is_old()
     root_pem = state_dir / "tlsmitm-root.pem"
     root_pem.write_bytes(interceptor.ca.export_root())
     host, port = args.listen
