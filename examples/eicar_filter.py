@@ -52,8 +52,7 @@ def main() -> None:
     host, _, port = args.listen.rpartition(":")
     logging.basicConfig(level=logging.INFO)
     interceptor = tlsmitm.Interceptor.from_state_dir(args.state_dir, hooks=EicarScanner())
-    print(f"trust {args.state_dir / 'tlsmitm-root.pem'} and use http://{args.listen} as proxy")
-    (args.state_dir / "tlsmitm-root.pem").write_bytes(interceptor.ca.export_root())
+    print(f"trust {args.state_dir / 'ca' / 'root.pem'} and use http://{args.listen} as proxy")
     trio.run(interceptor.serve, host, int(port))
 
 

@@ -158,7 +158,6 @@ def run(args: argparse.Namespace) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    state_dir: Path = args.state_dir or default_state_dir()
     try:
         interceptor = build_interceptor(args)
     except (TlsMitmError, argparse.ArgumentTypeError) as exc:
@@ -166,8 +165,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     assert isinstance(interceptor, Interceptor)
     warn_if_trust_store_is_old()
-    root_pem = state_dir / "tlsmitm-root.pem"
-    root_pem.write_bytes(interceptor.ca.export_root())
+    from ._ca import ROOT_CERT_FILE
+
+    ca_dir = interceptor.ca.ca_dir
+    assert ca_dir is not None  # from_state_dir always has one
+    root_pem = ca_dir / ROOT_CERT_FILE
     host, port = args.listen
 
     async def main() -> None:
