@@ -38,6 +38,7 @@ def server_ssl_context(
 @dataclass
 class OriginStats:
     connections: int = 0
+    resumed: int = 0
     requests: list[tuple[bytes, bytes]] = field(default_factory=list)
     headers: list[list[tuple[bytes, bytes]]] = field(default_factory=list)
 
@@ -142,6 +143,8 @@ async def serve_tls(stream: trio.abc.Stream, context: ssl.SSLContext, stats: Ori
     tls = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
     try:
         await tls.do_handshake()
+        if tls.session_reused:
+            stats.resumed += 1
         await serve_http(tls, stats)
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
         pass

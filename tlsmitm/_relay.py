@@ -684,10 +684,14 @@ class Interceptor:
             await self._relay_tls(
                 downstream, upstream, selected, name, port, client, record_hsts, conn
             )
-        finally:
-            session = upstream.connection.get_session()
+            # A graceful close (close_notify) keeps the session resumable; an abortive one makes
+            # OpenSSL mark it not resumable. Sessions are taken after the relay because TLS 1.3
+            # tickets arrive after the handshake.
+            await upstream.aclose()
+            session = upstream.session()
             if session is not None:
                 self._remember_session((name, port), session)
+        finally:
             await trio.aclose_forcefully(upstream)
             await trio.aclose_forcefully(downstream)
 
