@@ -119,6 +119,16 @@ async def serve_http(stream: trio.abc.Stream, stats: OriginStats) -> None:
             payload = b"virus: " + EICAR
         elif target == b"/headers":
             payload = b"\n".join(k + b": " + v for k, v in request.headers)
+        elif target == b"/stall":
+            # Promise a body, send part of it, then stall.
+            await _send(
+                conn,
+                stream,
+                h11.Response(status_code=200, headers=[*headers, (b"content-length", b"1000")]),
+            )
+            await _send(conn, stream, h11.Data(data=b"z" * 10))
+            await trio.sleep(60)
+            return
         elif target == b"/slow":
             await trio.sleep(0.3)
             payload = b"slow"

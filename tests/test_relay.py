@@ -795,3 +795,36 @@ async def test_h2_is_relayed_as_bytes_without_hooks(
     assert selected == "h2"  # MIR-03: exactly what upstream selected
     assert EICAR in data  # not inspected: documented (HTTP/2 has no hooks yet)
     assert hooks.seen == []
+
+
+async def test_an_origin_that_stalls_mid_body_is_dropped_after_the_idle_timeout(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    setup = await start_proxy(
+        nursery,
+        tmp_path,
+        hierarchy,
+        config=InterceptorConfig(resolve={HOST: "127.0.0.1"}, idle_timeout=0.5),
+    )
+
+    def client() -> bytes:
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", setup.proxy_port, context=setup.client_context(), timeout=20
+        )
+        conn.set_tunnel(HOST, origin.port)
+        conn.request("GET", "/stall")
+        response = conn.getresponse()
+        try:
+            return response.read()
+        except http.client.IncompleteRead as exc:
+            return bytes(exc.partial)
+        finally:
+            conn.close()
+
+    with trio.fail_after(10):
+        partial = await trio.to_thread.run_sync(client)
+    assert partial == b"z" * 10  # what arrived was relayed; then the connection was closed
+    await trio.sleep(0.05)
+    assert setup.records[-1].reason == "timeout"
+    assert setup.interceptor.stats.active == 0

@@ -216,7 +216,9 @@ class HttpRelay:
                 raise error(f"malformed HTTP from {side}: {exc}", reason="bad_http") from exc
             if event is not h11.NEED_DATA:
                 return event
-            data = bytes(await stream.receive_some(_RECEIVE_SIZE))
+            # A peer that stops sending (mid-head or mid-body) is dropped after idle_timeout.
+            with trio.fail_after(self.idle_timeout):
+                data = bytes(await stream.receive_some(_RECEIVE_SIZE))
             if side == "client":
                 self.counters.bytes_up += len(data)
             else:
@@ -226,16 +228,20 @@ class HttpRelay:
     async def _send(self, conn: h11.Connection, stream: trio.abc.Stream, event: Any) -> None:
         data = conn.send(event)
         if data:
-            await stream.send_all(data)
+            # ...and so is a peer that stops reading (backpressure that never ends).
+            with trio.fail_after(self.idle_timeout):
+                await stream.send_all(data)
 
     # -- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> Switched | None:
         """Relay requests until a side closes; returns :class:`Switched` after a 101."""
         while True:
-            with trio.move_on_after(self.idle_timeout) as idle:
+            try:
                 event = await self._next_event(self._down, self.client, "client")
-            if idle.cancelled_caught or isinstance(event, h11.ConnectionClosed):
+            except trio.TooSlowError:
+                return None  # an idle keep-alive connection: a clean end
+            if isinstance(event, h11.ConnectionClosed):
                 return None
             if not isinstance(event, h11.Request):
                 raise ClientError(f"unexpected {type(event).__name__}", reason="bad_http")
