@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +145,20 @@ class Reply:
     websocket: bool = False
 
 
+def tiny_png() -> bytes:
+    """A 1x1 opaque green PNG (RFC 2083), built here rather than stored."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
+    header = (1).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])  # 8-bit RGB
+    pixels = zlib.compress(b"\x00\x00\x80\x00")  # filter 0, then one RGB pixel
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
 def download_bytes(marker: str) -> bytes:
     """The deterministic body of ``/download`` (128 KiB)."""
     return hashlib.sha256(marker.encode()).digest() * 4096
@@ -211,7 +226,7 @@ class Origin:
         return len(self.requests)
 
 
-_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B85"  # RFC 6455 §1.3
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 
 
 def websocket_accept(key: str) -> str:
@@ -679,6 +694,39 @@ def python_request(
             outcome.label = classify_error_page(page.body)
             outcome.detail = error_code_of(page.body)
     return outcome
+
+
+def python_override(proxy: TlsmitmServe, error_page: bytes) -> int:
+    """Submit the override form of ``error_page`` as the error origin's own page would.
+
+    Returns the status of ``POST /override`` (303 when granted). Waits out the click delay the
+    token enforces (one second after the page was served).
+    """
+    ref = re.search(rb'name="ref" value="([0-9a-f]+)"', error_page)
+    token = re.search(rb'name="token" value="([A-Za-z0-9_-]+)"', error_page)
+    if ref is None or token is None:
+        raise AssertionError("the page has no override form")
+    time.sleep(1.05)
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", proxy.port, context=client_context(proxy.ca_path), timeout=20
+    )
+    conn.set_tunnel("error.invalid", 443)
+    try:
+        conn.request(
+            "POST",
+            "/override",
+            body=b"ref=" + ref.group(1) + b"&token=" + token.group(1),
+            headers={
+                "Host": "error.invalid",
+                "Origin": ERROR_ORIGIN,
+                "Content-Type": "application/x-www-form-urlencoded",
+            },
+        )
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
 
 
 def python_alpn(proxy: TlsmitmServe, host: str, port: int, offer: Sequence[str]) -> Outcome:
