@@ -878,6 +878,27 @@ def chromium_executable() -> str:
     return path
 
 
+def reset_page(page: Any) -> None:
+    """Navigate to ``about:blank``, waiting out an interstitial Chromium is still committing.
+
+    After a certificate error, Chromium commits its error page (``chrome-error://``) a moment
+    later; a navigation started in between is interrupted by that commit, so it is retried.
+    """
+    from playwright.sync_api import Error as PlaywrightError
+
+    for _ in range(50):
+        try:
+            page.goto("about:blank")
+        except PlaywrightError as exc:
+            if "interrupted by another navigation" not in str(exc):
+                raise
+            page.wait_for_timeout(100)
+            continue
+        if page.url == "about:blank":
+            return
+    raise AssertionError(f"the page did not settle on about:blank (at {page.url})")
+
+
 def chromium_goto(page: Any, url: str, marker: bytes, timeout: float = 20) -> Outcome:
     """Navigate a Playwright page to ``url`` and say what the user sees.
 
@@ -900,7 +921,7 @@ def chromium_goto(page: Any, url: str, marker: bytes, timeout: float = 20) -> Ou
         ):
             events.setdefault("response", response)
 
-    page.goto("about:blank")
+    reset_page(page)
     page.on("requestfailed", on_failed)
     page.on("response", on_response)
     try:

@@ -62,6 +62,7 @@ from harness import (
     python_alpn,
     python_override,
     python_request,
+    reset_page,
 )
 from pki import (
     DAY,
@@ -1391,6 +1392,7 @@ def _run_prime(matrix: Matrix, profile: str, client: str, prime: Prime, page: An
     url = _url(prime.scheme, prime.host, prime.origin.port, prime.path)
     sts: str | None
     if client == "chromium":
+        reset_page(page)
         response = page.goto(url, wait_until="domcontentloaded", timeout=20_000)
         if response is None or response.status != 200:
             return f"prime {url}: {response and response.status}"
