@@ -668,9 +668,13 @@ class Interceptor:
             conn.decision = "intercept"
             conn.reason = "overridden" if action.overridden else "verified"
             self.stats.intercepted += 1
+            # A user override already accepted this upstream's error on tlsmitm's page: the
+            # leaf names only the host and does not inherit the upstream's (e.g. expired)
+            # dates, or the browser would raise the same error a second time. The override
+            # itself is bounded (ErrorResponder's override_ttl) and re-checked per connection.
             leaf = self.forge.leaf_for(
                 name,
-                verdict.leaf,
+                None if action.overridden else verdict.leaf,
                 issuer=IssuerKind.TRUSTED,
                 upstream_verified=verdict.ok,
                 now=now,
