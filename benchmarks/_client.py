@@ -210,6 +210,7 @@ class _WorkerReport:
     errors: dict[str, int] = field(default_factory=dict)
     cpu_seconds: float = 0.0
     exhausted: bool = False
+    elapsed: float = 0.0  # seconds from the start to the last completion
 
 
 def _rate_worker(
@@ -226,7 +227,8 @@ def _rate_worker(
     lock = threading.Lock()
     cpu0 = sum(os.times()[:2])
     barrier.wait(timeout=120)
-    deadline = time.monotonic() + seconds
+    started = time.monotonic()
+    deadline = started + seconds
 
     def loop(index: int) -> None:
         mine = list(names[index::threads]) if fresh else list(names)
@@ -260,6 +262,7 @@ def _rate_worker(
                 with lock:
                     report.completed += 1
                     report.latencies.append(end - start)
+                    report.elapsed = max(report.elapsed, end - started)
 
     workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
     for worker in workers:
@@ -364,14 +367,17 @@ def connection_rate(
         for key, count in report.errors.items():
             errors[key] = errors.get(key, 0) + count
     cpu = sum(r.cpu_seconds for r in reports)
+    exhausted = any(r.exhausted for r in reports)
+    # Out of fresh names early: the rate is over the time actually spent.
+    elapsed = max((r.elapsed for r in reports), default=0.0) if exhausted else seconds
     return ConnectionRates(
-        per_second=completed / seconds,
+        per_second=completed / elapsed if elapsed > 0 else 0.0,
         completed=completed,
         p50_ms=percentile(latencies, 0.50) * 1000,
         p99_ms=percentile(latencies, 0.99) * 1000,
         errors=errors,
         client_cpu_ms_per_connection=cpu * 1000 / completed if completed else float("nan"),
-        names_exhausted=any(r.exhausted for r in reports),
+        names_exhausted=exhausted,
     )
 
 

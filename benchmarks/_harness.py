@@ -16,6 +16,7 @@ Each group of scenarios gets a freshly started peer. Figures land in :class:`Pee
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import math
@@ -23,6 +24,7 @@ import os
 import platform
 import shutil
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,17 +78,22 @@ class Plan:
     Attributes:
         mode: ``quick`` or ``full``.
         seconds: length of each connection-setup and latency measurement.
+        repeats: how often each connection-setup and latency measurement is repeated; the
+            peers take turns (so a change in the shared machine's load hits all of them) and
+            the median is reported.
         bulk_size: bytes of each bulk download and upload.
         held_counts: connections held open (each count a fresh peer).
         held_counts_slow: the same for the peers that open connections slowly (mitmproxy,
             Squid), to keep the run bounded.
         held_open_seconds: most time spent opening held connections.
         component_seconds: ``seconds`` passed to each component benchmark's ``run``.
-        fresh_names: names in each cold-minting pool (one pool per concurrency).
+        fresh_names: new names for one cold-minting measurement (each repetition and each
+            concurrency gets its own).
     """
 
     mode: str
     seconds: float
+    repeats: int
     bulk_size: int
     held_counts: tuple[int, ...]
     held_counts_slow: tuple[int, ...]
@@ -98,22 +105,24 @@ class Plan:
 QUICK = Plan(
     mode="quick",
     seconds=1.5,
+    repeats=1,
     bulk_size=256 * MiB,
     held_counts=(1000,),
     held_counts_slow=(1000,),
     held_open_seconds=15.0,
     component_seconds=0.5,
-    fresh_names=3000,
+    fresh_names=1000,
 )
 FULL = Plan(
     mode="full",
-    seconds=8.0,
+    seconds=2.5,
+    repeats=3,
     bulk_size=256 * MiB,
     held_counts=(1000, 10_000),
     held_counts_slow=(1000,),
     held_open_seconds=120.0,
     component_seconds=2.0,
-    fresh_names=8000,
+    fresh_names=1500,
 )
 
 
@@ -224,13 +233,17 @@ class _Measurer:
         self.origin = origin
         self.record = record
         self.fresh_pools = fresh_pools
+        self.samples: dict[str, list[float]] = {}
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _start(self) -> Running:
+    def _start(self, *, fresh_names: bool = False) -> Running:
+        env = self.env
+        if not fresh_names:  # each name is a --resolve flag tlsmitm parses at start-up
+            env = dataclasses.replace(env, names=WARM_NAMES)
         running = start_peer(
             self.record.label,
-            self.env,
+            env,
             origin_pids=self.origin.pids(),
             origin_version=self.origin.version(),
         )
@@ -254,7 +267,9 @@ class _Measurer:
 
     def _note_errors(self, scenario: str, errors: dict[str, int]) -> None:
         if errors:
-            self.record.errors[scenario] = dict(errors)
+            seen = self.record.errors.setdefault(scenario, {})
+            for error, count in errors.items():
+                seen[error] = seen.get(error, 0) + count
             _log(f"[{self.record.label}] {scenario}: client errors {errors}")
 
     def _warm(self, target: Target, names: Sequence[str]) -> None:
@@ -268,30 +283,40 @@ class _Measurer:
 
     # -- scenarios -------------------------------------------------------------------------------
 
-    def setup_and_latency(self) -> None:
-        running = self._start()
-        try:
-            cells = SETUP_CELLS if self.record.label in PROXIES else SETUP_CELLS[:2]
-            for naming, concurrency in cells:
-                self._guard(
-                    running,
-                    f"setup.{naming}.c{concurrency}",
-                    functools.partial(self._setup_cell, running, naming, concurrency),
-                )
-            self._guard(running, "latency", lambda: self._latency(running))
-        finally:
-            running.stop()
+    def start_for_setup(self) -> Running:
+        """Start the peer for the connection-setup and latency measurements."""
+        return self._start(fresh_names=True)
 
-    def _setup_cell(self, running: Running, naming: str, concurrency: int) -> None:
+    def setup_cells(self) -> tuple[tuple[str, int], ...]:
+        """The connection-setup cells that apply to this peer (names matter to proxies only)."""
+        return SETUP_CELLS if self.record.label in PROXIES else SETUP_CELLS[:2]
+
+    def _sample(self, key: str, value: float) -> None:
+        self.samples.setdefault(key, []).append(value)
+
+    def finish_samples(self) -> None:
+        """Median of each repeated figure into ``metrics`` (plus the range of the rates)."""
+        for key, values in self.samples.items():
+            finite = sorted(v for v in values if not math.isnan(v))
+            self.record.metrics[key] = statistics.median(finite) if finite else math.nan
+            if key.endswith(".per_s") and len(finite) > 1:
+                self.record.metrics[f"{key}_min"] = finite[0]
+                self.record.metrics[f"{key}_max"] = finite[-1]
+
+    def setup_cell(self, running: Running, naming: str, concurrency: int, repeat: int) -> None:
+        """One repetition of one connection-setup cell."""
         target = running.target
         if naming == "one":
             names: Sequence[str] = (BENCH_DOMAIN,)
-            self._warm(target, names)
+            if repeat == 0:
+                self._warm(target, names)
         elif naming == "fifty":
             names = WARM_NAMES
-            self._warm(target, names)
+            if repeat == 0:
+                self._warm(target, names)
         else:
-            names = self.fresh_pools[concurrency]
+            size = self.plan.fresh_names
+            names = self.fresh_pools[concurrency][repeat * size : (repeat + 1) * size]
         counters: list[float] = []
         rates = _client.connection_rate(
             target,
@@ -303,29 +328,33 @@ class _Measurer:
         )
         used = cpu_seconds(running.pids()) - counters[0]
         key = f"setup.{naming}.c{concurrency}"
-        metrics = self.record.metrics
-        metrics[f"{key}.per_s"] = rates.per_second
-        metrics[f"{key}.p50_ms"] = rates.p50_ms
-        metrics[f"{key}.p99_ms"] = rates.p99_ms
-        metrics[f"{key}.cpu_ms"] = used * 1000 / rates.completed if rates.completed else math.nan
-        metrics[f"{key}.client_cpu_ms"] = rates.client_cpu_ms_per_connection
+        cpu_ms = used * 1000 / rates.completed if rates.completed else math.nan
+        self._sample(f"{key}.per_s", rates.per_second)
+        self._sample(f"{key}.p50_ms", rates.p50_ms)
+        self._sample(f"{key}.p99_ms", rates.p99_ms)
+        self._sample(f"{key}.cpu_ms", cpu_ms)
+        self._sample(f"{key}.client_cpu_ms", rates.client_cpu_ms_per_connection)
         self._note_errors(key, rates.errors)
         if rates.names_exhausted:
-            self.record.notes.append(f"{key}: ran out of fresh names before the time was up")
+            note = f"{key}: ran out of fresh names early; the rate is over the time they lasted"
+            if note not in self.record.notes:
+                self.record.notes.append(note)
         _log(
-            f"[{self.record.label}] {key}: {rates.per_second:.0f}/s, p50 {rates.p50_ms:.1f} ms, "
-            f"p99 {rates.p99_ms:.1f} ms, {metrics[f'{key}.cpu_ms']:.2f} CPU ms/connection"
+            f"[{self.record.label}] {key} #{repeat + 1}: {rates.per_second:.0f}/s, "
+            f"p50 {rates.p50_ms:.1f} ms, p99 {rates.p99_ms:.1f} ms, "
+            f"{cpu_ms:.2f} CPU ms/connection"
         )
 
-    def _latency(self, running: Running) -> None:
+    def latency(self, running: Running, repeat: int) -> None:
+        """One repetition of the warm keep-alive latency measurement."""
         result = _client.keepalive_latency(
             running.target, name=BENCH_DOMAIN, seconds=self.plan.seconds
         )
-        self.record.metrics["latency.p50_ms"] = result.p50_ms
-        self.record.metrics["latency.p99_ms"] = result.p99_ms
+        self._sample("latency.p50_ms", result.p50_ms)
+        self._sample("latency.p99_ms", result.p99_ms)
         self._note_errors("latency", result.errors)
         _log(
-            f"[{self.record.label}] keep-alive latency: p50 {result.p50_ms:.3f} ms, "
+            f"[{self.record.label}] keep-alive latency #{repeat + 1}: p50 {result.p50_ms:.3f} ms, "
             f"p99 {result.p99_ms:.3f} ms ({result.requests} requests)"
         )
 
@@ -333,17 +362,30 @@ class _Measurer:
         running = self._start()
         try:
             self._warm(running.target, (BENCH_DOMAIN,))
-            for direction in ("download", "upload"):
-                self._guard(
-                    running,
-                    f"bulk.{direction}",
-                    functools.partial(self._transfer, running, direction),
-                )
-                self.origin.clear_uploads()
+            for repeat in range(self.plan.repeats):
+                for direction in ("download", "upload"):
+                    self._guard(
+                        running,
+                        f"bulk.{direction}",
+                        functools.partial(self._transfer, running, direction, repeat),
+                    )
+                    self.origin.clear_uploads()
         finally:
             running.stop()
+        for direction in ("download", "upload"):
+            key = f"bulk.{direction}"
+            rates = sorted(self.samples.pop(f"{key}.mb_s", []))
+            if rates:
+                self.record.metrics[f"{key}.mb_s"] = statistics.median(rates)
+                if len(rates) > 1:
+                    self.record.metrics[f"{key}.mb_s_min"] = rates[0]
+                    self.record.metrics[f"{key}.mb_s_max"] = rates[-1]
+            for figure in ("peak_rss_mib", "rss_growth_mib"):  # the worst repetition counts
+                values = self.samples.pop(f"{key}.{figure}", [])
+                if values:
+                    self.record.metrics[f"{key}.{figure}"] = max(values)
 
-    def _transfer(self, running: Running, direction: str) -> None:
+    def _transfer(self, running: Running, direction: str, repeat: int) -> None:
         size = self.plan.bulk_size
         with RssSampler(running.pids()) as sampler:
             result = _client.transfer(
@@ -356,11 +398,11 @@ class _Measurer:
         if result.error is not None:
             raise _client.ProtocolFailure(result.error)
         key = f"bulk.{direction}"
-        self.record.metrics[f"{key}.mb_s"] = result.megabytes_per_second
-        self.record.metrics[f"{key}.peak_rss_mib"] = sampler.peak / MiB
-        self.record.metrics[f"{key}.rss_growth_mib"] = (sampler.peak - sampler.baseline) / MiB
+        self._sample(f"{key}.mb_s", result.megabytes_per_second)
+        self._sample(f"{key}.peak_rss_mib", sampler.peak / MiB)
+        self._sample(f"{key}.rss_growth_mib", (sampler.peak - sampler.baseline) / MiB)
         _log(
-            f"[{self.record.label}] {direction} {size // MiB} MiB: "
+            f"[{self.record.label}] {direction} {size // MiB} MiB #{repeat + 1}: "
             f"{result.megabytes_per_second:.0f} MB/s, peak RSS {sampler.peak / MiB:.0f} MiB "
             f"(+{(sampler.peak - sampler.baseline) / MiB:.1f} MiB)"
         )
@@ -416,10 +458,62 @@ class _Measurer:
 
 
 def _fresh_pools(plan: Plan) -> dict[int, tuple[str, ...]]:
+    size = plan.fresh_names * plan.repeats
     return {
-        concurrency: tuple(f"c{concurrency}-{i}.{BENCH_DOMAIN}" for i in range(plan.fresh_names))
+        concurrency: tuple(f"c{concurrency}-{i}.{BENCH_DOMAIN}" for i in range(size))
         for concurrency in (1, 16)
     }
+
+
+def _setup_turn(naming: str, concurrency: int) -> Callable[[_Measurer, Running, int], None]:
+    def turn(measurer: _Measurer, running: Running, repeat: int) -> None:
+        measurer.setup_cell(running, naming, concurrency, repeat)
+
+    return turn
+
+
+def _setup_in_turns(plan: Plan, measurers: Sequence[_Measurer]) -> None:
+    """Connection setup and latency, all peers running, taking turns cell by cell."""
+    running: dict[str, Running] = {}
+    try:
+        for measurer in measurers:
+            label = measurer.record.label
+            _log(f"[{label}] starting for connection setup")
+            try:
+                running[label] = measurer.start_for_setup()
+            except Unavailable as exc:
+                measurer.record.status = "missing"
+                measurer.record.failures["start"] = str(exc)
+                _log(f"[{label}] missing: {exc}")
+        turns: list[tuple[str, Callable[[_Measurer, Running, int], None]]] = [
+            (f"setup.{naming}.c{concurrency}", _setup_turn(naming, concurrency))
+            for naming, concurrency in SETUP_CELLS
+        ]
+        turns.append(("latency", lambda m, r, i: m.latency(r, i)))
+        for scenario, measure in turns:
+            for repeat in range(plan.repeats):
+                for measurer in measurers:
+                    label = measurer.record.label
+                    peer = running.get(label)
+                    if peer is None:
+                        continue
+                    if scenario.startswith("setup.") and not any(
+                        scenario == f"setup.{n}.c{c}" for n, c in measurer.setup_cells()
+                    ):
+                        continue
+                    try:
+                        measurer._guard(
+                            peer, scenario, functools.partial(measure, measurer, peer, repeat)
+                        )
+                    except Unavailable as exc:
+                        _log(f"[{label}] {exc}")
+                        del running[label]
+                        peer.stop()
+    finally:
+        for peer in running.values():
+            peer.stop()
+        for measurer in measurers:
+            measurer.finish_samples()
 
 
 def run_benchmarks(
@@ -459,13 +553,16 @@ def run_benchmarks(
                 record.failures["origin"] = f"the nginx origin is unavailable: {exc}"
         if origin is not None:
             env = PeerEnv(work=work, pki=pki, origin_port=origin.port, names=names)
-            for label in peers:
-                record = records[label]
-                measurer = _Measurer(plan, env, origin, record, pools)
+            measurers = [_Measurer(plan, env, origin, records[label], pools) for label in peers]
+            if "setup" in scenarios:
+                _setup_in_turns(plan, measurers)
+            for measurer in measurers:
+                record = measurer.record
+                label = record.label
+                if record.status == "missing":
+                    continue
                 counts = plan.held_counts_slow if label in SLOW_TO_OPEN else plan.held_counts
                 groups: list[tuple[str, Callable[[], None]]] = []
-                if "setup" in scenarios:
-                    groups.append(("setup", measurer.setup_and_latency))
                 if "bulk" in scenarios:
                     groups.append(("bulk", measurer.bulk))
                 if "held" in scenarios:

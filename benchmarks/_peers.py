@@ -51,6 +51,8 @@ MITMPROXY_PYTHONS = (
     "python3.12",
 )
 MITMPROXY_SPEC = "mitmproxy"
+# Interpreter options put in front of ``-m tlsmitm`` (``benchmarks._profile`` adds cProfile).
+_PYTHON_PREFIX: list[str] = []
 
 _MITM_ADDON = '''\
 """Benchmark addon: connect *.bench.test to 127.0.0.1 (mitmproxy has no --resolve)."""
@@ -231,6 +233,7 @@ def _start_tlsmitm(env: PeerEnv) -> Running:
     process = _popen(
         [
             sys.executable,
+            *_PYTHON_PREFIX,
             "-m",
             "tlsmitm",
             "serve",
@@ -261,7 +264,7 @@ def _start_tlsmitm(env: PeerEnv) -> Running:
             address=("127.0.0.1", port),
             via_proxy=True,
             port=env.origin_port,
-            cafile=str(state / "tlsmitm-root.pem"),
+            cafile=str(state / "ca" / "root.pem"),
         ),
         process=process,
         version=_tlsmitm_version(),

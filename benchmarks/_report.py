@@ -261,6 +261,9 @@ def text_report(result: RunResult) -> str:
         f"tlsmitm benchmarks ({result.plan.mode} mode), {meta.get('date')}, "
         f"took {meta.get('duration_s')} s",
         f"machine: {_describe_machine(meta)}",
+        f"connection setup and latency: median of {result.plan.repeats} run(s) of "
+        f"{result.plan.seconds:g} s each, the peers taking turns; bulk: median of "
+        f"{result.plan.repeats} transfer(s) each way",
         f"tlsmitm {meta.get('tlsmitm_commit')} on Python {meta.get('python')}, "
         f"{meta.get('tlsmitm_openssl')}; client {meta.get('client_openssl')}",
         "",
@@ -374,6 +377,9 @@ def write_chart(result: RunResult, path: Path) -> bool:
         ax.set_xticks(range(len(groups)), [label for label, _ in groups], fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(unit)
+        if not shown:
+            ax.text(0.5, 0.5, "not measured in this run", ha="center", transform=ax.transAxes)
+            return
         if log:
             ax.set_yscale("log")
         ax.legend(fontsize=7)
@@ -439,7 +445,9 @@ def rst_include(result: RunResult, chart: str | None) -> str:
         f"Machine: {_describe_machine(meta)}.",
         f"Python {meta.get('python')}; tlsmitm's TLS engine: {meta.get('tlsmitm_openssl')}; "
         f"the load generator: Python's ``ssl`` with {meta.get('client_openssl')}; "
-        f"origin: {meta.get('origin', '?')}.",
+        f"origin: {meta.get('origin', '?')}. Connection-setup and latency figures are the "
+        f"median of {result.plan.repeats} run(s) of {result.plan.seconds:g} s each, the peers "
+        f"taking turns; bulk rates the median of {result.plan.repeats} transfer(s) each way.",
         "",
     ]
     if chart:

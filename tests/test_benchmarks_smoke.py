@@ -1,0 +1,109 @@
+"""The benchmark harness still runs: one tiny real measurement, then every report format.
+
+No timing assertions (the machine is shared): only that real numbers come out and that the table,
+JSON and docs include are produced from them. The full suite is ``python -m benchmarks``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO))
+
+
+def test_one_connection_setup_measurement_produces_numbers(bench: None, tmp_path: Path) -> None:
+    from benchmarks import _client, _harness, _report
+    from benchmarks._peers import PeerEnv, start_peer
+    from benchmarks._pki import BENCH_DOMAIN, make_pki
+    from benchmarks._proc import cpu_seconds
+
+    pki = make_pki(tmp_path, now=dt.datetime.now(dt.UTC))
+    env = PeerEnv(work=tmp_path, pki=pki, origin_port=0, names=())
+    terminator = start_peer("terminator", env, origin_pids=[], origin_version="")
+    try:
+        before: list[float] = []
+        rates = _client.connection_rate(
+            terminator.target,
+            names=(BENCH_DOMAIN,),
+            fresh=False,
+            concurrency=2,
+            seconds=1.0,
+            on_start=lambda: before.append(cpu_seconds(terminator.pids())),
+        )
+        used = cpu_seconds(terminator.pids()) - before[0]
+        latency = _client.keepalive_latency(terminator.target, name=BENCH_DOMAIN, seconds=0.3)
+    finally:
+        terminator.stop()
+    assert terminator.process is not None
+    assert terminator.process.returncode is not None
+    assert rates.errors == {}
+    assert rates.completed > 0
+    assert rates.per_second > 0
+    assert 0 < rates.p50_ms <= rates.p99_ms
+    assert used >= 0
+    assert latency.errors == {}
+    assert latency.requests > 0
+    assert 0 < latency.p50_ms <= latency.p99_ms
+
+    # The measured figures go through every output the harness writes.
+    record = _harness.PeerRecord(label="terminator", version=terminator.version)
+    record.metrics.update(
+        {
+            "setup.one.c1.per_s": rates.per_second,
+            "setup.one.c1.p50_ms": rates.p50_ms,
+            "setup.one.c1.p99_ms": rates.p99_ms,
+            "latency.p50_ms": latency.p50_ms,
+        }
+    )
+    missing = _harness.PeerRecord(label="mitmproxy", status="missing")
+    missing.failures["start"] = "could not be installed: no *Python* >= 3.12 `here`"
+    result = _harness.RunResult(
+        plan=_harness.QUICK,
+        meta={**_harness.machine_info(), "date": "2026-01-01T00:00:00+00:00", "duration_s": 1},
+        peers={"terminator": record, "mitmproxy": missing},
+        components={},
+    )
+    text = _report.text_report(result)
+    assert "setup, 1 name, 1 in flight" in text
+    assert f"{rates.per_second:,.0f}" in text
+    assert "mitmproxy   missing" in text
+    data = json.loads(json.dumps(_report.to_json(result)))
+    assert data["peers"]["terminator"]["metrics"]["setup.one.c1.per_s"] == rates.per_second
+    assert data["peers"]["mitmproxy"]["status"] == "missing"
+    assert all(goal["met"] is None for goal in data["goals"])  # no tlsmitm figures here
+    rst = _report.rst_include(result, None)
+    assert "list-table" in rst
+    assert r"\*Python\*" in rst  # markup in failure text is escaped for Sphinx -W
+    chart = tmp_path / "chart.png"
+    if _report.write_chart(result, chart):
+        assert chart.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_missing_component_benchmark_is_reported_not_raised(bench: None) -> None:
+    from benchmarks._components import run_component
+
+    result = run_component("bench_that_does_not_exist", 0.1, timeout=60)
+    assert result.status == "missing"
+    assert "does not exist" in result.detail
+    assert result.figures == {}
+
+
+def test_percentile_is_nearest_rank(bench: None) -> None:
+    from benchmarks._client import percentile
+
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile(values, 1.0) == 100.0
+    assert percentile([7.0], 0.99) == 7.0
+    assert math.isnan(percentile([], 0.5))
