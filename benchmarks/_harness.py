@@ -120,7 +120,7 @@ FULL = Plan(
     bulk_size=256 * MiB,
     held_counts=(1000, 10_000),
     held_counts_slow=(1000,),
-    held_open_seconds=120.0,
+    held_open_seconds=90.0,
     component_seconds=2.0,
     fresh_names=1500,
 )

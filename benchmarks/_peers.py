@@ -50,7 +50,7 @@ MITMPROXY_PYTHONS = (
     "python3.13",
     "python3.12",
 )
-MITMPROXY_SPEC = "mitmproxy"
+MITMPROXY_SPEC = "mitmproxy==12.2.3"  # the version of the reference figures in issue 9
 # Interpreter options put in front of ``-m tlsmitm`` (``benchmarks._profile`` adds cProfile).
 _PYTHON_PREFIX: list[str] = []
 
