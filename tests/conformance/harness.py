@@ -38,7 +38,7 @@ import threading
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1018,12 +1018,6 @@ def capture_chromium_client_hello(timeout: float = 20) -> bytes:
     if not captured or not captured[0]:
         raise RuntimeError("Chromium sent no ClientHello")
     return captured[0]
-
-
-@contextlib.contextmanager
-def timed() -> Iterator[Callable[[], float]]:
-    start = time.monotonic()
-    yield lambda: time.monotonic() - start
 
 
 if __name__ == "__main__":
