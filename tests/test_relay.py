@@ -828,3 +828,38 @@ async def test_an_origin_that_stalls_mid_body_is_dropped_after_the_idle_timeout(
     await trio.sleep(0.05)
     assert setup.records[-1].reason == "timeout"
     assert setup.interceptor.stats.active == 0
+
+
+async def test_a_session_from_a_trusted_leaf_never_resumes_into_an_upstream_error(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    """The seed exploit at the TLS layer: first a valid connection, then a bad certificate.
+
+    The client offers the session it got with a trusted leaf; tlsmitm must not let it resume
+    into a connection whose upstream failed (that would skip the browser's own warning).
+    Trusted and error leaves are served from different contexts with different ticket keys.
+    """
+    good = await start_origin(nursery, tmp_path, hierarchy)
+    bad = await start_origin(nursery, tmp_path, hierarchy, _expired_leaf(hierarchy))
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+    context = setup.client_context()
+
+    def connect(port: int, session: ssl.SSLSession | None) -> ssl.SSLSocket:
+        raw = socket.create_connection(("127.0.0.1", setup.proxy_port), timeout=10)
+        raw.sendall(connect_line(HOST, port))
+        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+        return context.wrap_socket(raw, server_hostname=HOST, session=session)
+
+    def first() -> ssl.SSLSession:
+        tls = connect(good.port, None)
+        tls.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        tls.recv(65536)  # (TLS 1.3 tickets arrive after the handshake)
+        session = tls.session
+        tls.close()
+        assert session is not None
+        return session
+
+    session = await trio.to_thread.run_sync(first)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await trio.to_thread.run_sync(connect, bad.port, session)
+    assert bad.stats.requests == []
