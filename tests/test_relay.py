@@ -863,3 +863,150 @@ async def test_a_session_from_a_trusted_leaf_never_resumes_into_an_upstream_erro
     with pytest.raises(ssl.SSLCertVerificationError):
         await trio.to_thread.run_sync(connect, bad.port, session)
     assert bad.stats.requests == []
+
+
+class Rewriter(Hooks):
+    body_limit = 1 << 16
+
+    async def on_request(self, flow: FlowInfo, request: Request) -> Request | Block | None:
+        return Request(
+            method=request.method,
+            target=request.target,
+            headers=(*request.headers, (b"x-filtered-by", b"tlsmitm-test")),
+            http_version=request.http_version,
+        )
+
+    async def on_response(
+        self, flow: FlowInfo, request: Request, response: Response
+    ) -> Response | Block | None:
+        if request.target == b"/":
+            return Response(
+                status=200, reason=b"OK", headers=response.headers, body=b"rewritten by the product"
+            )
+        return None
+
+
+async def test_hooks_can_modify_requests_and_responses(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    setup = await start_proxy(nursery, tmp_path, hierarchy, hooks=Rewriter())
+    results = await trio.to_thread.run_sync(
+        lambda: https_via_proxy(setup, origin.port, [("GET", "/headers", None)])
+    )
+    assert b"x-filtered-by: tlsmitm-test" in results[0][2]
+    results = await trio.to_thread.run_sync(
+        lambda: https_via_proxy(setup, origin.port, [("GET", "/", None)])
+    )
+    status, headers, body = results[0]
+    assert status == 200
+    assert body == b"rewritten by the product"
+    assert headers["content-length"] == str(len(body))
+
+
+async def test_the_eicar_example_blocks_through_the_error_origin(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "eicar_filter", Path(__file__).parent.parent / "examples" / "eicar_filter.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    scanner = example.EicarScanner()
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    setup = await start_proxy(nursery, tmp_path, hierarchy, hooks=scanner)
+    clean = await trio.to_thread.run_sync(
+        lambda: https_via_proxy(setup, origin.port, [("GET", "/", None)])
+    )
+    assert clean[0][2] == b"hello from origin"
+    blocked = await trio.to_thread.run_sync(
+        lambda: https_via_proxy(setup, origin.port, [("GET", "/eicar", None)])
+    )
+    status, headers, body = blocked[0]
+    assert status == 303
+    assert EICAR not in body
+    page_path = headers["location"][len("https://error.invalid") :]
+    page = await trio.to_thread.run_sync(
+        lambda: https_via_proxy(setup, 443, [("GET", page_path, None)], host="error.invalid")
+    )
+    assert page[0][0] == 403
+    assert b"A virus was blocked" in page[0][2]
+    assert EICAR not in page[0][2]
+    assert scanner.blocked == 1
+
+
+async def test_expect_100_continue_through_curl(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    curl = require_tool("curl")
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(os.urandom(3 * 1024 * 1024))
+    result = await trio.run_process(
+        [
+            curl,
+            "-sS",
+            "--max-time",
+            "20",
+            "--proxy",
+            f"http://127.0.0.1:{setup.proxy_port}",
+            "--cacert",
+            str(setup.root_pem),
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            f"@{payload}",
+            f"https://{HOST}:{origin.port}/echo",
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == payload.read_bytes()
+
+
+async def test_the_connection_cap_queues_instead_of_growing(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    setup = await start_proxy(
+        nursery,
+        tmp_path,
+        hierarchy,
+        config=InterceptorConfig(resolve={HOST: "127.0.0.1"}, max_connections=1, head_timeout=30),
+    )
+    holder = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)  # says nothing
+    await trio.sleep(0.1)
+    assert setup.interceptor.stats.active == 1
+    waiting = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
+    await waiting.send_all(b"GET /relative HTTP/1.1\r\nHost: x\r\n\r\n")
+    with trio.move_on_after(0.5) as early:
+        await waiting.receive_some(1024)
+    assert early.cancelled_caught  # not served while the one slot is taken
+    assert setup.interceptor.stats.active == 1
+    await holder.aclose()
+    with trio.fail_after(5):
+        answer = await waiting.receive_some(1024)
+    assert answer.startswith(b"HTTP/1.1 400")
+    await waiting.aclose()
+
+
+def test_original_destination_refuses_a_socket_that_was_not_redirected() -> None:
+    from tlsmitm import original_destination
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    try:
+        with pytest.raises(OSError):
+            original_destination(accepted)
+    finally:
+        for s in (client, accepted, server):
+            s.close()
