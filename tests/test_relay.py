@@ -1010,3 +1010,27 @@ def test_original_destination_refuses_a_socket_that_was_not_redirected() -> None
     finally:
         for s in (client, accepted, server):
             s.close()
+
+
+def test_transparent_mode_behind_an_iptables_redirect() -> None:
+    """A real transparent deployment in a network namespace the test makes itself."""
+    import json
+    import subprocess
+    import sys
+
+    unshare = require_tool("unshare")
+    require_tool("iptables")
+    script = Path(__file__).parent / "transparent_netns.py"
+    result = subprocess.run(
+        [unshare, "--net", sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["body"] == "hello from origin"
+    assert seen["destinations"] == [["127.0.0.3", 443]]  # read with SO_ORIGINAL_DST
+    assert "tlsmitm" in json.dumps(seen["issuer"]).lower()  # intercepted: tlsmitm's leaf
+    assert seen["origin_requests"] == 1
