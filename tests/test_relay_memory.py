@@ -149,3 +149,21 @@ async def test_idle_connections_are_closed_in_virtual_time(
     assert idle - 1 <= trio.current_time() - started <= idle + 1
     assert interceptor.stats.active == 0
     assert records[-1].decision == "intercept"
+
+
+async def test_transparent_mode_serves_the_error_origin_itself(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    interceptor, client_context, _, dialed, _ = _build(tmp_path, nursery)
+    client_end, proxy_end = trio.testing.memory_stream_pair()
+    nursery.start_soon(
+        lambda: interceptor.handle(
+            proxy_end, client=("192.0.2.8", 4444), destination=("203.0.113.9", 443)
+        )
+    )
+    tls = trio.SSLStream(client_end, client_context, server_hostname="error.invalid")
+    await tls.do_handshake()
+    await tls.send_all(b"GET /nonexistent HTTP/1.1\r\nHost: error.invalid\r\n\r\n")
+    response = await _read_response(tls)
+    assert response.startswith(b"HTTP/1.1 404")
+    assert dialed == []  # never dialled out for the error origin

@@ -519,9 +519,20 @@ class Interceptor:
     ) -> None:
         address, port = destination
         conn.host, conn.port = normalize_host(address), port
+        # The client speaks first: peek before dialling, so that a connection for the error
+        # origin (the embedder routes error.invalid to this listener) is answered here.
+        initial = b""
+        try:
+            initial, hello = await self._peek_hello(stream, b"")
+        except _NotTLS as not_tls:
+            initial = not_tls.args[0]
+        else:
+            if hello.server_name and self.responder.is_error_origin(hello.server_name, port):
+                await self._serve_error_origin(stream, initial, conn)
+                return
         upstream_tcp = await self._connect(conn.host, port)
         try:
-            await self._after_connect(stream, b"", upstream_tcp, conn.host, port, client, conn)
+            await self._after_connect(stream, initial, upstream_tcp, conn.host, port, client, conn)
         finally:
             await trio.aclose_forcefully(upstream_tcp)
 
