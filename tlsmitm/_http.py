@@ -51,7 +51,7 @@ log = logging.getLogger("tlsmitm.http")
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
-_RECEIVE_SIZE = 64 * 1024
+_RECEIVE_SIZE = 128 * 1024
 _MAX_INCOMPLETE_EVENT = 64 * 1024  # bound on a request/response head
 
 
@@ -201,6 +201,8 @@ class HttpRelay:
     def __post_init__(self) -> None:
         self._down = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_INCOMPLETE_EVENT)
         self._up = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_INCOMPLETE_EVENT)
+        self._idle_scope = trio.CancelScope()
+        self._awaiting_request = True
         if self.initial_client_data:  # (receive_data(b"") would mean EOF to h11)
             self._down.receive_data(self.initial_client_data)
             self.counters.bytes_up += len(self.initial_client_data)
@@ -216,9 +218,8 @@ class HttpRelay:
                 raise error(f"malformed HTTP from {side}: {exc}", reason="bad_http") from exc
             if event is not h11.NEED_DATA:
                 return event
-            # A peer that stops sending (mid-head or mid-body) is dropped after idle_timeout.
-            with trio.fail_after(self.idle_timeout):
-                data = bytes(await stream.receive_some(_RECEIVE_SIZE))
+            data = bytes(await stream.receive_some(_RECEIVE_SIZE))
+            self._touch()
             if side == "client":
                 self.counters.bytes_up += len(data)
             else:
@@ -228,19 +229,35 @@ class HttpRelay:
     async def _send(self, conn: h11.Connection, stream: trio.abc.Stream, event: Any) -> None:
         data = conn.send(event)
         if data:
-            # ...and so is a peer that stops reading (backpressure that never ends).
-            with trio.fail_after(self.idle_timeout):
-                await stream.send_all(data)
+            await stream.send_all(data)
+            self._touch()
+
+    def _touch(self) -> None:
+        # One cancel scope per relay whose deadline moves with every byte: a peer that stops
+        # sending, or stops reading (backpressure that never ends), is dropped after
+        # idle_timeout -- at the cost of an attribute store per I/O, not a scope per I/O.
+        self._idle_scope.deadline = trio.current_time() + self.idle_timeout
 
     # -- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> Switched | None:
-        """Relay requests until a side closes; returns :class:`Switched` after a 101."""
+        """Relay requests until a side closes; returns :class:`Switched` after a 101.
+
+        Raises:
+            trio.TooSlowError: a peer stalled in the middle of an exchange for ``idle_timeout``.
+        """
+        with trio.CancelScope() as self._idle_scope:
+            self._touch()
+            return await self._run()
+        if self._awaiting_request:
+            return None  # an idle keep-alive connection: a clean end
+        raise trio.TooSlowError(f"no progress for {self.idle_timeout} s")
+
+    async def _run(self) -> Switched | None:
         while True:
-            try:
-                event = await self._next_event(self._down, self.client, "client")
-            except trio.TooSlowError:
-                return None  # an idle keep-alive connection: a clean end
+            self._awaiting_request = True
+            event = await self._next_event(self._down, self.client, "client")
+            self._awaiting_request = False
             if isinstance(event, h11.ConnectionClosed):
                 return None
             if not isinstance(event, h11.Request):

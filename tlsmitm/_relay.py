@@ -83,7 +83,7 @@ log = logging.getLogger("tlsmitm.relay")
 Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
 _HEAD_LIMIT = 64 * 1024
-_RECEIVE = 64 * 1024
+_RECEIVE = 128 * 1024
 _HTTP_PORTS = frozenset({80, 443, 8000, 8080, 8443})
 # A fatal handshake_failure alert in a TLS 1.2 record (RFC 8446 §6): what a client that does not
 # speak HTTP gets when upstream verification failed (ActionKind.ALERT).
@@ -728,6 +728,7 @@ class Interceptor:
                 session=self._sessions.get((name, port)),
             ),
             server_side=False,
+            max_refill_bytes=_RECEIVE,
         )
         try:
             with trio.fail_after(self.config.handshake_timeout):
@@ -857,7 +858,13 @@ class Interceptor:
     ) -> TLSStream:
         context = self._server_context_for(leaf)
         connection = server_connection(context, leaf.ssl_certificate, leaf.ssl_key, alpn=alpn)
-        downstream = TLSStream(client_stream, connection, server_side=True, initial_data=peeked)
+        downstream = TLSStream(
+            client_stream,
+            connection,
+            server_side=True,
+            initial_data=peeked,
+            max_refill_bytes=_RECEIVE,
+        )
         try:
             with trio.fail_after(self.config.handshake_timeout):
                 await downstream.do_handshake()
