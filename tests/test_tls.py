@@ -1095,3 +1095,13 @@ async def test_forceful_close_keeps_the_session_resumable() -> None:
         await trio.aclose_forcefully(client)
         await trio.aclose_forcefully(server)
     assert reused == [False, True]
+
+
+def test_contexts_release_idle_record_buffers() -> None:
+    """Held keep-alive connections must not pin 4 x 16 KiB of record buffers each."""
+    from OpenSSL import SSL
+
+    from tlsmitm._tls import server_context, upstream_context
+
+    for context in (server_context(), upstream_context()):
+        assert context.set_mode(0) & SSL.MODE_RELEASE_BUFFERS  # set_mode returns the mode bits

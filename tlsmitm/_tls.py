@@ -309,6 +309,9 @@ def _harden(context: SSL.Context, tls12_ciphers: bytes) -> None:
     # RFC 9113 §9.2.1 forbids it under HTTP/2 anyway). OpenSSL 3 leaves OP_LEGACY_SERVER_CONNECT
     # off, so servers without RFC 5746 are refused.
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    # Idle connections give their 16 KiB record buffers back (two per direction per TLS
+    # session): what a proxy holding thousands of keep-alive connections needs.
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     context.set_cipher_list(tls12_ciphers + _SECLEVEL)
     context.set_tls13_ciphersuites(_TLS13_SUITES)
     context.set_info_callback(_on_info)
