@@ -167,3 +167,59 @@ async def test_transparent_mode_serves_the_error_origin_itself(
     response = await _read_response(tls)
     assert response.startswith(b"HTTP/1.1 404")
     assert dialed == []  # never dialled out for the error origin
+
+
+class _CountingVerifier:
+    def __init__(self, inner: UpstreamVerifier) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def verify(self, *args: object, **kwargs: object) -> object:
+        return self.inner.verify(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def verify_with_fetching(self, *args: object, **kwargs: object) -> object:
+        self.calls += 1
+        return await self.inner.verify_with_fetching(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def _one_request(interceptor: Interceptor, client_context: ssl.SSLContext) -> bytes:
+    client_end, proxy_end = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: interceptor.handle(proxy_end, client=("192.0.2.1", 1)))
+        await client_end.send_all(
+            f"CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n".encode()
+        )
+        await client_end.receive_some(1024)
+        tls = trio.SSLStream(client_end, client_context, server_hostname=HOST)
+        await tls.do_handshake()
+        await tls.send_all(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        response = await _read_response(tls)
+        await tls.aclose()
+    return response
+
+
+@pytest.mark.parametrize(("cache_seconds", "expected_calls"), [(300.0, 1), (0.0, 3)])
+async def test_successful_verdicts_are_reused_briefly(
+    nursery: trio.Nursery, tmp_path: Path, cache_seconds: float, expected_calls: int
+) -> None:
+    interceptor, client_context, _, _, records = _build(tmp_path, nursery)
+    interceptor.config = InterceptorConfig(verdict_cache_seconds=cache_seconds)
+    counting = _CountingVerifier(interceptor.verifier)
+    interceptor.verifier = counting  # type: ignore[assignment]
+    for _ in range(3):
+        assert (await _one_request(interceptor, client_context)).endswith(b"hello from origin")
+    assert counting.calls == expected_calls
+    assert [r.verdict for r in records[-3:]] == ["ok", "ok", "ok"]
+
+
+async def test_cached_verdicts_expire(nursery: trio.Nursery, tmp_path: Path) -> None:
+    interceptor, client_context, _, _, _ = _build(tmp_path, nursery)
+    interceptor.config = InterceptorConfig(verdict_cache_seconds=60.0)
+    counting = _CountingVerifier(interceptor.verifier)
+    interceptor.verifier = counting  # type: ignore[assignment]
+    start = dt.datetime.now(dt.UTC)
+    interceptor.clock = lambda: start
+    await _one_request(interceptor, client_context)
+    interceptor.clock = lambda: start + dt.timedelta(seconds=61)
+    await _one_request(interceptor, client_context)
+    assert counting.calls == 2

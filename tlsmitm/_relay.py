@@ -35,19 +35,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import socket
 import struct
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import h11
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from ._ca import CertificateAuthority
@@ -111,6 +113,9 @@ class InterceptorConfig:
         keylog_path: append TLS secrets in NSS key log format (debugging only; off by default).
         session_cache_size: upstream TLS sessions kept for resumption.
         fetch_timeout: seconds for one AIA/OCSP/CRL fetch.
+        verdict_cache_seconds: how long a successful verification of an exact chain is reused
+            for the same host (0 turns the cache off); never past a certificate's expiry.
+        verdict_cache_size: successful verdicts kept.
     """
 
     head_timeout: float = 30.0
@@ -123,6 +128,8 @@ class InterceptorConfig:
     keylog_path: Path | None = None
     session_cache_size: int = 1024
     fetch_timeout: float = 5.0
+    verdict_cache_seconds: float = 300.0
+    verdict_cache_size: int = 4096
 
     def __post_init__(self) -> None:
         for name in ("head_timeout", "connect_timeout", "handshake_timeout", "idle_timeout"):
@@ -254,6 +261,7 @@ class Interceptor:
         self._upstream_ctx = upstream_context(keylog=keylog)
         self._server_contexts: dict[tuple[x509.Certificate, ...], SSL.Context] = {}
         self._sessions: OrderedDict[tuple[str, int], SSL.Session] = OrderedDict()
+        self._verdicts: OrderedDict[tuple[str, bytes], tuple[Verdict, datetime]] = OrderedDict()
         self._draining = False
         self._accept_scope: trio.CancelScope | None = None
         self._all_done = trio.Event()
@@ -756,14 +764,43 @@ class Interceptor:
             ) from exc
         if upstream.client_certificate_requested():
             return UpstreamProbe(stream=upstream, verdict=None, client_certificate_requested=True)
-        verdict = await self.verifier.verify_with_fetching(
-            upstream.peer_certificate_chain(),
-            name,
-            now=self.clock(),
-            fetcher=self._fetch,
-            stapled_ocsp=upstream.stapled_ocsp(),
+        verdict = await self._verify(
+            upstream.peer_certificate_chain(), name, upstream.stapled_ocsp()
         )
         return UpstreamProbe(stream=upstream, verdict=verdict)
+
+    async def _verify(
+        self, chain: Sequence[x509.Certificate], name: str, stapled_ocsp: bytes | None
+    ) -> Verdict:
+        """Verify ``chain`` for ``name``, reusing a recent *successful* verdict for it.
+
+        Browsers cache verification results too. Only successes are cached, keyed by the host,
+        the exact chain presented and the stapled OCSP response, for at most
+        ``verdict_cache_seconds`` and never past the expiry of any certificate in the path.
+        """
+        now = self.clock()
+        key = (
+            name,
+            hashlib.sha256(
+                b"".join(c.public_bytes(Encoding.DER) for c in chain) + (stapled_ocsp or b"")
+            ).digest(),
+        )
+        cached = self._verdicts.get(key)
+        if cached is not None and cached[1] > now:
+            self._verdicts.move_to_end(key)
+            return cached[0]
+        verdict = await self.verifier.verify_with_fetching(
+            chain, name, now=now, fetcher=self._fetch, stapled_ocsp=stapled_ocsp
+        )
+        if verdict.ok and self.config.verdict_cache_seconds > 0:
+            expires = min(
+                [now + timedelta(seconds=self.config.verdict_cache_seconds)]
+                + [c.not_valid_after_utc for c in verdict.chain]
+            )
+            self._verdicts[key] = (verdict, expires)
+            while len(self._verdicts) > self.config.verdict_cache_size:
+                self._verdicts.popitem(last=False)
+        return verdict
 
     async def check_upstream(
         self, host: str, port: int = 443, *, alpn_offer: Sequence[bytes] = (b"http/1.1",)
