@@ -643,22 +643,29 @@ def test_load_of_nothing_says_how_to_create(state: Path) -> None:
     assert info.value.reason == "state_missing"
 
 
-def test_concurrent_load_or_create_makes_one_ca(state: Path) -> None:
+@pytest.mark.parametrize("attempt", range(5))
+def test_concurrent_load_or_create_makes_one_ca(tmp_path: Path, attempt: int) -> None:
+    # Several starters at once: the losers must wait for the winner's CA, never report the
+    # winner's half-written files as an "incomplete CA".
+    state = tmp_path / f"state-{attempt}"
     results: list[CertificateAuthority] = []
     errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
 
     def worker() -> None:
         try:
+            barrier.wait(10)
             results.append(CertificateAuthority.load_or_create(state, now=NOW))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
+    threads = [threading.Thread(target=worker) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(30)
     assert not errors
+    assert len(results) == 8
     assert len({r.export_root() for r in results}) == 1
 
 

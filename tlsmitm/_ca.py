@@ -922,7 +922,11 @@ class CertificateAuthority:
                     now=now,
                 )
             except ConfigurationError as exc:
-                if exc.reason != "state_exists":  # another process created it meanwhile
+                # Another process created it meanwhile ("state_exists"), or is creating it right
+                # now (its files appear before its metadata: "state_incomplete"). ``load`` waits
+                # on the shared lock for that writer, then reads the finished CA -- or reports
+                # a genuinely half-written one.
+                if exc.reason not in ("state_exists", "state_incomplete"):
                     raise
         return cls.load(state_dir, passphrase=passphrase)
 
