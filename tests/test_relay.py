@@ -155,6 +155,17 @@ def https_via_proxy(
     return out
 
 
+async def settle(setup: Setup, *, active: int = 0) -> None:
+    """Wait (bounded) until the proxy has exactly ``active`` connections open.
+
+    A connection's decision-log record is emitted in the same step that closes it, so once
+    the count dropped, the record is there: no fixed sleeps, no races on a loaded machine.
+    """
+    with trio.fail_after(10):
+        while setup.interceptor.stats.active != active:
+            await trio.sleep(0.01)
+
+
 def connect_line(host: str, port: int) -> bytes:
     """A well-formed CONNECT request head (RFC 9110 §9.3.6, with Host as RFC 9112 requires)."""
     return f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
@@ -197,7 +208,7 @@ async def test_intercepts_a_verified_site_with_a_forged_leaf(
     assert ("DNS", HOST) in peer["subjectAltName"]
     assert origin.stats.connections == 1  # keep-alive: three requests, one upstream connection
     assert setup.interceptor.stats.intercepted == 1
-    await trio.sleep(0.05)
+    await settle(setup)
     assert setup.records[-1].decision == "intercept"
     assert setup.records[-1].verdict == "ok"
     assert setup.records[-1].host == HOST
@@ -253,7 +264,7 @@ async def test_native_profile_makes_the_browser_show_its_own_warning(
     with pytest.raises(ssl.SSLCertVerificationError):
         await trio.to_thread.run_sync(client)
     assert origin.stats.requests == []  # nothing was ever asked of the bad upstream
-    await trio.sleep(0.05)
+    await settle(setup)
     assert setup.records[-1].verdict == CertError.EXPIRED.value
 
     # A client that accepts anything (the user "proceeded" in the browser) sees a leaf from
@@ -360,7 +371,7 @@ async def test_bypass_rule_splices_the_real_certificate(
         lambda: https_via_proxy(setup, origin.port, [("GET", "/", None)], context=origin_trust)
     )
     assert results[0][2] == b"hello from origin"
-    await trio.sleep(0.05)
+    await settle(setup)
     assert setup.records[-1].decision == "bypass"
     assert setup.interceptor.stats.bypassed == 1
 
@@ -513,7 +524,7 @@ async def test_bad_proxy_requests_get_400_and_unreachable_hosts_502(
         f"CONNECT 127.0.0.1:{dead_port} HTTP/1.1\r\nHost: 127.0.0.1:{dead_port}\r\n\r\n".encode(),
     )
     assert answer.startswith(b"HTTP/1.1 502")
-    await trio.sleep(0.05)
+    await settle(setup)
     assert setup.interceptor.stats.active == 0
 
 
@@ -595,7 +606,7 @@ async def test_truncated_hello_vanishing_client_and_stalled_server_are_bounded(
         assert await trio.to_thread.run_sync(truncated_hello) == b""
         assert await trio.to_thread.run_sync(stalled_server) == b"closed"
         assert await trio.to_thread.run_sync(silent_client) == b""
-    await trio.sleep(0.1)
+    await settle(setup)
     assert setup.interceptor.stats.active == 0
     reasons = {r.reason for r in setup.records}
     assert "truncated_hello" in reasons
@@ -609,7 +620,7 @@ async def test_a_thousand_connections_leave_no_descriptor_or_task_behind(
     setup = await start_proxy(nursery, tmp_path, hierarchy)
     # Warm up (first connection builds contexts), then count descriptors.
     await trio.to_thread.run_sync(lambda: https_via_proxy(setup, origin.port, [("GET", "/", None)]))
-    await trio.sleep(0.1)
+    await settle(setup)
     fds_before = len(os.listdir("/proc/self/fd"))
     tasks_before = trio.lowlevel.current_statistics().tasks_living
 
@@ -744,7 +755,7 @@ async def test_client_certificate_sites_are_spliced_from_the_first_connection_on
             )
         )
         assert results[0][2] == b"hello from origin"
-    await trio.sleep(0.05)
+    await settle(setup)
     first, second = setup.records[-2:]
     assert (first.decision, first.reason) == ("bypass", "client_certificate_requested")
     assert (second.decision, second.reason) == ("bypass", "learned_client_cert")
@@ -760,7 +771,7 @@ async def test_upstream_sessions_are_resumed_for_repeat_hosts(
             functools.partial(https_via_proxy, setup, origin.port, [("GET", "/", None)])
         )
         assert results[0][2] == b"hello from origin"
-        await trio.sleep(0.05)
+        await settle(setup)
     assert origin.stats.connections == 3
     assert origin.stats.resumed >= 1  # the repeat connections skipped the full handshake
     # ...and each was still verified (the chain comes from the session) and intercepted.
@@ -825,7 +836,7 @@ async def test_an_origin_that_stalls_mid_body_is_dropped_after_the_idle_timeout(
     with trio.fail_after(10):
         partial = await trio.to_thread.run_sync(client)
     assert partial == b"z" * 10  # what arrived was relayed; then the connection was closed
-    await trio.sleep(0.05)
+    await settle(setup)
     assert setup.records[-1].reason == "timeout"
     assert setup.interceptor.stats.active == 0
 
@@ -981,7 +992,7 @@ async def test_the_connection_cap_queues_instead_of_growing(
         config=InterceptorConfig(resolve={HOST: "127.0.0.1"}, max_connections=1, head_timeout=30),
     )
     holder = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)  # says nothing
-    await trio.sleep(0.1)
+    await settle(setup, active=1)
     assert setup.interceptor.stats.active == 1
     waiting = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
     await waiting.send_all(b"GET /relative HTTP/1.1\r\nHost: x\r\n\r\n")
