@@ -303,16 +303,33 @@ class HttpRelay:
         await self._send(self._down, self.client, h11.EndOfMessage())
 
     async def _exchange(self, request: Request) -> Switched | None:
-        await self._send(
-            self._up,
-            self.upstream,
-            h11.Request(
-                method=request.method,
-                target=request.target,
-                headers=list(request.headers),
-                http_version=request.http_version,
-            ),
+        head = (
+            self._up.send(
+                h11.Request(
+                    method=request.method,
+                    target=request.target,
+                    headers=list(request.headers),
+                    http_version=request.http_version,
+                )
+            )
+            or b""
         )
+        try:
+            first = self._down.next_event()  # no I/O: is the request already complete?
+        except h11.RemoteProtocolError as exc:
+            raise ClientError(f"malformed HTTP from client: {exc}", reason="bad_http") from exc
+        if isinstance(first, h11.EndOfMessage):
+            # Most requests have no body (GET, HEAD...): head and end go out in one write, and
+            # no second task is needed to pump a body.
+            await self.upstream.send_all(head + (self._up.send(first) or b""))
+            self._touch()
+            return await self._forward_response(request, trio.CancelScope())
+        await self.upstream.send_all(head)
+        self._touch()
+        if isinstance(first, h11.Data):
+            await self._send(self._up, self.upstream, first)
+        elif first is not h11.NEED_DATA:
+            raise ClientError("client closed during the request", reason="client_gone")
         result: list[Switched | None] = [None]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._forward_request_body)
