@@ -423,14 +423,7 @@ class HttpRelay:
         buffered: bytes,
     ) -> None:
         if isinstance(outcome, Block):
-            status, reason, headers, body = await self.answer_block(outcome, request.target)
-            await self._send(
-                self._down,
-                self.client,
-                h11.Response(status_code=status, reason=reason, headers=[*headers]),
-            )
-            await self._send(self._down, self.client, h11.Data(data=body))
-            await self._send(self._down, self.client, h11.EndOfMessage())
+            await self._answer_locally(outcome, request)
             raise _Blocked
         head = outcome if isinstance(outcome, Response) else response
         await self._send(
