@@ -67,7 +67,9 @@ SETUP_CELLS = (
     ("fresh", 1),
     ("fresh", 16),
 )
-PROXIES = frozenset({"tlsmitm", "mitmproxy", "squid"})
+PROXIES = frozenset({"tlsmitm", "tlsmitm-nopool", "mitmproxy", "squid"})
+# Peers measured for connection setup only (pooling changes nothing on one long connection).
+SETUP_ONLY = frozenset({"tlsmitm-nopool"})
 SLOW_TO_OPEN = frozenset({"mitmproxy", "squid"})
 
 
@@ -489,7 +491,7 @@ def _setup_in_turns(plan: Plan, measurers: Sequence[_Measurer]) -> None:
             (f"setup.{naming}.c{concurrency}", _setup_turn(naming, concurrency))
             for naming, concurrency in SETUP_CELLS
         ]
-        turns.append(("latency", lambda m, r, i: m.latency(r, i)))
+        turns.append(("latency", lambda m, r, i: m.latency(r, i)))  # (not SETUP_ONLY peers)
         for scenario, measure in turns:
             for repeat in range(plan.repeats):
                 for measurer in measurers:
@@ -500,6 +502,8 @@ def _setup_in_turns(plan: Plan, measurers: Sequence[_Measurer]) -> None:
                     if scenario.startswith("setup.") and not any(
                         scenario == f"setup.{n}.c{c}" for n, c in measurer.setup_cells()
                     ):
+                        continue
+                    if scenario == "latency" and label in SETUP_ONLY:
                         continue
                     try:
                         measurer._guard(
@@ -559,7 +563,7 @@ def run_benchmarks(
             for measurer in measurers:
                 record = measurer.record
                 label = record.label
-                if record.status == "missing":
+                if record.status == "missing" or label in SETUP_ONLY:
                     continue
                 counts = plan.held_counts_slow if label in SLOW_TO_OPEN else plan.held_counts
                 groups: list[tuple[str, Callable[[], None]]] = []

@@ -7,6 +7,9 @@ same place) and stopped after it. A peer that cannot be installed or started rai
 * **direct**: the client talks to the nginx origin itself: the ceiling.
 * **terminator**: :mod:`benchmarks._terminator`, one TLS hop on tlsmitm's engine.
 * **tlsmitm**: ``python -m tlsmitm serve`` exactly as a user starts it.
+* **tlsmitm-nopool**: the same with ``--upstream-pool-seconds 0``: every client connection gets
+  its own upstream connection (two handshakes per connection, as with the other proxies), to
+  show what the upstream pool is worth and what tlsmitm does without it.
 * **mitmproxy**: ``mitmdump`` from a virtualenv of its own (it needs Python >= 3.12), verifying
   upstream against the benchmark root and streaming large bodies, with a tiny addon that maps
   ``*.bench.test`` to 127.0.0.1 (mitmproxy has no ``--resolve``).
@@ -42,7 +45,7 @@ from ._system import Unavailable, ensure_debian_package, free_port, wait_for_por
 
 __all__ = ["PEERS", "PeerEnv", "Running", "start_peer"]
 
-PEERS = ("direct", "terminator", "tlsmitm", "mitmproxy", "squid")
+PEERS = ("direct", "terminator", "tlsmitm", "tlsmitm-nopool", "mitmproxy", "squid")
 REPO = Path(__file__).resolve().parent.parent
 PEERS_DIR = Path(__file__).resolve().parent / ".peers"
 MITMPROXY_PYTHONS = (
@@ -226,9 +229,9 @@ def _start_terminator(env: PeerEnv) -> Running:
 # -- tlsmitm ----------------------------------------------------------------------------------
 
 
-def _start_tlsmitm(env: PeerEnv) -> Running:
-    state = env.work / "tlsmitm-state"
-    log = _fresh_log(env, "tlsmitm")
+def _start_tlsmitm(env: PeerEnv, *, label: str = "tlsmitm", pool: bool = True) -> Running:
+    state = env.work / f"{label}-state"
+    log = _fresh_log(env, label)
     resolve = [arg for name in env.names for arg in ("--resolve", f"{name}=127.0.0.1")]
     process = _popen(
         [
@@ -248,6 +251,7 @@ def _start_tlsmitm(env: PeerEnv) -> Running:
             *resolve,
             "--max-connections",
             "30000",
+            *([] if pool else ["--upstream-pool-seconds", "0"]),
             "--log-level",
             "warning",
         ],
@@ -258,9 +262,9 @@ def _start_tlsmitm(env: PeerEnv) -> Running:
     address = text.split("tlsmitm is listening on http://")[1].split()[0]
     port = int(address.rpartition(":")[2])
     return Running(
-        label="tlsmitm",
+        label=label,
         target=Target(
-            label="tlsmitm",
+            label=label,
             address=("127.0.0.1", port),
             via_proxy=True,
             port=env.origin_port,
@@ -534,6 +538,8 @@ def start_peer(label: str, env: PeerEnv, *, origin_pids: list[int], origin_versi
         return _start_terminator(env)
     if label == "tlsmitm":
         return _start_tlsmitm(env)
+    if label == "tlsmitm-nopool":
+        return _start_tlsmitm(env, label=label, pool=False)
     if label == "mitmproxy":
         return _start_mitmproxy(env)
     if label == "squid":

@@ -21,13 +21,14 @@ from ._harness import SETUP_CELLS, RunResult
 
 __all__ = ["Goal", "evaluate_goals", "rst_include", "text_report", "to_json", "write_chart"]
 
-PEER_ORDER = ("direct", "terminator", "tlsmitm", "mitmproxy", "squid")
+PEER_ORDER = ("direct", "terminator", "tlsmitm", "tlsmitm-nopool", "mitmproxy", "squid")
 RATIO_PEERS = ("mitmproxy", "squid", "terminator", "direct")
 NAMING = {"one": "1 name", "fifty": "50 names", "fresh": "new name each"}
 COLORS = {
     "direct": "#7f7f7f",
     "terminator": "#bcbd22",
     "tlsmitm": "#1f77b4",
+    "tlsmitm-nopool": "#aec7e8",
     "mitmproxy": "#d62728",
     "squid": "#9467bd",
 }
@@ -104,8 +105,8 @@ class Goal:
     met: bool | None  # None: not measurable in this run
 
 
-def _ratio(result: RunResult, key: str, peer: str) -> float | None:
-    ours = result.peers.get("tlsmitm")
+def _ratio(result: RunResult, key: str, peer: str, ours_label: str = "tlsmitm") -> float | None:
+    ours = result.peers.get(ours_label)
     theirs = result.peers.get(peer)
     if ours is None or theirs is None:
         return None
@@ -130,6 +131,18 @@ def evaluate_goals(result: RunResult) -> list[Goal]:
                 met=None if ratio is None else ratio >= 4,
             )
         )
+    if "tlsmitm-nopool" in result.peers:
+        for naming, concurrency in SETUP_CELLS:
+            key = f"setup.{naming}.c{concurrency}.per_s"
+            ratio = _ratio(result, key, "mitmproxy", ours_label="tlsmitm-nopool")
+            goals.append(
+                Goal(
+                    goal=f"  without the upstream pool: setup ({NAMING[naming]}, "
+                    f"{concurrency} in flight) >= 4x mitmproxy",
+                    measured="-" if ratio is None else f"{ratio:.1f}x",
+                    met=None if ratio is None else ratio >= 4,
+                )
+            )
     for naming, concurrency in SETUP_CELLS[:2]:
         key = f"setup.{naming}.c{concurrency}.per_s"
         ratio = _ratio(result, key, "terminator")
@@ -271,7 +284,7 @@ def text_report(result: RunResult) -> str:
     for label in _peers(result):
         record = result.peers[label]
         status = record.status
-        line = f"  {label:<11} {status:<8} {record.version}"
+        line = f"  {label:<14} {status:<8} {record.version}"
         lines.append(line)
         for scenario, why in record.failures.items():
             lines.append(f"      {scenario}: {why[:300]}")

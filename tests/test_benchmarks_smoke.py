@@ -76,7 +76,7 @@ def test_one_connection_setup_measurement_produces_numbers(bench: None, tmp_path
     text = _report.text_report(result)
     assert "setup, 1 name, 1 in flight" in text
     assert f"{rates.per_second:,.0f}" in text
-    assert "mitmproxy   missing" in text
+    assert "mitmproxy      missing" in text
     data = json.loads(json.dumps(_report.to_json(result)))
     assert data["peers"]["terminator"]["metrics"]["setup.one.c1.per_s"] == rates.per_second
     assert data["peers"]["mitmproxy"]["status"] == "missing"

@@ -149,3 +149,21 @@ async def test_check_exit_codes(nursery: trio.Nursery, tmp_path: Path) -> None:
     assert "expired" in out
     code, out = await check(dead)
     assert code == 5, out
+
+
+def test_upstream_pool_seconds_reaches_the_interceptor(tmp_path: Path) -> None:
+    from tlsmitm._cli import build_parser
+    from tlsmitm._cli_serve import build_interceptor
+    from tlsmitm._relay import Interceptor
+
+    parser = build_parser()
+    state = ["--state-dir", str(tmp_path / "state")]
+    default = build_interceptor(parser.parse_args(["serve", *state]))
+    off = build_interceptor(parser.parse_args(["serve", *state, "--upstream-pool-seconds", "0"]))
+    assert isinstance(default, Interceptor)
+    assert isinstance(off, Interceptor)
+    assert default.config.upstream_pool_seconds == 4.0
+    assert off.config.upstream_pool_seconds == 0.0
+    for bad in ("-1", "inf", "soon"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", *state, "--upstream-pool-seconds", bad])

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h11
 import pytest
 import trio
 import trio.testing
@@ -765,7 +766,9 @@ async def test_upstream_sessions_are_resumed_for_repeat_hosts(
     nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
 ) -> None:
     origin = await start_origin(nursery, tmp_path, hierarchy)
-    setup = await start_proxy(nursery, tmp_path, hierarchy)
+    # Pooling off: each client connection gets a new upstream connection, which resumes.
+    config = InterceptorConfig(resolve={HOST: "127.0.0.1"}, upstream_pool_seconds=0)
+    setup = await start_proxy(nursery, tmp_path, hierarchy, config=config)
     for _ in range(3):
         results = await trio.to_thread.run_sync(
             functools.partial(https_via_proxy, setup, origin.port, [("GET", "/", None)])
@@ -1045,3 +1048,63 @@ def test_transparent_mode_behind_an_iptables_redirect() -> None:
     assert seen["destinations"] == [["127.0.0.3", 443]]  # read with SO_ORIGINAL_DST
     assert "tlsmitm" in json.dumps(seen["issuer"]).lower()  # intercepted: tlsmitm's leaf
     assert seen["origin_requests"] == 1
+
+
+async def test_a_client_reconnecting_gets_the_kept_upstream_connection(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+    for path in ("/", "/size/1000", "/chunked/5000"):
+        results = await trio.to_thread.run_sync(
+            functools.partial(https_via_proxy, setup, origin.port, [("GET", path, None)])
+        )
+        assert results[0][0] == 200
+        await settle(setup)
+    assert origin.stats.connections == 1  # three client connections, one upstream connection
+    assert [r for _, r in origin.stats.requests] == [b"/", b"/size/1000", b"/chunked/5000"]
+    assert setup.interceptor.stats.upstream_reused == 2
+    assert [(r.decision, r.verdict) for r in setup.records[-3:]] == [("intercept", "ok")] * 3
+
+
+async def test_an_upstream_that_closed_while_idle_is_not_reused(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    # An origin that answers one request with keep-alive and then closes the connection while
+    # it is idle in the pool (as a server whose keep-alive timeout is short does).
+    context = server_ssl_context(hierarchy.leaf, tmp_path)
+    connections = 0
+
+    async def handler(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        tls = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
+        try:
+            conn = h11.Connection(h11.SERVER)
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await tls.receive_some(65536))
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+            for answer in (
+                h11.Response(status_code=200, headers=[(b"content-length", b"2")]),
+                h11.Data(data=b"ok"),
+                h11.EndOfMessage(),
+            ):
+                await tls.send_all(conn.send(answer) or b"")
+        finally:
+            await trio.aclose_forcefully(tls)
+
+    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    port = listeners[0].socket.getsockname()[1]
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+    for _ in range(2):
+        results = await trio.to_thread.run_sync(
+            functools.partial(https_via_proxy, setup, port, [("GET", "/", None)])
+        )
+        assert results[0][2] == b"ok"
+        await settle(setup)
+    assert connections == 2
+    assert setup.interceptor.stats.upstream_reused == 0
+    assert [r.verdict for r in setup.records[-2:]] == ["ok", "ok"]

@@ -26,7 +26,7 @@ HOST = "www.example.test"
 
 
 def _build(
-    tmp: Path, nursery: trio.Nursery, *, idle: float = 300.0
+    tmp: Path, nursery: trio.Nursery, *, idle: float = 300.0, pool_seconds: float = 4.0
 ) -> tuple[Interceptor, ssl.SSLContext, OriginStats, list[tuple[str, int]], list[ConnectionRecord]]:
     hierarchy = good_hierarchy(HOST)
     origin_context = server_ssl_context(hierarchy.leaf, tmp)
@@ -53,7 +53,7 @@ def _build(
         ),
         hsts=HstsStore(preload=PreloadList.empty()),
         decision_log=log,
-        config=InterceptorConfig(idle_timeout=idle),
+        config=InterceptorConfig(idle_timeout=idle, upstream_pool_seconds=pool_seconds),
         connector=connector,
     )
     client_context = ssl.create_default_context(cadata=ca.export_root().decode())
@@ -182,17 +182,23 @@ class _CountingVerifier:
         return await self.inner.verify_with_fetching(*args, **kwargs)  # type: ignore[arg-type]
 
 
-async def _one_request(interceptor: Interceptor, client_context: ssl.SSLContext) -> bytes:
+async def _one_request(
+    interceptor: Interceptor,
+    client_context: ssl.SSLContext,
+    *,
+    client: tuple[str, int] = ("192.0.2.1", 1),
+    extra_headers: str = "",
+) -> bytes:
     client_end, proxy_end = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: interceptor.handle(proxy_end, client=("192.0.2.1", 1)))
+        nursery.start_soon(lambda: interceptor.handle(proxy_end, client=client))
         await client_end.send_all(
             f"CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n".encode()
         )
         await client_end.receive_some(1024)
         tls = trio.SSLStream(client_end, client_context, server_hostname=HOST)
         await tls.do_handshake()
-        await tls.send_all(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        await tls.send_all(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n{extra_headers}\r\n".encode())
         response = await _read_response(tls)
         await tls.aclose()
     return response
@@ -202,8 +208,11 @@ async def _one_request(interceptor: Interceptor, client_context: ssl.SSLContext)
 async def test_successful_verdicts_are_reused_briefly(
     nursery: trio.Nursery, tmp_path: Path, cache_seconds: float, expected_calls: int
 ) -> None:
-    interceptor, client_context, _, _, records = _build(tmp_path, nursery)
-    interceptor.config = InterceptorConfig(verdict_cache_seconds=cache_seconds)
+    # (Pooling off: a pooled upstream connection would skip verification altogether.)
+    interceptor, client_context, _, _, records = _build(tmp_path, nursery, pool_seconds=0)
+    interceptor.config = InterceptorConfig(
+        verdict_cache_seconds=cache_seconds, upstream_pool_seconds=0
+    )
     counting = _CountingVerifier(interceptor.verifier)
     interceptor.verifier = counting  # type: ignore[assignment]
     for _ in range(3):
@@ -213,8 +222,8 @@ async def test_successful_verdicts_are_reused_briefly(
 
 
 async def test_cached_verdicts_expire(nursery: trio.Nursery, tmp_path: Path) -> None:
-    interceptor, client_context, _, _, _ = _build(tmp_path, nursery)
-    interceptor.config = InterceptorConfig(verdict_cache_seconds=60.0)
+    interceptor, client_context, _, _, _ = _build(tmp_path, nursery, pool_seconds=0)
+    interceptor.config = InterceptorConfig(verdict_cache_seconds=60.0, upstream_pool_seconds=0)
     counting = _CountingVerifier(interceptor.verifier)
     interceptor.verifier = counting  # type: ignore[assignment]
     start = dt.datetime.now(dt.UTC)
@@ -223,3 +232,105 @@ async def test_cached_verdicts_expire(nursery: trio.Nursery, tmp_path: Path) -> 
     interceptor.clock = lambda: start + dt.timedelta(seconds=61)
     await _one_request(interceptor, client_context)
     assert counting.calls == 2
+
+
+# -- the upstream connection pool -------------------------------------------------------------
+
+
+async def test_a_clean_upstream_connection_serves_the_same_clients_next_connection(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    interceptor, client_context, stats, dialed, records = _build(tmp_path, nursery)
+    counting = _CountingVerifier(interceptor.verifier)
+    interceptor.verifier = counting  # type: ignore[assignment]
+    for _ in range(3):
+        assert (await _one_request(interceptor, client_context)).endswith(b"hello from origin")
+        await trio.testing.wait_all_tasks_blocked()
+    assert dialed == [(HOST, 443)]  # one upstream connection for three client connections
+    assert stats.requests == [(b"GET", b"/")] * 3
+    assert counting.calls == 1  # verified once, when it was opened
+    assert interceptor.stats.upstream_reused == 2
+    assert [(r.decision, r.reason, r.verdict) for r in records[-3:]] == [
+        ("intercept", "verified", "ok")
+    ] * 3
+    await interceptor.close_idle_upstreams()
+
+
+async def test_pooled_connections_are_never_shared_between_clients(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    interceptor, client_context, _, dialed, _ = _build(tmp_path, nursery)
+    await _one_request(interceptor, client_context, client=("192.0.2.1", 1))
+    await _one_request(interceptor, client_context, client=("192.0.2.2", 1))
+    await _one_request(interceptor, client_context, client=("192.0.2.1", 2))
+    assert dialed == [(HOST, 443)] * 2
+    assert interceptor.stats.upstream_reused == 1
+    await interceptor.close_idle_upstreams()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Authorization: NTLM TlRMTVNTUAABAAAAB4IIogAAAAAAAAAAAAAAAAAAAAAGAbEdAAAADw==\r\n",
+        "Authorization: Negotiate YIIJ\r\n",
+    ],
+)
+async def test_connections_bound_to_their_client_are_not_pooled(
+    nursery: trio.Nursery, tmp_path: Path, header: str
+) -> None:
+    # NTLM and Negotiate authenticate the TCP connection, not the request: a pooled connection
+    # would hand the first client's login to the next.
+    interceptor, client_context, _, dialed, _ = _build(tmp_path, nursery)
+    await _one_request(interceptor, client_context, extra_headers=header)
+    await _one_request(interceptor, client_context)
+    assert dialed == [(HOST, 443)] * 2
+    assert interceptor.stats.upstream_reused == 0
+    await interceptor.close_idle_upstreams()
+
+
+async def test_pooled_connections_expire(
+    nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    interceptor, client_context, _, dialed, _ = _build(tmp_path, nursery, pool_seconds=4.0)
+    await _one_request(interceptor, client_context)
+    await trio.sleep(3.0)
+    await _one_request(interceptor, client_context)  # within 4 s of being put back: reused
+    await trio.sleep(4.5)
+    await _one_request(interceptor, client_context)  # expired: a new connection
+    assert dialed == [(HOST, 443)] * 2
+    assert interceptor.stats.upstream_reused == 1
+    await interceptor.close_idle_upstreams()
+
+
+async def test_pooling_off_dials_every_time(nursery: trio.Nursery, tmp_path: Path) -> None:
+    interceptor, client_context, _, dialed, _ = _build(tmp_path, nursery, pool_seconds=0)
+    for _ in range(2):
+        await _one_request(interceptor, client_context)
+    assert dialed == [(HOST, 443)] * 2
+    assert interceptor.stats.upstream_reused == 0
+
+
+async def test_a_clients_connection_close_ends_its_own_hop_only(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # RFC 9110 §7.6.1: Connection is hop-by-hop. The client's hop closes after the response;
+    # the upstream hop is kept for the client's next connection.
+    interceptor, client_context, stats, dialed, _ = _build(tmp_path, nursery)
+    first = await _one_request(
+        interceptor, client_context, extra_headers="Connection: keep-alive, close\r\n"
+    )
+    assert b"\r\nconnection: close\r\n" in first.lower()
+    await _one_request(interceptor, client_context, extra_headers="Connection: close\r\n")
+    assert dialed == [(HOST, 443)]
+    assert interceptor.stats.upstream_reused == 1
+    forwarded = [dict(headers).get(b"connection") for headers in stats.headers]
+    assert forwarded == [b"keep-alive", None]
+    await interceptor.close_idle_upstreams()
+
+
+async def test_without_pooling_connection_close_is_forwarded(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    interceptor, client_context, stats, _, _ = _build(tmp_path, nursery, pool_seconds=0)
+    await _one_request(interceptor, client_context, extra_headers="Connection: close\r\n")
+    assert [dict(headers).get(b"connection") for headers in stats.headers] == [b"close"]

@@ -165,6 +165,42 @@ def _h11_headers(headers: Any) -> Headers:
     return tuple((bytes(k), bytes(v)) for k, v in headers)
 
 
+def _binds_connection(headers: Any, name: bytes) -> bool:
+    """Does an ``Authorization``/``WWW-Authenticate`` header use a connection-bound scheme?"""
+    for key, value in headers:
+        if bytes(key).lower() == name:
+            scheme = bytes(value).split(None, 1)[0].lower() if value.strip() else b""
+            if scheme in (b"ntlm", b"negotiate", b"kerberos"):
+                return True
+    return False
+
+
+def _without_connection_close(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` without the ``close`` option of ``Connection`` (other options stay)."""
+    out: list[tuple[bytes, bytes]] = []
+    for key, value in headers:
+        if key.lower() == b"connection":
+            options = [o.strip() for o in value.split(b",") if o.strip().lower() != b"close"]
+            if not any(options):
+                continue
+            value = b", ".join(o for o in options if o)
+        out.append((key, value))
+    return out
+
+
+def _keep_alive_timeout(value: bytes) -> float | None:
+    """``timeout=N`` of a ``Keep-Alive`` header (RFC 2068 §19.7.1.1), or ``None``."""
+    for part in value.split(b","):
+        key, _, number = part.strip().partition(b"=")
+        if key.strip().lower() == b"timeout":
+            try:
+                seconds = float(number.strip().strip(b'"'))
+            except ValueError:
+                return None
+            return seconds if seconds >= 0 else None
+    return None
+
+
 BlockAnswer = Callable[[Block, bytes], Awaitable[tuple[int, bytes, Headers, bytes]]]
 StsCallback = Callable[[Sequence[bytes]], None]
 
@@ -185,6 +221,9 @@ class HttpRelay:
         idle_timeout: seconds to wait for the next request on a kept-alive connection.
         should_stop: checked between requests; ``True`` ends the relay (graceful shutdown).
         initial_client_data: bytes the client already sent (read while sniffing the request).
+        keep_upstream_alive: the upstream connection may be reused by another client connection
+            (:mod:`tlsmitm._pool`): a client's ``Connection: close`` is then applied to its own
+            hop only, as RFC 9110 §7.6.1 has a proxy do, and not forwarded upstream.
     """
 
     client: trio.abc.Stream
@@ -196,6 +235,7 @@ class HttpRelay:
     idle_timeout: float = 300.0
     should_stop: Callable[[], bool] = lambda: False
     initial_client_data: bytes = b""
+    keep_upstream_alive: bool = False
     counters: _Counters = field(default_factory=_Counters)
 
     def __post_init__(self) -> None:
@@ -203,6 +243,9 @@ class HttpRelay:
         self._up = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_INCOMPLETE_EVENT)
         self._idle_scope = trio.CancelScope()
         self._awaiting_request = True
+        self._ended_between_requests = False
+        self._connection_bound_auth = False
+        self.keep_alive_hint: float | None = None
         if self.initial_client_data:  # (receive_data(b"") would mean EOF to h11)
             self._down.receive_data(self.initial_client_data)
             self.counters.bytes_up += len(self.initial_client_data)
@@ -259,9 +302,12 @@ class HttpRelay:
             event = await self._next_event(self._down, self.client, "client")
             self._awaiting_request = False
             if isinstance(event, h11.ConnectionClosed):
+                self._ended_between_requests = True
                 return None
             if not isinstance(event, h11.Request):
                 raise ClientError(f"unexpected {type(event).__name__}", reason="bad_http")
+            if _binds_connection(event.headers, b"authorization"):
+                self._connection_bound_auth = True
             request = Request(
                 method=bytes(event.method),
                 target=bytes(event.target),
@@ -278,19 +324,38 @@ class HttpRelay:
             switched = await self._exchange(request)
             if switched is not None:
                 return switched
+            # The upstream is between requests only when both its messages are complete and
+            # neither side asked to close it (h11 then leaves both states at DONE).
+            upstream_idle = self._up.our_state is h11.DONE and self._up.their_state is h11.DONE
+            if upstream_idle:
+                self._up.start_next_cycle()
             if (
-                self._down.our_state is h11.MUST_CLOSE
-                or self._up.our_state is h11.MUST_CLOSE
-                or self._up.their_state is not h11.DONE
+                not upstream_idle
+                or self._down.our_state is not h11.DONE
                 or self._down.their_state is not h11.DONE
                 or self.should_stop()
             ):
+                # The client's side closes here; a clean upstream can still serve another.
+                self._ended_between_requests = upstream_idle
                 return None
-            try:
-                self._down.start_next_cycle()
-                self._up.start_next_cycle()
-            except h11.LocalProtocolError:
-                return None
+            self._down.start_next_cycle()
+
+    @property
+    def upstream_reusable(self) -> bool:
+        """After :meth:`run`: may the upstream connection serve another client?
+
+        Only when the relay ended between requests, the upstream is at a request boundary
+        with nothing unread, and no connection-bound authentication (NTLM, Negotiate: the
+        server authenticated the *connection*) was seen on it.
+        """
+        return (
+            self._ended_between_requests
+            and not self._connection_bound_auth
+            and self._up.our_state is h11.IDLE
+            and self._up.their_state is h11.IDLE
+            and not self._up.trailing_data[0]
+            and not self._up.trailing_data[1]
+        )
 
     async def _answer_locally(self, block: Block, request: Request) -> None:
         status, reason, headers, body = await self.answer_block(block, request.target)
@@ -303,12 +368,15 @@ class HttpRelay:
         await self._send(self._down, self.client, h11.EndOfMessage())
 
     async def _exchange(self, request: Request) -> Switched | None:
+        headers = list(request.headers)
+        if self.keep_upstream_alive:
+            headers = _without_connection_close(headers)
         head = (
             self._up.send(
                 h11.Request(
                     method=request.method,
                     target=request.target,
-                    headers=list(request.headers),
+                    headers=headers,
                     http_version=request.http_version,
                 )
             )
@@ -380,6 +448,11 @@ class HttpRelay:
             return None
 
     async def _handle_response(self, request: Request, response: Response) -> None:
+        if _binds_connection(response.headers, b"www-authenticate"):
+            self._connection_bound_auth = True
+        keep_alive = _first_header(response.headers, b"keep-alive")
+        if keep_alive is not None:
+            self.keep_alive_hint = _keep_alive_timeout(keep_alive)
         if self.on_sts is not None:
             values = [v for k, v in response.headers if k.lower() == b"strict-transport-security"]
             if values:

@@ -60,6 +60,7 @@ from ._hsts import HstsStore
 from ._http import Block, FlowInfo, Hooks, HttpRelay, Request, Switched, fetch_http, run_relay
 from ._names import InvalidHostName, is_ip_literal, normalize_host
 from ._policy import ConnectionRecord, DecisionLog, InterceptPolicy
+from ._pool import PooledUpstream, PoolKey, UpstreamPool
 from ._responder import Action, ActionKind, ErrorResponder, HttpRequest
 from ._tls import (
     RELAYABLE_ALPN,
@@ -116,6 +117,11 @@ class InterceptorConfig:
         verdict_cache_seconds: how long a successful verification of an exact chain is reused
             for the same host (0 turns the cache off); never past a certificate's expiry.
         verdict_cache_size: successful verdicts kept.
+        upstream_pool_seconds: how long a clean, verified, idle HTTP/1.1 upstream connection is
+            kept for the same client's next connection to the same server (0 turns pooling
+            off); a server's shorter ``Keep-Alive: timeout`` wins.
+        upstream_pool_size: idle upstream connections kept in all.
+        upstream_pool_per_host: idle upstream connections kept per client and server.
     """
 
     head_timeout: float = 30.0
@@ -130,6 +136,9 @@ class InterceptorConfig:
     fetch_timeout: float = 5.0
     verdict_cache_seconds: float = 300.0
     verdict_cache_size: int = 4096
+    upstream_pool_seconds: float = 4.0
+    upstream_pool_size: int = 256
+    upstream_pool_per_host: int = 8
 
     def __post_init__(self) -> None:
         for name in ("head_timeout", "connect_timeout", "handshake_timeout", "idle_timeout"):
@@ -137,6 +146,10 @@ class InterceptorConfig:
                 raise ValueError(f"{name} must be positive")
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if self.upstream_pool_seconds < 0 or self.upstream_pool_size < 0:
+            raise ValueError("upstream_pool_seconds and upstream_pool_size must not be negative")
+        if self.upstream_pool_per_host < 1:
+            raise ValueError("upstream_pool_per_host must be at least 1")
 
 
 @dataclass
@@ -153,6 +166,7 @@ class InterceptorStats:
     plain_http: int = 0
     client_handshake_failures: int = 0
     upstream_failures: int = 0
+    upstream_reused: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     cert_errors: dict[str, int] = field(default_factory=dict)
 
@@ -173,6 +187,7 @@ class _Conn:
     verdict: str | None = None
     bytes_up: int = 0
     bytes_down: int = 0
+    upstream_pooled: bool = False  # the upstream connection outlives this one, in the pool
 
 
 @dataclass(slots=True, kw_only=True)
@@ -262,6 +277,11 @@ class Interceptor:
         self._server_contexts: dict[tuple[x509.Certificate, ...], SSL.Context] = {}
         self._sessions: OrderedDict[tuple[str, int], SSL.Session] = OrderedDict()
         self._verdicts: OrderedDict[tuple[str, bytes], tuple[Verdict, datetime]] = OrderedDict()
+        self._pool = UpstreamPool(
+            max_idle=self.config.upstream_pool_size,
+            max_per_key=self.config.upstream_pool_per_host,
+            idle_seconds=self.config.upstream_pool_seconds,
+        )
         self._draining = False
         self._accept_scope: trio.CancelScope | None = None
         self._all_done = trio.Event()
@@ -328,6 +348,7 @@ class Interceptor:
         slots = trio.Semaphore(self.config.max_connections)
         try:
             async with trio.open_nursery() as connections:
+                connections.start_soon(self._expire_pool)
                 with trio.CancelScope() as accept_scope:
                     self._accept_scope = accept_scope
                     async with trio.open_nursery() as accepters:
@@ -342,8 +363,24 @@ class Interceptor:
                     await self._all_done.wait()
                 connections.cancel_scope.cancel()
         finally:
+            await self.close_idle_upstreams()
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
+
+    async def close_idle_upstreams(self) -> None:
+        """Close the idle upstream connections kept for reuse (``serve`` does it on return).
+
+        Runs to the end also when cancelled (each close is forceful, so it cannot block).
+        """
+        with trio.CancelScope(shield=True):
+            for stream in self._pool.drain():
+                await trio.aclose_forcefully(stream)
+
+    async def _expire_pool(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            for stream in self._pool.expire(trio.current_time()):
+                await trio.aclose_forcefully(stream)
 
     def shutdown(self) -> None:
         """Stop accepting; in-flight connections finish (within ``shutdown_grace``)."""
@@ -472,18 +509,19 @@ class Interceptor:
                 await self._answer_connect(parser, stream)
                 await self._serve_error_origin(stream, parser.trailing_data[0], conn)
                 return
-            try:
-                upstream_tcp = await self._connect(name, port)
-            except UpstreamError:
-                await _send_simple(stream, 502, b"Bad Gateway")
-                raise
-            try:
-                await self._answer_connect(parser, stream)
-                await self._after_connect(
-                    stream, bytes(parser.trailing_data[0]), upstream_tcp, name, port, client, conn
-                )
-            finally:
-                await trio.aclose_forcefully(upstream_tcp)
+            # With an idle upstream connection to this server on hand, do not dial: the
+            # ClientHello (its SNI and ALPN) decides whether that connection fits.
+            upstream_tcp = None
+            if not self._pool.has_route(client[0], name, port):
+                try:
+                    upstream_tcp = await self._connect(name, port)
+                except UpstreamError:
+                    await _send_simple(stream, 502, b"Bad Gateway")
+                    raise
+            await self._answer_connect(parser, stream)
+            await self._after_connect(
+                stream, bytes(parser.trailing_data[0]), upstream_tcp, name, port, client, conn
+            )
             return
         target = bytes(event.target)
         if target.startswith(b"http://"):
@@ -538,11 +576,10 @@ class Interceptor:
             if hello.server_name and self.responder.is_error_origin(hello.server_name, port):
                 await self._serve_error_origin(stream, initial, conn)
                 return
-        upstream_tcp = await self._connect(conn.host, port)
-        try:
-            await self._after_connect(stream, initial, upstream_tcp, conn.host, port, client, conn)
-        finally:
-            await trio.aclose_forcefully(upstream_tcp)
+        upstream_tcp = None
+        if not self._pool.has_route(client[0], conn.host, port):
+            upstream_tcp = await self._connect(conn.host, port)
+        await self._after_connect(stream, initial, upstream_tcp, conn.host, port, client, conn)
 
     async def _connect(self, host: str, port: int) -> trio.abc.Stream:
         target = self.config.resolve.get(host, host)
@@ -586,61 +623,99 @@ class Interceptor:
         self,
         client_stream: trio.abc.Stream,
         initial: bytes,
-        upstream_tcp: trio.abc.Stream,
+        upstream_tcp: trio.abc.Stream | None,
         name: str,
         port: int,
         client: tuple[str, int],
         conn: _Conn,
     ) -> None:
+        """Steps 2 to 9 for a client whose destination ``name:port`` is known.
+
+        ``upstream_tcp`` is ``None`` when an idle pooled connection to ``name:port`` was on hand
+        and dialling was put off; it is dialled here if that connection does not fit. Whatever
+        TCP connection this method ends up with is closed on return, unless it went back to
+        the pool inside its TLS stream.
+        """
+        pooled: PooledUpstream | None = None
         try:
-            peeked, hello = await self._peek_hello(client_stream, initial)
-        except _NotTLS as not_tls:
-            # Matrix: non-TLS bytes after CONNECT are spliced raw, byte for byte.
-            conn.decision, conn.reason = "bypass", "not_tls"
-            self.stats.bypassed += 1
-            await self._splice(client_stream, upstream_tcp, conn, to_upstream=not_tls.args[0])
-            return
-        # The client verifies our leaf against the name it put in SNI, so that is the name the
-        # upstream certificate must match too; without SNI, the CONNECT host (matrix MIR-05: an
-        # IP literal then matches only an iPAddress SAN).
-        tls_name = normalize_host(hello.server_name) if hello.server_name else name
-        conn.host = tls_name
-        destination_ip = _peer_ip(upstream_tcp)
-        decision = await self.policy.decide(
-            client_ip=client[0],
-            host=tls_name,
-            port=port,
-            destination_ip=destination_ip,
-            now=self.clock(),
-        )
-        if not decision.intercept:
-            conn.decision, conn.reason = "bypass", decision.reason
-            self.stats.bypassed += 1
-            await self._splice(client_stream, upstream_tcp, conn, to_upstream=peeked)
-            return
-        await self._intercept(
-            client_stream, peeked, hello, upstream_tcp, tls_name, port, client, conn
-        )
+            try:
+                peeked, hello = await self._peek_hello(client_stream, initial)
+            except _NotTLS as not_tls:
+                # Matrix: non-TLS bytes after CONNECT are spliced raw, byte for byte.
+                conn.decision, conn.reason = "bypass", "not_tls"
+                self.stats.bypassed += 1
+                if upstream_tcp is None:
+                    upstream_tcp = await self._connect(name, port)
+                await self._splice(client_stream, upstream_tcp, conn, to_upstream=not_tls.args[0])
+                return
+            # The client verifies our leaf against the name it put in SNI, so that is the name
+            # the upstream certificate must match too; without SNI, the CONNECT host (matrix
+            # MIR-05: an IP literal then matches only an iPAddress SAN).
+            tls_name = normalize_host(hello.server_name) if hello.server_name else name
+            conn.host = tls_name
+            offer = tuple(p for p in hello.alpn_protocols if p in RELAYABLE_ALPN)
+            key: PoolKey = (client[0], name, port, tls_name, offer)
+            if upstream_tcp is None:
+                pooled = await self._take_pooled(key)
+                if pooled is None:
+                    upstream_tcp = await self._connect(name, port)
+            destination = pooled.stream.transport_stream if pooled else upstream_tcp
+            assert destination is not None
+            decision = await self.policy.decide(
+                client_ip=client[0],
+                host=tls_name,
+                port=port,
+                destination_ip=_peer_ip(destination),
+                now=self.clock(),
+            )
+            if not decision.intercept:
+                conn.decision, conn.reason = "bypass", decision.reason
+                self.stats.bypassed += 1
+                if upstream_tcp is None:
+                    upstream_tcp = await self._connect(name, port)
+                await self._splice(client_stream, upstream_tcp, conn, to_upstream=peeked)
+                return
+            await self._intercept(
+                client_stream, peeked, hello, upstream_tcp, pooled, key, client, conn
+            )
+        finally:
+            if not conn.upstream_pooled:
+                if pooled is not None:
+                    await trio.aclose_forcefully(pooled.stream)
+                if upstream_tcp is not None:
+                    await trio.aclose_forcefully(upstream_tcp)
+
+    async def _take_pooled(self, key: PoolKey) -> PooledUpstream | None:
+        pooled, stale = self._pool.take(key, trio.current_time())
+        for stream in stale:
+            await trio.aclose_forcefully(stream)
+        if pooled is not None:
+            self.stats.upstream_reused += 1
+        return pooled
 
     async def _intercept(
         self,
         client_stream: trio.abc.Stream,
         peeked: bytes,
         hello: ClientHello,
-        upstream_tcp: trio.abc.Stream,
-        name: str,
-        port: int,
+        upstream_tcp: trio.abc.Stream | None,
+        pooled: PooledUpstream | None,
+        key: PoolKey,
         client: tuple[str, int],
         conn: _Conn,
     ) -> None:
-        offer = [p for p in hello.alpn_protocols if p in RELAYABLE_ALPN]
-        probe = await self._probe_upstream(upstream_tcp, name, port, offer)
-        upstream = probe.stream
-        if probe.client_certificate_requested:
-            await self._save_client_cert_site(client_stream, peeked, upstream, name, port, conn)
-            return
-        verdict = probe.verdict
-        assert verdict is not None  # (None only with client_certificate_requested)
+        name, port = key[3], key[2]
+        if pooled is not None:
+            upstream, verdict = pooled.stream, pooled.verdict
+        else:
+            assert upstream_tcp is not None
+            probe = await self._probe_upstream(upstream_tcp, name, port, key[4])
+            upstream = probe.stream
+            if probe.client_certificate_requested:
+                await self._save_client_cert_site(client_stream, peeked, upstream, name, port, conn)
+                return
+            assert probe.verdict is not None  # (None only with client_certificate_requested)
+            verdict = probe.verdict
         conn.verdict = "ok" if verdict.ok else (verdict.error.value if verdict.error else None)
         if verdict.error is not None:
             self.stats.cert_errors[verdict.error.value] = (
@@ -698,24 +773,40 @@ class Interceptor:
                 upstream_verified=verdict.ok,
                 now=now,
             )
-        selected = upstream.selected_alpn()
+        selected = pooled.alpn if pooled is not None else upstream.selected_alpn()
         downstream = await self._client_handshake(
             client_stream, peeked, leaf, selected, client, name, port
         )
         record_hsts = action.kind is ActionKind.INTERCEPT and verdict.ok and not action.overridden
         try:
-            await self._relay_tls(
-                downstream, upstream, selected, name, port, client, record_hsts, conn
+            reusable, keep_alive_hint = await self._relay_tls(
+                downstream, upstream, selected, name, port, record_hsts, conn
             )
             # A graceful close (close_notify) keeps the session resumable; an abortive one makes
             # OpenSSL mark it not resumable. Sessions are taken after the relay because TLS 1.3
             # tickets arrive after the handshake.
-            await upstream.aclose()
             session = upstream.session()
             if session is not None:
                 self._remember_session((name, port), session)
+            # Only a verified, not overridden upstream is kept (record_hsts says exactly that):
+            # the next client gets it without a new verification.
+            deadline = None
+            if record_hsts and reusable and not self._draining:
+                deadline = self._pool.deadline(trio.current_time(), keep_alive_hint)
+            if deadline is not None:
+                entry = PooledUpstream(
+                    stream=upstream, verdict=verdict, alpn=selected, expires=deadline
+                )
+                conn.upstream_pooled = True
+                for stream in self._pool.put(key, entry, trio.current_time()):
+                    if stream is upstream:
+                        conn.upstream_pooled = False
+                    await trio.aclose_forcefully(stream)
+            else:
+                await upstream.aclose()
         finally:
-            await trio.aclose_forcefully(upstream)
+            if not conn.upstream_pooled:
+                await trio.aclose_forcefully(upstream)
             await trio.aclose_forcefully(downstream)
 
     async def _probe_upstream(
@@ -943,14 +1034,15 @@ class Interceptor:
         selected: bytes | None,
         name: str,
         port: int,
-        client: tuple[str, int],
         record_hsts: bool,
         conn: _Conn,
-    ) -> None:
+    ) -> tuple[bool, float | None]:
+        """Relay until done; returns whether ``upstream`` may be reused, and the server's
+        ``Keep-Alive: timeout`` if it sent one."""
         http = selected == b"http/1.1" or (selected is None and port in _HTTP_PORTS)
         if not http:
             await self._splice(downstream, upstream, conn)
-            return
+            return False, None
 
         def on_sts(values: Sequence[bytes]) -> None:
             self.hsts.observe(name, list(values), now=self.clock(), secure_and_verified=True)
@@ -964,6 +1056,7 @@ class Interceptor:
             answer_block=self._block_answer(name, port),
             idle_timeout=self.config.idle_timeout,
             should_stop=lambda: self._draining,
+            keep_upstream_alive=record_hsts and self._pool.enabled,
         )
         try:
             switched = await run_relay(relay)
@@ -978,6 +1071,8 @@ class Interceptor:
                 to_upstream=switched.to_upstream,
                 to_client=switched.to_client,
             )
+            return False, None
+        return relay.upstream_reusable, relay.keep_alive_hint
 
     def _block_answer(
         self, host: str, port: int

@@ -1099,3 +1099,31 @@ class TLSStream(trio.abc.HalfCloseableStream):
             and self._info
             and not self._info.server_certificate_seen
         )
+
+    def is_idle(self) -> bool:
+        """Whether this stream is open, between records, and has nothing unread or unsent.
+
+        Decides whether a kept-alive upstream connection may carry a new client's requests
+        (:mod:`tlsmitm._pool`): any buffered plaintext, partial record, pending alert or close
+        means no. Post-handshake messages already buffered (tickets) are processed on the way.
+        """
+        if (
+            self._status is not _Status.OK
+            or not self._handshake_ok
+            or self._received_close
+            or self._sent_close
+            or self._transport_eof
+            or self._deferred is not None
+            or self._delayed_outgoing
+            or not self._records.at_boundary
+        ):
+            return False
+        try:
+            self.connection.recv(1)
+        except SSL.WantReadError:
+            pass
+        except SSL.Error:
+            return False
+        else:
+            return False  # application data nobody asked for
+        return not self._drain_outgoing()
