@@ -31,6 +31,7 @@ from tlsmitm._tls import (
     UpstreamTLSError,
     _ConnectionState,
     _on_info,
+    close_at_once,
     keylog_file_writer,
     server_connection,
     server_context,
@@ -1105,3 +1106,58 @@ def test_contexts_release_idle_record_buffers() -> None:
 
     for context in (server_context(), upstream_context()):
         assert context.set_mode(0) & SSL.MODE_RELEASE_BUFFERS  # set_mode returns the mode bits
+
+
+# --------------------------------------------------------------------------------------------
+# closing at once (the end of a relay)
+
+
+async def test_close_at_once_sends_close_notify_over_a_real_socket() -> None:
+    a, b = socket.socketpair()
+    client = client_stream(trio.SocketStream(trio.socket.from_stdlib_socket(a)))
+    server = server_stream(trio.SocketStream(trio.socket.from_stdlib_socket(b)))
+    await handshake_both(client, server)
+    await client.send_all(b"ping")
+    assert await server.receive_some(10) == b"ping"
+    assert close_at_once(server)
+    # The peer reads a clean end (close_notify, not a cut), and the session stays resumable.
+    assert await client.receive_some(10) == b""
+    assert client.session() is not None
+    assert close_at_once(server)  # twice is harmless
+    assert server.transport_stream.socket.fileno() == -1  # type: ignore[attr-defined]
+    with pytest.raises(trio.ClosedResourceError):
+        await server.send_all(b"x")
+    await client.aclose()
+
+
+async def test_close_at_once_leaves_other_transports_to_aclose() -> None:
+    client, server = await connected_pair()
+    assert not close_at_once(server)  # a memory stream: the caller uses aclose_forcefully
+    await server.send_all(b"still open")
+    assert await client.receive_some(20) == b"still open"
+    plain_a, plain_b = trio.testing.memory_stream_pair()
+    assert not close_at_once(plain_a)
+    for stream in (client, server, plain_a, plain_b):
+        await trio.aclose_forcefully(stream)
+
+
+async def test_is_idle_only_between_records_with_nothing_unread() -> None:
+    client, server = await connected_pair()
+    assert not TLSStream(
+        trio.testing.memory_stream_pair()[0],
+        upstream_connection(UPSTREAM_CTX, server_name=HOST, alpn_offer=(), session=None),
+        server_side=False,
+    ).is_idle()  # no handshake yet
+    await server.send_all(b"hello")
+    assert await client.receive_some(5) == b"hello"
+    assert client.is_idle()
+    await server.send_all(b"unread")
+    # The record is in the transport, not yet in the TLS engine: the engine alone cannot tell
+    # (the pool also polls the socket); once received into the engine, it is not idle.
+    data = await client.transport_stream.receive_some(65536)
+    client.connection.bio_write(data)
+    assert not client.is_idle()
+    await server.send_eof()
+    await trio.aclose_forcefully(client)
+    assert not client.is_idle()
+    await trio.aclose_forcefully(server)

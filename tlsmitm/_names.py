@@ -16,6 +16,7 @@ rule -- goes through :func:`normalize_host` first, so that the same host is alwa
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 import idna
@@ -33,6 +34,7 @@ __all__ = [
 
 _MAX_NAME = 253  # RFC 1035 §2.3.4, without the trailing dot
 _MAX_LABEL = 63
+_CACHED_NAMES = 4096  # normalised names and IP-literal answers kept (each well under 1 KiB)
 _ASCII_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
@@ -56,8 +58,16 @@ def ip_address_of(name: str | bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Ad
     """The IP address a literal denotes, or ``None`` when ``name`` is not an IP literal.
 
     Accepts ``[v6]`` brackets. IPv4 must be strict dotted-decimal with four parts; IPv6 zone
-    identifiers (``%eth0``) are not host names and are refused.
+    identifiers (``%eth0``) are not host names and are refused. (Results are cached: every
+    layer of one connection asks about the same few names.)
     """
+    if not isinstance(name, str | bytes):
+        name = bytes(name)
+    return _ip_address_of(name)
+
+
+@functools.lru_cache(maxsize=_CACHED_NAMES)
+def _ip_address_of(name: str | bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     text = _as_text(name) if isinstance(name, bytes) else name
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
@@ -102,9 +112,20 @@ def _normalize_label(label: str, name: object) -> str:
 def normalize_host(name: str | bytes) -> str:
     """Return the canonical form of a host name or IP literal.
 
+    Results are cached (bounded, least recently used first out): the connection's CONNECT
+    host, its SNI name, the policy, the HSTS store, the forge and the verifier each normalise
+    the same name, and a name is pure data. Failures are not cached.
+
     Raises:
         InvalidHostName: the name is empty or malformed.
     """
+    if not isinstance(name, str | bytes):  # (a bytearray or memoryview is not hashable)
+        name = bytes(name)
+    return _normalize_host(name)
+
+
+@functools.lru_cache(maxsize=_CACHED_NAMES)
+def _normalize_host(name: str | bytes) -> str:
     text = _as_text(name)
     address = ip_address_of(text)
     if address is not None:

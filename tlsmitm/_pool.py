@@ -139,12 +139,23 @@ class UpstreamPool:
         return None, dropped
 
     def expire(self, now: float) -> list[TLSStream]:
-        """Remove and return every connection whose time is up."""
+        """Remove and return the connections whose time is up, oldest keys first.
+
+        Keys are kept in the order they were last put back, so the walk stops at the first key
+        with nothing expired: this runs on every :meth:`put` and must not cost a walk over the
+        whole pool. (A server's short ``Keep-Alive`` can leave an expired connection behind a
+        live one for a while; :meth:`take` never hands one out.)
+        """
         dropped: list[TLSStream] = []
-        for key in list(self._idle):
+        while self._idle:
+            key = next(iter(self._idle))
             entries = self._idle[key]
-            while entries and entries[0].expires <= now:
+            if entries[0].expires > now:
+                break
+            while key in self._idle and self._idle[key][0].expires <= now:
                 dropped.append(self._pop(key, 0).stream)
+            if key in self._idle:
+                break
         return dropped
 
     def drain(self) -> list[TLSStream]:

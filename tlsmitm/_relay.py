@@ -65,6 +65,7 @@ from ._responder import Action, ActionKind, ErrorResponder, HttpRequest
 from ._tls import (
     RELAYABLE_ALPN,
     TLSStream,
+    close_at_once,
     keylog_file_writer,
     server_connection,
     server_context,
@@ -97,6 +98,16 @@ _REJECTION_ALERTS = frozenset({"unknown_ca", "bad_certificate", "certificate_unk
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+async def _close(resource: trio.abc.AsyncResource) -> None:
+    """Close ``resource`` now, without a graceful wait (the end of a connection, or a failure).
+
+    Sockets and TLS over them close synchronously (:func:`~tlsmitm._tls.close_at_once`);
+    anything else (an embedder's stream) through ``trio.aclose_forcefully``.
+    """
+    if not close_at_once(resource):
+        await trio.aclose_forcefully(resource)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -374,13 +385,13 @@ class Interceptor:
         """
         with trio.CancelScope(shield=True):
             for stream in self._pool.drain():
-                await trio.aclose_forcefully(stream)
+                await _close(stream)
 
     async def _expire_pool(self) -> None:
         while True:
             await trio.sleep(1.0)
             for stream in self._pool.expire(trio.current_time()):
-                await trio.aclose_forcefully(stream)
+                await _close(stream)
 
     def shutdown(self) -> None:
         """Stop accepting; in-flight connections finish (within ``shutdown_grace``)."""
@@ -410,7 +421,7 @@ class Interceptor:
                 peer = stream.socket.getpeername()
                 client = (str(peer[0]), int(peer[1]))
             except OSError:
-                await trio.aclose_forcefully(stream)
+                await _close(stream)
                 return
             await self.handle(stream, client=client)
         finally:
@@ -461,7 +472,7 @@ class Interceptor:
             self.stats.count_error(conn.reason)
             log.error("bug while handling %s", conn.client, exc_info=_first_error(group))
         finally:
-            await trio.aclose_forcefully(stream)
+            await _close(stream)
             self.stats.active -= 1
             if self.stats.active == 0:
                 self._all_done.set()
@@ -681,14 +692,14 @@ class Interceptor:
         finally:
             if not conn.upstream_pooled:
                 if pooled is not None:
-                    await trio.aclose_forcefully(pooled.stream)
+                    await _close(pooled.stream)
                 if upstream_tcp is not None:
-                    await trio.aclose_forcefully(upstream_tcp)
+                    await _close(upstream_tcp)
 
     async def _take_pooled(self, key: PoolKey) -> PooledUpstream | None:
         pooled, stale = self._pool.take(key, trio.current_time())
         for stream in stale:
-            await trio.aclose_forcefully(stream)
+            await _close(stream)
         if pooled is not None:
             self.stats.upstream_reused += 1
         return pooled
@@ -735,11 +746,11 @@ class Interceptor:
         if action.kind is ActionKind.ALERT:
             conn.decision, conn.reason = "block", "alert"
             self.stats.blocked += 1
-            await trio.aclose_forcefully(upstream)
+            await _close(upstream)
             await client_stream.send_all(_HANDSHAKE_FAILURE_ALERT)
             return
         if action.kind in (ActionKind.BLOCK_PAGE, ActionKind.OVERRIDE_PAGE):
-            await trio.aclose_forcefully(upstream)
+            await _close(upstream)
             conn.decision, conn.reason = "block", action.kind.value
             self.stats.blocked += 1
             leaf = self.forge.leaf_for(name, None, issuer=IssuerKind.TRUSTED, now=now)
@@ -801,13 +812,13 @@ class Interceptor:
                 for stream in self._pool.put(key, entry, trio.current_time()):
                     if stream is upstream:
                         conn.upstream_pooled = False
-                    await trio.aclose_forcefully(stream)
+                    await _close(stream)
             else:
-                await upstream.aclose()
+                await _close(upstream)  # (close_notify first: the session stays resumable)
         finally:
             if not conn.upstream_pooled:
-                await trio.aclose_forcefully(upstream)
-            await trio.aclose_forcefully(downstream)
+                await _close(upstream)
+            await _close(downstream)
 
     async def _probe_upstream(
         self, upstream_tcp: trio.abc.Stream, name: str, port: int, offer: Sequence[bytes]
@@ -849,7 +860,7 @@ class Interceptor:
             )
             return UpstreamProbe(stream=upstream, verdict=verdict)
         except trio.TooSlowError as exc:
-            await trio.aclose_forcefully(upstream)
+            await _close(upstream)
             raise UpstreamError(
                 f"TLS handshake with {name}:{port} timed out", reason="handshake_timeout"
             ) from exc
@@ -928,7 +939,7 @@ class Interceptor:
                 chain=tuple(stream.peer_certificate_chain()),
             )
         finally:
-            await trio.aclose_forcefully(probe.stream)
+            await _close(probe.stream)
 
     async def _save_client_cert_site(
         self,
@@ -959,7 +970,7 @@ class Interceptor:
         self.policy.note_client_certificate_requested(
             host=name, port=port, upstream_verified=verified, now=now
         )
-        await trio.aclose_forcefully(upstream)
+        await _close(upstream)
         conn.decision, conn.reason = "bypass", "client_certificate_requested"
         self.stats.bypassed += 1
         if not verified:
@@ -972,7 +983,7 @@ class Interceptor:
         try:
             await self._splice(client_stream, fresh, conn, to_upstream=peeked)
         finally:
-            await trio.aclose_forcefully(fresh)
+            await _close(fresh)
 
     async def _client_handshake(
         self,
@@ -1136,7 +1147,7 @@ class Interceptor:
                 await downstream.do_handshake()
             await self._error_origin_loop(downstream)
         finally:
-            await trio.aclose_forcefully(downstream)
+            await _close(downstream)
 
     async def _error_origin_loop(self, stream: trio.abc.Stream) -> None:
         parser = h11.Connection(h11.SERVER, max_incomplete_event_size=_HEAD_LIMIT)
@@ -1239,7 +1250,7 @@ class Interceptor:
         finally:
             conn.bytes_up += relay.counters.bytes_up
             conn.bytes_down += relay.counters.bytes_down
-            await trio.aclose_forcefully(upstream)
+            await _close(upstream)
 
     # -- raw relaying -------------------------------------------------------------------------
 
