@@ -254,20 +254,28 @@ class HttpRelay:
 
     async def _next_event(self, conn: h11.Connection, stream: trio.abc.Stream, side: str) -> Any:
         while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                error = ClientError if side == "client" else UpstreamError
-                raise error(f"malformed HTTP from {side}: {exc}", reason="bad_http") from exc
+            event = self._parsed_event(conn, side)
             if event is not h11.NEED_DATA:
                 return event
-            data = bytes(await stream.receive_some(_RECEIVE_SIZE))
-            self._touch()
-            if side == "client":
-                self.counters.bytes_up += len(data)
-            else:
-                self.counters.bytes_down += len(data)
-            conn.receive_data(data)
+            await self._receive_into(conn, stream, side)
+
+    @staticmethod
+    def _parsed_event(conn: h11.Connection, side: str) -> Any:
+        """The next event already in ``conn``'s buffer, or ``h11.NEED_DATA`` (no I/O)."""
+        try:
+            return conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            error = ClientError if side == "client" else UpstreamError
+            raise error(f"malformed HTTP from {side}: {exc}", reason="bad_http") from exc
+
+    async def _receive_into(self, conn: h11.Connection, stream: trio.abc.Stream, side: str) -> None:
+        data = bytes(await stream.receive_some(_RECEIVE_SIZE))
+        self._touch()
+        if side == "client":
+            self.counters.bytes_up += len(data)
+        else:
+            self.counters.bytes_down += len(data)
+        conn.receive_data(data)
 
     async def _send(self, conn: h11.Connection, stream: trio.abc.Stream, event: Any) -> None:
         data = conn.send(event)
@@ -460,8 +468,8 @@ class HttpRelay:
         limit = self.hooks.body_limit
         if limit <= 0:
             outcome = await self.hooks.on_response(self.flow, request, response)
-            await self._send_response_outcome(outcome, response, request, buffered=b"")
-            await self._stream_response_body()
+            head = await self._response_outcome(outcome, response, request, buffered=b"")
+            await self._stream_response_body(head)
             return
         buffered = bytearray()
         complete = False
@@ -481,31 +489,35 @@ class HttpRelay:
         if complete and isinstance(outcome, Response) and outcome.body is not None:
             await self._send_replaced(outcome)
             return
-        await self._send_response_outcome(outcome, response, request, buffered=bytes(buffered))
+        head = await self._response_outcome(outcome, response, request, buffered=bytes(buffered))
         if complete:
-            await self._send(self._down, self.client, h11.EndOfMessage())
+            await self.client.send_all(head + (self._down.send(h11.EndOfMessage()) or b""))
+            self._touch()
         else:
-            await self._stream_response_body()
+            await self._stream_response_body(head)
 
-    async def _send_response_outcome(
+    async def _response_outcome(
         self,
         outcome: Response | Block | None,
         response: Response,
         request: Request,
         *,
         buffered: bytes,
-    ) -> None:
+    ) -> bytes:
+        """The bytes that start the response to the client (its head and ``buffered``), unsent.
+
+        A :class:`Block` is answered here and ends the relay.
+        """
         if isinstance(outcome, Block):
             await self._answer_locally(outcome, request)
             raise _Blocked
         head = outcome if isinstance(outcome, Response) else response
-        await self._send(
-            self._down,
-            self.client,
-            h11.Response(status_code=head.status, reason=head.reason, headers=list(head.headers)),
+        data = self._down.send(
+            h11.Response(status_code=head.status, reason=head.reason, headers=list(head.headers))
         )
         if buffered:
-            await self._send(self._down, self.client, h11.Data(data=buffered))
+            data = (data or b"") + (self._down.send(h11.Data(data=buffered)) or b"")
+        return data or b""
 
     async def _send_replaced(self, response: Response) -> None:
         body = response.body or b""
@@ -526,16 +538,35 @@ class HttpRelay:
         # The origin's remaining body is not wanted; the connection cannot be reused.
         raise _Blocked
 
-    async def _stream_response_body(self) -> None:
+    async def _stream_response_body(self, head: bytes) -> None:
+        """Relay the rest of the response after ``head`` (the serialised start, not yet sent).
+
+        What is already received goes out in one write (a small response is one TLS record:
+        head, body and end together); after that, each receive is one write.
+        """
+        out = bytearray(head)
         while True:
-            event = await self._next_event(self._up, self.upstream, "upstream")
-            if isinstance(event, h11.Data):
-                await self._send(self._down, self.client, event)
-            elif isinstance(event, h11.EndOfMessage):
-                await self._send(self._down, self.client, event)
-                return
+            event = self._parsed_event(self._up, "upstream")
+            if event is h11.NEED_DATA:
+                if out:
+                    await self.client.send_all(out)
+                    self._touch()
+                    out.clear()
+                await self._receive_into(self._up, self.upstream, "upstream")
+                continue
+            if isinstance(event, h11.Data | h11.EndOfMessage):
+                out += self._down.send(event) or b""
             else:
                 raise UpstreamError("origin closed during the response", reason="upstream_gone")
+            if isinstance(event, h11.EndOfMessage):
+                if out:
+                    await self.client.send_all(out)
+                    self._touch()
+                return
+            if len(out) >= _RECEIVE_SIZE:
+                await self.client.send_all(out)
+                self._touch()
+                out.clear()
 
 
 class _Blocked(Exception):
