@@ -7,9 +7,12 @@ steps of DESIGN.md:
 
 1. **CONNECT** (explicit proxy): the request head is read (bounded, timed), the target host is
    normalised, and the upstream TCP connection is opened *before* answering, so that a host that
-   cannot be reached gets ``502`` rather than a tunnel to nowhere. ``CONNECT error.invalid:443``
-   is answered by tlsmitm itself: that is the error origin. Absolute-form ``http://`` requests
-   are relayed as plain HTTP. In transparent mode the embedder supplies the destination instead.
+   cannot be reached gets ``502`` rather than a tunnel to nowhere -- unless an idle pooled
+   connection to that host is kept for this client (:mod:`tlsmitm._pool`): then the
+   ClientHello decides whether it fits, and the host is dialled only if not.
+   ``CONNECT error.invalid:443`` is answered by tlsmitm itself: that is the error origin.
+   Absolute-form ``http://`` requests are relayed as plain HTTP. In transparent mode the
+   embedder supplies the destination instead.
 2. **Peek** the ClientHello without consuming it: the bytes are replayed into the TLS engine (or
    spliced unchanged when the connection is bypassed or is not TLS at all).
 3. **Policy**: bypass -> splice raw bytes both ways, byte for byte.
@@ -24,9 +27,10 @@ steps of DESIGN.md:
    for passthrough) and 8. **handshake** with the client, ALPN = exactly what upstream chose.
 9. **Relay**: HTTP/1.1 through h11 with the embedder's hooks and HSTS recording (only for
    verified connections), raw bytes for h2 and non-HTTP protocols, a redirect to the error
-   origin for error pages.
+   origin for error pages. A verified upstream that ended cleanly between requests goes to the
+   pool for the same client's next connection.
 
-Every step has a timeout; every failure closes both sides (``aclose_forcefully``); each
+Every step has a timeout; every failure closes both sides (at once, see ``_close``); each
 connection runs in its own nursery and nothing outlives it. One record per connection goes to
 the :class:`~tlsmitm.DecisionLog`.
 """
