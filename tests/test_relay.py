@@ -1108,3 +1108,36 @@ async def test_an_upstream_that_closed_while_idle_is_not_reused(
     assert connections == 2
     assert setup.interceptor.stats.upstream_reused == 0
     assert [r.verdict for r in setup.records[-2:]] == ["ok", "ok"]
+
+
+@pytest.mark.parametrize(("bind", "target"), [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")])
+async def test_the_default_connector_dials_addresses_directly(
+    nursery: trio.Nursery, bind: str, target: str
+) -> None:
+    from tlsmitm._relay import _tcp_connector
+
+    if bind == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    accepted: list[bytes] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        accepted.append(await stream.receive_some(10))
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, host=bind), handler, 0)
+    port = listeners[0].socket.getsockname()[1]
+    for host in (target, "localhost" if bind == "127.0.0.1" else target):
+        stream = await _tcp_connector(host, port)
+        await stream.send_all(b"hi")
+        await stream.aclose()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    with closed, pytest.raises(OSError):  # nothing listens: refused, and the socket is closed
+        await _tcp_connector("127.0.0.1", closed.getsockname()[1])
+    await settle_until(lambda: len(accepted) == 2)
+    assert accepted == [b"hi", b"hi"]
+
+
+async def settle_until(condition: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        while not condition():
+            await trio.sleep(0.01)

@@ -62,7 +62,7 @@ from ._errors import CertError, ClientError, TlsMitmError, UpstreamError
 from ._forge import CertForge, ForgedLeaf, IssuerKind
 from ._hsts import HstsStore
 from ._http import Block, FlowInfo, Hooks, HttpRelay, Request, Switched, fetch_http, run_relay
-from ._names import InvalidHostName, is_ip_literal, normalize_host
+from ._names import InvalidHostName, ip_address_of, is_ip_literal, normalize_host
 from ._policy import ConnectionRecord, DecisionLog, InterceptPolicy
 from ._pool import PooledUpstream, PoolKey, UpstreamPool
 from ._responder import Action, ActionKind, ErrorResponder, HttpRequest
@@ -1334,7 +1334,19 @@ class _RewritingHooks(Hooks):
 
 
 async def _tcp_connector(host: str, port: int) -> trio.abc.Stream:
-    return await trio.open_tcp_stream(host, port)
+    address = ip_address_of(host)
+    if address is None:
+        return await trio.open_tcp_stream(host, port)
+    # An address (a transparent destination, a --resolve target): one connect, without the
+    # name resolution and happy-eyeballs tasks open_tcp_stream spends on a name.
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((str(address), port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:
