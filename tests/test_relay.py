@@ -1141,3 +1141,31 @@ async def settle_until(condition: Callable[[], bool]) -> None:
     with trio.fail_after(10):
         while not condition():
             await trio.sleep(0.01)
+
+
+async def test_an_http10_origin_is_relayed(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    context = server_ssl_context(hierarchy.leaf, tmp_path)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await tls.receive_some(65536)
+            await tls.send_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nold server")
+        finally:
+            await trio.aclose_forcefully(tls)  # HTTP/1.0 without a length: the close ends it
+
+    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    port = listeners[0].socket.getsockname()[1]
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+    results = await trio.to_thread.run_sync(
+        functools.partial(https_via_proxy, setup, port, [("GET", "/", None)])
+    )
+    assert results[0][0] == 200
+    assert results[0][2] == b"old server"
+    await settle(setup)
+    assert setup.records[-1].decision == "intercept"
+    assert setup.interceptor.stats.errors == {}

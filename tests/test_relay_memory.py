@@ -334,3 +334,28 @@ async def test_without_pooling_connection_close_is_forwarded(
     interceptor, client_context, stats, _, _ = _build(tmp_path, nursery, pool_seconds=0)
     await _one_request(interceptor, client_context, extra_headers="Connection: close\r\n")
     assert [dict(headers).get(b"connection") for headers in stats.headers] == [b"close"]
+
+
+async def test_an_http10_client_is_answered(nursery: trio.Nursery, tmp_path: Path) -> None:
+    # h11 only writes HTTP/1.1: the request goes upstream as HTTP/1.1 and the HTTP/1.0 client
+    # gets its answer, then the close its version implies.
+    interceptor, client_context, stats, _, records = _build(tmp_path, nursery)
+    client_end, proxy_end = trio.testing.memory_stream_pair()
+    nursery.start_soon(lambda: interceptor.handle(proxy_end, client=("192.0.2.1", 1)))
+    await client_end.send_all(f"CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n".encode())
+    await client_end.receive_some(1024)
+    # (Over memory streams the proxy's close sends no close_notify: only sockets close at once.)
+    tls = trio.SSLStream(client_end, client_context, server_hostname=HOST, https_compatible=True)
+    await tls.do_handshake()
+    await tls.send_all(f"GET / HTTP/1.0\r\nHost: {HOST}\r\n\r\n".encode())
+    response = b""
+    with trio.fail_after(10):
+        while chunk := await tls.receive_some(65536):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 200")
+    assert response.endswith(b"hello from origin")
+    assert stats.requests == [(b"GET", b"/")]
+    await trio.testing.wait_all_tasks_blocked()
+    assert records[-1].decision == "intercept"
+    assert interceptor.stats.errors == {}
+    await interceptor.close_idle_upstreams()

@@ -327,9 +327,10 @@ class HttpRelay:
             if isinstance(outcome, Block):
                 await self._answer_locally(outcome, request)
                 return None
+            parsed: h11.Request | None = event
             if outcome is not None:
-                request = outcome
-            switched = await self._exchange(request)
+                request, parsed = outcome, None
+            switched = await self._exchange(request, parsed)
             if switched is not None:
                 return switched
             # The upstream is between requests only when both its messages are complete and
@@ -375,21 +376,23 @@ class HttpRelay:
         await self._send(self._down, self.client, h11.Data(data=body))
         await self._send(self._down, self.client, h11.EndOfMessage())
 
-    async def _exchange(self, request: Request) -> Switched | None:
+    async def _exchange(self, request: Request, parsed: h11.Request | None) -> Switched | None:
+        """Send ``request`` upstream and relay the answer.
+
+        ``parsed`` is the client's request as h11 parsed it, when no hook changed it: sent as it
+        is, h11 does not validate its headers a second time.
+        """
         headers = list(request.headers)
         if self.keep_upstream_alive:
-            headers = _without_connection_close(headers)
-        head = (
-            self._up.send(
-                h11.Request(
-                    method=request.method,
-                    target=request.target,
-                    headers=headers,
-                    http_version=request.http_version,
-                )
-            )
-            or b""
-        )
+            kept = _without_connection_close(headers)
+            if kept != headers:
+                headers, parsed = kept, None
+        if parsed is not None and parsed.http_version != b"1.1":
+            parsed = None
+        # Sent as HTTP/1.1 whatever the client spoke (RFC 9110 §2.5: an intermediary sends its
+        # own version); h11 keeps the client's HTTP/1.0 semantics on the client's side.
+        event = parsed or h11.Request(method=request.method, target=request.target, headers=headers)
+        head = self._up.send(event) or b""
         try:
             first = self._down.next_event()  # no I/O: is the request already complete?
         except h11.RemoteProtocolError as exc:
@@ -452,10 +455,12 @@ class HttpRelay:
                 headers=_h11_headers(event.headers),
                 http_version=bytes(event.http_version),
             )
-            await self._handle_response(request, response)
+            await self._handle_response(request, response, event)
             return None
 
-    async def _handle_response(self, request: Request, response: Response) -> None:
+    async def _handle_response(
+        self, request: Request, response: Response, parsed: h11.Response
+    ) -> None:
         if _binds_connection(response.headers, b"www-authenticate"):
             self._connection_bound_auth = True
         keep_alive = _first_header(response.headers, b"keep-alive")
@@ -468,7 +473,9 @@ class HttpRelay:
         limit = self.hooks.body_limit
         if limit <= 0:
             outcome = await self.hooks.on_response(self.flow, request, response)
-            head = await self._response_outcome(outcome, response, request, buffered=b"")
+            head = await self._response_outcome(
+                outcome, response, request, buffered=b"", parsed=parsed
+            )
             await self._stream_response_body(head)
             return
         buffered = bytearray()
@@ -489,7 +496,9 @@ class HttpRelay:
         if complete and isinstance(outcome, Response) and outcome.body is not None:
             await self._send_replaced(outcome)
             return
-        head = await self._response_outcome(outcome, response, request, buffered=bytes(buffered))
+        head = await self._response_outcome(
+            outcome, response, request, buffered=bytes(buffered), parsed=parsed
+        )
         if complete:
             await self.client.send_all(head + (self._down.send(h11.EndOfMessage()) or b""))
             self._touch()
@@ -503,18 +512,25 @@ class HttpRelay:
         request: Request,
         *,
         buffered: bytes,
+        parsed: h11.Response,
     ) -> bytes:
         """The bytes that start the response to the client (its head and ``buffered``), unsent.
 
-        A :class:`Block` is answered here and ends the relay.
+        A :class:`Block` is answered here and ends the relay. An unchanged head is sent as h11
+        parsed it (``parsed``), without a second validation of its headers.
         """
         if isinstance(outcome, Block):
             await self._answer_locally(outcome, request)
             raise _Blocked
-        head = outcome if isinstance(outcome, Response) else response
-        data = self._down.send(
-            h11.Response(status_code=head.status, reason=head.reason, headers=list(head.headers))
-        )
+        if outcome is None and parsed.http_version == b"1.1":
+            data = self._down.send(parsed)
+        else:
+            head = outcome or response  # (an HTTP/1.0 origin's answer goes out as HTTP/1.1)
+            data = self._down.send(
+                h11.Response(
+                    status_code=head.status, reason=head.reason, headers=list(head.headers)
+                )
+            )
         if buffered:
             data = (data or b"") + (self._down.send(h11.Data(data=buffered)) or b"")
         return data or b""
