@@ -9,7 +9,13 @@ import pytest
 import trio
 
 from tlsmitm._http import _binds_connection, _keep_alive_timeout
-from tlsmitm._pool import PooledUpstream, PoolKey, UpstreamPool, _transport_quiet
+from tlsmitm._pool import (
+    REPEAT_WINDOW,
+    PooledUpstream,
+    PoolKey,
+    UpstreamPool,
+    _transport_quiet,
+)
 from tlsmitm._tls import TLSStream
 
 
@@ -35,9 +41,26 @@ def _key(client: str = "10.0.0.1", host: str = "a.test", sni: str = "a.test") ->
     return (client, host, 443, sni, (b"http/1.1",))
 
 
+def _returning(pool: UpstreamPool, *keys: PoolKey, now: float) -> None:
+    """The client was here before: a connection for each key was asked for (and none kept)."""
+    for key in keys:
+        assert pool.take(key, now) == (None, [])
+
+
+def test_a_first_visit_is_not_kept_a_return_within_the_window_is() -> None:
+    pool = UpstreamPool(max_idle=10, max_per_key=4, idle_seconds=5)
+    first, second, later = _Stream("first"), _Stream("second"), _Stream("later")
+    assert pool.put(_key(), _entry(first, 105), now=100) == [first]  # never seen: closed
+    assert pool.put(_key(), _entry(second, 115), now=110) == []  # seen 10 s ago: kept
+    assert pool.take(_key(), now=111)[0] is not None
+    # Seen last at 111: a visit more than REPEAT_WINDOW later is a first visit again.
+    assert pool.put(_key(), _entry(later, 300), now=111 + REPEAT_WINDOW + 1) == [later]
+
+
 def test_take_returns_the_newest_live_connection_and_drops_dead_ones() -> None:
     pool = UpstreamPool(max_idle=10, max_per_key=4, idle_seconds=5)
     old, dead = _Stream("old"), _Stream("dead", idle=False)
+    _returning(pool, _key(), now=99)
     assert pool.put(_key(), _entry(old, 105), now=100) == []
     assert pool.put(_key(), _entry(dead, 105), now=100) == []
     assert pool.has_route("10.0.0.1", "a.test", 443)
@@ -52,6 +75,7 @@ def test_take_returns_the_newest_live_connection_and_drops_dead_ones() -> None:
 
 def test_keys_separate_clients_names_and_alpn() -> None:
     pool = UpstreamPool(max_idle=10, max_per_key=4, idle_seconds=5)
+    _returning(pool, _key(), now=99)
     pool.put(_key(), _entry(_Stream("x"), 105), now=100)
     assert pool.take(_key(client="10.0.0.2"), now=101) == (None, [])
     assert pool.take(_key(sni="b.test"), now=101) == (None, [])
@@ -63,6 +87,7 @@ def test_keys_separate_clients_names_and_alpn() -> None:
 def test_bounds_per_key_and_in_all_drop_the_oldest() -> None:
     pool = UpstreamPool(max_idle=3, max_per_key=2, idle_seconds=5)
     streams = [_Stream(str(i)) for i in range(5)]
+    _returning(pool, _key(), _key(host="b.test"), _key(host="c.test"), now=99)
     assert pool.put(_key(), _entry(streams[0], 105), now=100) == []
     assert pool.put(_key(), _entry(streams[1], 105), now=100) == []
     assert pool.put(_key(), _entry(streams[2], 105), now=100) == [streams[0]]
@@ -77,6 +102,7 @@ def test_bounds_per_key_and_in_all_drop_the_oldest() -> None:
 def test_expiry() -> None:
     pool = UpstreamPool(max_idle=10, max_per_key=4, idle_seconds=5)
     early, late = _Stream("early"), _Stream("late")
+    _returning(pool, _key(), now=99)
     pool.put(_key(), _entry(early, 105), now=100)
     pool.put(_key(), _entry(late, 108), now=103)
     assert pool.expire(now=106) == [early]
@@ -91,6 +117,7 @@ def test_deadline_follows_the_servers_keep_alive_timeout() -> None:
     assert pool.deadline(100, 1.0) is None  # too short to be worth keeping
     assert UpstreamPool(max_idle=0, max_per_key=1, idle_seconds=4).deadline(100, None) is None
     off = UpstreamPool(max_idle=10, max_per_key=1, idle_seconds=0)
+    _returning(off, _key(), now=99)
     stream = _Stream("x")
     assert off.put(_key(), _entry(stream, 100), now=100) == [stream]
     with pytest.raises(ValueError):

@@ -644,8 +644,13 @@ async def test_a_thousand_connections_leave_no_descriptor_or_task_behind(
     with trio.fail_after(10):
         while setup.interceptor.stats.active:
             await trio.sleep(0.05)
+    # The origin's tasks (in this same trio run) see their connections end a moment after the
+    # proxy's: wait (bounded) for them; a leaked task or descriptor never goes away. (<=: the
+    # origin's task for the warm-up connection may end after the counts were taken.)
+    with trio.fail_after(10):
+        while trio.lowlevel.current_statistics().tasks_living > tasks_before:
+            await trio.sleep(0.01)
     assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
-    assert trio.lowlevel.current_statistics().tasks_living == tasks_before
     assert setup.interceptor.stats.connections >= 1001
 
 
@@ -1055,16 +1060,18 @@ async def test_a_client_reconnecting_gets_the_kept_upstream_connection(
 ) -> None:
     origin = await start_origin(nursery, tmp_path, hierarchy)
     setup = await start_proxy(nursery, tmp_path, hierarchy)
-    for path in ("/", "/size/1000", "/chunked/5000"):
+    paths = ["/", "/size/1000", "/chunked/5000", "/size/10"]
+    for path in paths:
         results = await trio.to_thread.run_sync(
             functools.partial(https_via_proxy, setup, origin.port, [("GET", path, None)])
         )
         assert results[0][0] == 200
         await settle(setup)
-    assert origin.stats.connections == 1  # three client connections, one upstream connection
-    assert [r for _, r in origin.stats.requests] == [b"/", b"/size/1000", b"/chunked/5000"]
+    # The first visit's upstream connection is closed; the second is kept and serves the rest.
+    assert origin.stats.connections == 2
+    assert [r for _, r in origin.stats.requests] == [p.encode() for p in paths]
     assert setup.interceptor.stats.upstream_reused == 2
-    assert [(r.decision, r.verdict) for r in setup.records[-3:]] == [("intercept", "ok")] * 3
+    assert [(r.decision, r.verdict) for r in setup.records[-4:]] == [("intercept", "ok")] * 4
 
 
 async def test_an_upstream_that_closed_while_idle_is_not_reused(
@@ -1099,15 +1106,16 @@ async def test_an_upstream_that_closed_while_idle_is_not_reused(
     listeners = await nursery.start(trio.serve_tcp, handler, 0)
     port = listeners[0].socket.getsockname()[1]
     setup = await start_proxy(nursery, tmp_path, hierarchy)
-    for _ in range(2):
+    for _ in range(3):  # the second connection's upstream is kept, and closed by the origin
         results = await trio.to_thread.run_sync(
             functools.partial(https_via_proxy, setup, port, [("GET", "/", None)])
         )
         assert results[0][2] == b"ok"
         await settle(setup)
-    assert connections == 2
+    assert connections == 3
     assert setup.interceptor.stats.upstream_reused == 0
-    assert [r.verdict for r in setup.records[-2:]] == ["ok", "ok"]
+    assert setup.interceptor.stats.upstream_stale == 1
+    assert [r.verdict for r in setup.records[-3:]] == ["ok", "ok", "ok"]
 
 
 @pytest.mark.parametrize(("bind", "target"), [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")])

@@ -241,18 +241,21 @@ async def test_a_clean_upstream_connection_serves_the_same_clients_next_connecti
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     interceptor, client_context, stats, dialed, records = _build(tmp_path, nursery)
+    interceptor.config = InterceptorConfig(verdict_cache_seconds=0)  # (every dial verifies)
     counting = _CountingVerifier(interceptor.verifier)
     interceptor.verifier = counting  # type: ignore[assignment]
-    for _ in range(3):
+    for _ in range(4):
         assert (await _one_request(interceptor, client_context)).endswith(b"hello from origin")
         await trio.testing.wait_all_tasks_blocked()
-    assert dialed == [(HOST, 443)]  # one upstream connection for three client connections
-    assert stats.requests == [(b"GET", b"/")] * 3
-    assert counting.calls == 1  # verified once, when it was opened
+    # The first visit's connection is not kept (a host seen once is not worth it); the second
+    # one is, and serves the third and fourth client connections.
+    assert dialed == [(HOST, 443)] * 2
+    assert stats.requests == [(b"GET", b"/")] * 4
+    assert counting.calls == 2  # verified when opened, not when reused
     assert interceptor.stats.upstream_reused == 2
-    assert [(r.decision, r.reason, r.verdict) for r in records[-3:]] == [
+    assert [(r.decision, r.reason, r.verdict) for r in records[-4:]] == [
         ("intercept", "verified", "ok")
-    ] * 3
+    ] * 4
     await interceptor.close_idle_upstreams()
 
 
@@ -261,9 +264,10 @@ async def test_pooled_connections_are_never_shared_between_clients(
 ) -> None:
     interceptor, client_context, _, dialed, _ = _build(tmp_path, nursery)
     await _one_request(interceptor, client_context, client=("192.0.2.1", 1))
-    await _one_request(interceptor, client_context, client=("192.0.2.2", 1))
-    await _one_request(interceptor, client_context, client=("192.0.2.1", 2))
-    assert dialed == [(HOST, 443)] * 2
+    await _one_request(interceptor, client_context, client=("192.0.2.1", 2))  # kept
+    await _one_request(interceptor, client_context, client=("192.0.2.2", 1))  # not for B
+    await _one_request(interceptor, client_context, client=("192.0.2.1", 3))  # for A
+    assert dialed == [(HOST, 443)] * 3
     assert interceptor.stats.upstream_reused == 1
     await interceptor.close_idle_upstreams()
 
@@ -281,9 +285,10 @@ async def test_connections_bound_to_their_client_are_not_pooled(
     # NTLM and Negotiate authenticate the TCP connection, not the request: a pooled connection
     # would hand the first client's login to the next.
     interceptor, client_context, _, dialed, _ = _build(tmp_path, nursery)
+    await _one_request(interceptor, client_context)  # (a first visit is never kept)
     await _one_request(interceptor, client_context, extra_headers=header)
     await _one_request(interceptor, client_context)
-    assert dialed == [(HOST, 443)] * 2
+    assert dialed == [(HOST, 443)] * 3
     assert interceptor.stats.upstream_reused == 0
     await interceptor.close_idle_upstreams()
 
@@ -292,12 +297,13 @@ async def test_pooled_connections_expire(
     nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     interceptor, client_context, _, dialed, _ = _build(tmp_path, nursery, pool_seconds=4.0)
-    await _one_request(interceptor, client_context)
+    await _one_request(interceptor, client_context)  # a first visit: not kept
+    await _one_request(interceptor, client_context)  # kept
     await trio.sleep(3.0)
     await _one_request(interceptor, client_context)  # within 4 s of being put back: reused
     await trio.sleep(4.5)
     await _one_request(interceptor, client_context)  # expired: a new connection
-    assert dialed == [(HOST, 443)] * 2
+    assert dialed == [(HOST, 443)] * 3
     assert interceptor.stats.upstream_reused == 1
     await interceptor.close_idle_upstreams()
 
@@ -316,15 +322,16 @@ async def test_a_clients_connection_close_ends_its_own_hop_only(
     # RFC 9110 §7.6.1: Connection is hop-by-hop. The client's hop closes after the response;
     # the upstream hop is kept for the client's next connection.
     interceptor, client_context, stats, dialed, _ = _build(tmp_path, nursery)
-    first = await _one_request(
+    await _one_request(interceptor, client_context, extra_headers="Connection: close\r\n")
+    second = await _one_request(
         interceptor, client_context, extra_headers="Connection: keep-alive, close\r\n"
     )
-    assert b"\r\nconnection: close\r\n" in first.lower()
+    assert b"\r\nconnection: close\r\n" in second.lower()
     await _one_request(interceptor, client_context, extra_headers="Connection: close\r\n")
-    assert dialed == [(HOST, 443)]
+    assert dialed == [(HOST, 443)] * 2
     assert interceptor.stats.upstream_reused == 1
     forwarded = [dict(headers).get(b"connection") for headers in stats.headers]
-    assert forwarded == [b"keep-alive", None]
+    assert forwarded == [None, b"keep-alive", None]
     await interceptor.close_idle_upstreams()
 
 

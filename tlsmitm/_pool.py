@@ -14,6 +14,11 @@ them, bounded in number and time, and checks that one is still alive before hand
 The key holds everything that made the connection what it is: the client's address (a
 connection is never shared between clients), the dialled host and port, the SNI name, and the
 ALPN list offered upstream.
+
+A connection is kept only when its key was seen before, recently (:data:`REPEAT_WINDOW`): a
+browser that visits a hundred hosts once each would otherwise leave a hundred idle connections
+open on a hundred servers for nothing. The first connection to a server is closed as usual; from
+the second on, a client that comes back finds one kept.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ __all__ = ["PoolKey", "PooledUpstream", "UpstreamPool"]
 
 # (client IP, dialled host, port, SNI name, ALPN offered upstream)
 PoolKey = tuple[str, str, int, str, tuple[bytes, ...]]
+REPEAT_WINDOW = 60.0  # seconds: a key seen this recently is worth keeping a connection for
 
 
 @dataclass(slots=True, kw_only=True)
@@ -83,6 +89,7 @@ class UpstreamPool:
         self._idle: OrderedDict[PoolKey, list[PooledUpstream]] = OrderedDict()
         self._routes: dict[tuple[str, str, int], int] = {}
         self._count = 0
+        self._seen: OrderedDict[PoolKey, float] = OrderedDict()  # key -> when last seen
         self.reused = 0
         self.stale = 0
 
@@ -111,9 +118,13 @@ class UpstreamPool:
         return now + seconds
 
     def put(self, key: PoolKey, entry: PooledUpstream, now: float) -> list[TLSStream]:
-        """Keep ``entry``; returns the connections that expired or no longer fit."""
+        """Keep ``entry``; returns the connections that expired or no longer fit.
+
+        ``entry`` itself is among them when pooling is off, and when ``key`` was not seen in
+        the last :data:`REPEAT_WINDOW` seconds (a first visit is not kept).
+        """
         dropped = self.expire(now)
-        if not self.enabled:
+        if not self.enabled or not self._seen_recently(key, now):
             return [*dropped, entry.stream]
         entries = self._idle.setdefault(key, [])
         entries.append(entry)
@@ -128,6 +139,7 @@ class UpstreamPool:
 
     def take(self, key: PoolKey, now: float) -> tuple[PooledUpstream | None, list[TLSStream]]:
         """The newest live connection for ``key`` (removed from the pool), and ones to close."""
+        self._seen_recently(key, now)
         dropped: list[TLSStream] = []
         while self._idle.get(key):
             entry = self._pop(key, -1)
@@ -165,6 +177,14 @@ class UpstreamPool:
         self._routes.clear()
         self._count = 0
         return dropped
+
+    def _seen_recently(self, key: PoolKey, now: float) -> bool:
+        """Was ``key`` seen in the last :data:`REPEAT_WINDOW` seconds? Notes it as seen now."""
+        last = self._seen.pop(key, None)
+        self._seen[key] = now
+        while len(self._seen) > 4 * max(self.max_idle, 64):
+            self._seen.popitem(last=False)
+        return last is not None and now - last <= REPEAT_WINDOW
 
     def _pop(self, key: PoolKey, index: int) -> PooledUpstream:
         entries = self._idle[key]

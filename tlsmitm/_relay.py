@@ -182,6 +182,7 @@ class InterceptorStats:
     client_handshake_failures: int = 0
     upstream_failures: int = 0
     upstream_reused: int = 0
+    upstream_stale: int = 0  # kept connections found closed or unclean when wanted
     errors: dict[str, int] = field(default_factory=dict)
     cert_errors: dict[str, int] = field(default_factory=dict)
 
@@ -702,6 +703,7 @@ class Interceptor:
 
     async def _take_pooled(self, key: PoolKey) -> PooledUpstream | None:
         pooled, stale = self._pool.take(key, trio.current_time())
+        self.stats.upstream_stale += len(stale)
         for stream in stale:
             await _close(stream)
         if pooled is not None:
