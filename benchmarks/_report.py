@@ -116,61 +116,59 @@ def _ratio(result: RunResult, key: str, peer: str, ours_label: str = "tlsmitm") 
     return a / b
 
 
+def _ratio_goal(
+    result: RunResult,
+    goal: str,
+    key: str,
+    peer: str,
+    at_least: float,
+    *,
+    ours_label: str = "tlsmitm",
+) -> Goal:
+    """A goal "``ours_label``'s ``key`` is at least ``at_least`` times ``peer``'s"."""
+    ratio = _ratio(result, key, peer, ours_label)
+    shown = "-" if ratio is None else (f"{ratio:.0%}" if at_least < 1 else f"{ratio:.1f}x")
+    return Goal(goal=goal, measured=shown, met=None if ratio is None else ratio >= at_least)
+
+
 def evaluate_goals(result: RunResult) -> list[Goal]:
     """The issue's goals, each with the figure that decides it."""
     goals: list[Goal] = []
     ours = result.peers.get("tlsmitm")
     metrics = ours.metrics if ours is not None else {}
-    for naming, concurrency in SETUP_CELLS:
-        key = f"setup.{naming}.c{concurrency}.per_s"
-        ratio = _ratio(result, key, "mitmproxy")
-        goals.append(
-            Goal(
-                goal=f"setup ({NAMING[naming]}, {concurrency} in flight) >= 4x mitmproxy",
-                measured="-" if ratio is None else f"{ratio:.1f}x",
-                met=None if ratio is None else ratio >= 4,
-            )
-        )
+    labels = [("tlsmitm", "")]
     if "tlsmitm-nopool" in result.peers:
+        labels.append(("tlsmitm-nopool", "  without the upstream pool: "))
+    for label, prefix in labels:
         for naming, concurrency in SETUP_CELLS:
-            key = f"setup.{naming}.c{concurrency}.per_s"
-            ratio = _ratio(result, key, "mitmproxy", ours_label="tlsmitm-nopool")
             goals.append(
-                Goal(
-                    goal=f"  without the upstream pool: setup ({NAMING[naming]}, "
-                    f"{concurrency} in flight) >= 4x mitmproxy",
-                    measured="-" if ratio is None else f"{ratio:.1f}x",
-                    met=None if ratio is None else ratio >= 4,
+                _ratio_goal(
+                    result,
+                    f"{prefix}setup ({NAMING[naming]}, {concurrency} in flight) >= 4x mitmproxy",
+                    f"setup.{naming}.c{concurrency}.per_s",
+                    "mitmproxy",
+                    4,
+                    ours_label=label,
                 )
             )
     for naming, concurrency in SETUP_CELLS[:2]:
-        key = f"setup.{naming}.c{concurrency}.per_s"
-        ratio = _ratio(result, key, "terminator")
         goals.append(
-            Goal(
-                goal=f"setup ({NAMING[naming]}, {concurrency} in flight) >= 40 % of the terminator",
-                measured="-" if ratio is None else f"{ratio:.0%}",
-                met=None if ratio is None else ratio >= 0.4,
+            _ratio_goal(
+                result,
+                f"setup ({NAMING[naming]}, {concurrency} in flight) >= 40 % of the terminator",
+                f"setup.{naming}.c{concurrency}.per_s",
+                "terminator",
+                0.4,
             )
         )
     for direction in ("download", "upload"):
         key = f"bulk.{direction}.mb_s"
-        ratio = _ratio(result, key, "mitmproxy")
         goals.append(
-            Goal(
-                goal=f"bulk {direction} >= 3x mitmproxy (streaming)",
-                measured="-" if ratio is None else f"{ratio:.1f}x",
-                met=None if ratio is None else ratio >= 3,
+            _ratio_goal(
+                result, f"bulk {direction} >= 3x mitmproxy (streaming)", key, "mitmproxy", 3
             )
         )
-        ratio = _ratio(result, key, "direct")
-        goals.append(
-            Goal(
-                goal=f"bulk {direction} >= 50 % of direct",
-                measured="-" if ratio is None else f"{ratio:.0%}",
-                met=None if ratio is None else ratio >= 0.5,
-            )
-        )
+        goals.append(_ratio_goal(result, f"bulk {direction} >= 50 % of direct", key, "direct", 0.5))
         growth = metrics.get(f"bulk.{direction}.rss_growth_mib")
         goals.append(
             Goal(
