@@ -32,9 +32,7 @@ class _Stream:
 
 
 def _entry(stream: _Stream, expires: float) -> PooledUpstream:
-    return PooledUpstream(
-        stream=cast(TLSStream, stream), verdict=cast(Any, None), alpn=None, expires=expires
-    )
+    return PooledUpstream(stream=cast(TLSStream, stream), verdict=cast(Any, None), expires=expires)
 
 
 def _key(client: str = "10.0.0.1", host: str = "a.test", sni: str = "a.test") -> PoolKey:

@@ -165,27 +165,33 @@ def _h11_headers(headers: Any) -> Headers:
     return tuple((bytes(k), bytes(v)) for k, v in headers)
 
 
+def _connection_bound_scheme(value: bytes) -> bool:
+    """Is this ``Authorization``/``WWW-Authenticate`` value NTLM, Negotiate or Kerberos?"""
+    parts = bytes(value).split(None, 1)
+    return bool(parts) and parts[0].lower() in (b"ntlm", b"negotiate", b"kerberos")
+
+
 def _binds_connection(headers: Any, name: bytes) -> bool:
-    """Does an ``Authorization``/``WWW-Authenticate`` header use a connection-bound scheme?"""
-    for key, value in headers:
-        if bytes(key).lower() == name:
-            scheme = bytes(value).split(None, 1)[0].lower() if value.strip() else b""
-            if scheme in (b"ntlm", b"negotiate", b"kerberos"):
-                return True
-    return False
+    """Does a ``name`` header (``authorization``...) use a connection-bound scheme?"""
+    return any(bytes(k).lower() == name and _connection_bound_scheme(v) for k, v in headers)
 
 
-def _without_connection_close(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """``headers`` without the ``close`` option of ``Connection`` (other options stay)."""
+def _without_connection_close(headers: Headers) -> list[tuple[bytes, bytes]] | None:
+    """``headers`` without the ``close`` option of ``Connection`` (other options stay);
+    ``None`` when there is no such option (nothing to change: the usual case)."""
     out: list[tuple[bytes, bytes]] = []
+    changed = False
     for key, value in headers:
         if key.lower() == b"connection":
-            options = [o.strip() for o in value.split(b",") if o.strip().lower() != b"close"]
-            if not any(options):
-                continue
-            value = b", ".join(o for o in options if o)
+            options = [o.strip() for o in value.split(b",") if o.strip()]
+            kept = [o for o in options if o.lower() != b"close"]
+            if len(kept) != len(options):
+                changed = True
+                if not kept:
+                    continue
+                value = b", ".join(kept)
         out.append((key, value))
-    return out
+    return out if changed else None
 
 
 def _keep_alive_timeout(value: bytes) -> float | None:
@@ -382,16 +388,15 @@ class HttpRelay:
         ``parsed`` is the client's request as h11 parsed it, when no hook changed it: sent as it
         is, h11 does not validate its headers a second time.
         """
-        headers = list(request.headers)
-        if self.keep_upstream_alive:
-            kept = _without_connection_close(headers)
-            if kept != headers:
-                headers, parsed = kept, None
-        if parsed is not None and parsed.http_version != b"1.1":
-            parsed = None
-        # Sent as HTTP/1.1 whatever the client spoke (RFC 9110 §2.5: an intermediary sends its
-        # own version); h11 keeps the client's HTTP/1.0 semantics on the client's side.
-        event = parsed or h11.Request(method=request.method, target=request.target, headers=headers)
+        stripped = _without_connection_close(request.headers) if self.keep_upstream_alive else None
+        event: h11.Request
+        if parsed is not None and stripped is None and parsed.http_version == b"1.1":
+            event = parsed
+        else:
+            # Sent as HTTP/1.1 whatever the client spoke (RFC 9110 §2.5: an intermediary sends
+            # its own version); h11 keeps the client's HTTP/1.0 semantics on the client's side.
+            headers = stripped if stripped is not None else list(request.headers)
+            event = h11.Request(method=request.method, target=request.target, headers=headers)
         head = self._up.send(event) or b""
         try:
             first = self._down.next_event()  # no I/O: is the request already complete?
@@ -461,15 +466,20 @@ class HttpRelay:
     async def _handle_response(
         self, request: Request, response: Response, parsed: h11.Response
     ) -> None:
-        if _binds_connection(response.headers, b"www-authenticate"):
-            self._connection_bound_auth = True
-        keep_alive = _first_header(response.headers, b"keep-alive")
+        keep_alive: bytes | None = None
+        sts: list[bytes] = []
+        for key, value in response.headers:  # one pass over what the relay itself looks at
+            name = key.lower()
+            if name == b"www-authenticate" and _connection_bound_scheme(value):
+                self._connection_bound_auth = True
+            elif name == b"keep-alive" and keep_alive is None:
+                keep_alive = value
+            elif name == b"strict-transport-security":
+                sts.append(value)
         if keep_alive is not None:
             self.keep_alive_hint = _keep_alive_timeout(keep_alive)
-        if self.on_sts is not None:
-            values = [v for k, v in response.headers if k.lower() == b"strict-transport-security"]
-            if values:
-                self.on_sts(values)
+        if self.on_sts is not None and sts:
+            self.on_sts(sts)
         limit = self.hooks.body_limit
         if limit <= 0:
             outcome = await self.hooks.on_response(self.flow, request, response)
@@ -564,25 +574,24 @@ class HttpRelay:
         while True:
             event = self._parsed_event(self._up, "upstream")
             if event is h11.NEED_DATA:
-                if out:
-                    await self.client.send_all(out)
-                    self._touch()
-                    out.clear()
+                await self._flush(out)
                 await self._receive_into(self._up, self.upstream, "upstream")
                 continue
-            if isinstance(event, h11.Data | h11.EndOfMessage):
-                out += self._down.send(event) or b""
-            else:
+            if not isinstance(event, h11.Data | h11.EndOfMessage):
                 raise UpstreamError("origin closed during the response", reason="upstream_gone")
+            out += self._down.send(event) or b""
             if isinstance(event, h11.EndOfMessage):
-                if out:
-                    await self.client.send_all(out)
-                    self._touch()
+                await self._flush(out)
                 return
             if len(out) >= _RECEIVE_SIZE:
-                await self.client.send_all(out)
-                self._touch()
-                out.clear()
+                await self._flush(out)
+
+    async def _flush(self, out: bytearray) -> None:
+        """Send what ``out`` holds to the client, and empty it."""
+        if out:
+            await self.client.send_all(out)
+            self._touch()
+            out.clear()
 
 
 class _Blocked(Exception):

@@ -43,7 +43,6 @@ class PooledUpstream:
 
     stream: TLSStream
     verdict: Verdict
-    alpn: bytes | None
     expires: float  # a time.monotonic()-style deadline (the caller's clock)
 
 

@@ -114,6 +114,11 @@ async def _close(resource: trio.abc.AsyncResource) -> None:
         await trio.aclose_forcefully(resource)
 
 
+async def _close_all(resources: Sequence[trio.abc.AsyncResource]) -> None:
+    for resource in resources:
+        await _close(resource)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InterceptorConfig:
     """Timeouts, limits and switches of one :class:`Interceptor`.
@@ -389,14 +394,12 @@ class Interceptor:
         Runs to the end also when cancelled (each close is forceful, so it cannot block).
         """
         with trio.CancelScope(shield=True):
-            for stream in self._pool.drain():
-                await _close(stream)
+            await _close_all(self._pool.drain())
 
     async def _expire_pool(self) -> None:
         while True:
             await trio.sleep(1.0)
-            for stream in self._pool.expire(trio.current_time()):
-                await _close(stream)
+            await _close_all(self._pool.expire(trio.current_time()))
 
     def shutdown(self) -> None:
         """Stop accepting; in-flight connections finish (within ``shutdown_grace``)."""
@@ -704,8 +707,7 @@ class Interceptor:
     async def _take_pooled(self, key: PoolKey) -> PooledUpstream | None:
         pooled, stale = self._pool.take(key, trio.current_time())
         self.stats.upstream_stale += len(stale)
-        for stream in stale:
-            await _close(stream)
+        await _close_all(stale)
         if pooled is not None:
             self.stats.upstream_reused += 1
         return pooled
@@ -790,7 +792,7 @@ class Interceptor:
                 upstream_verified=verdict.ok,
                 now=now,
             )
-        selected = pooled.alpn if pooled is not None else upstream.selected_alpn()
+        selected = upstream.selected_alpn()
         downstream = await self._client_handshake(
             client_stream, peeked, leaf, selected, client, name, port
         )
@@ -811,14 +813,10 @@ class Interceptor:
             if record_hsts and reusable and not self._draining:
                 deadline = self._pool.deadline(trio.current_time(), keep_alive_hint)
             if deadline is not None:
-                entry = PooledUpstream(
-                    stream=upstream, verdict=verdict, alpn=selected, expires=deadline
-                )
-                conn.upstream_pooled = True
-                for stream in self._pool.put(key, entry, trio.current_time()):
-                    if stream is upstream:
-                        conn.upstream_pooled = False
-                    await _close(stream)
+                entry = PooledUpstream(stream=upstream, verdict=verdict, expires=deadline)
+                dropped = self._pool.put(key, entry, trio.current_time())
+                conn.upstream_pooled = upstream not in dropped
+                await _close_all(dropped)
             else:
                 await _close(upstream)  # (close_notify first: the session stays resumable)
         finally:

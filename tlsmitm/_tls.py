@@ -1154,10 +1154,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
 
 def _send_without_waiting(stream: trio.abc.Stream, data: bytes) -> None:
-    sock = getattr(stream, "socket", None)
-    if isinstance(stream, trio.SocketStream) and sock is not None:
+    if isinstance(stream, trio.SocketStream):
         with suppress(OSError):
-            os.write(sock.fileno(), data)  # non-blocking: what does not fit is dropped
+            os.write(stream.socket.fileno(), data)  # non-blocking: what does not fit is dropped
 
 
 def close_at_once(resource: trio.abc.AsyncResource) -> bool:
