@@ -69,6 +69,36 @@ def _rate(operation: Callable[[], object], seconds: float, batch: int = 50) -> f
     return best
 
 
+def _leaf(
+    host: str,
+    issuer: x509.Name,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    public_key: ec.EllipticCurvePublicKey,
+    ski: x509.SubjectKeyIdentifier,
+    aki: x509.AuthorityKeyIdentifier,
+) -> x509.Certificate:
+    """A server leaf of the shape tlsmitm mints, made with ``CertificateBuilder``."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW)
+        .not_valid_after(NOW + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .add_extension(ski, critical=False)
+        .add_extension(aki, critical=False)
+        .sign(issuer_key, hashes.SHA256())
+    )
+
+
 def _builder_leaf(
     issuer_key: ec.EllipticCurvePrivateKey, issuer: x509.Name
 ) -> Callable[[], object]:
@@ -79,25 +109,7 @@ def _builder_leaf(
 
     def build() -> object:
         host = f"b{next(counter)}.example.com"
-        return (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-            .issuer_name(issuer)
-            .public_key(leaf_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(NOW)
-            .not_valid_after(NOW + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(True, False, False, False, False, False, False, False, False),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-            .add_extension(ski, critical=False)
-            .add_extension(aki, critical=False)
-            .sign(issuer_key, hashes.SHA256())
-        )
+        return _leaf(host, issuer, issuer_key, leaf_key.public_key(), ski, aki)
 
     return build
 
@@ -113,25 +125,8 @@ def _builder_mint(signer: _Signer) -> Callable[[], object]:
     def mint() -> object:
         host = f"m{next(counter)}.example.com"
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-            .issuer_name(signer.certificate.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(NOW)
-            .not_valid_after(NOW + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(True, False, False, False, False, False, False, False, False),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .add_extension(aki, critical=False)
-            .sign(issuer_key, hashes.SHA256())
-        )
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = _leaf(host, signer.certificate.subject, issuer_key, key.public_key(), ski, aki)
         pem = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.TraditionalOpenSSL,
