@@ -18,15 +18,17 @@ Figures (per second, single core):
 from __future__ import annotations
 
 import contextlib
+import functools
 import ssl
 import sys
-import time
 from collections.abc import Callable
 
 from OpenSSL import SSL
 
 from tlsmitm._clienthello import ClientHelloError, parse_client_hello
 from tlsmitm._tls import upstream_connection, upstream_context
+
+from ._measure import component_main, rate
 
 
 def _python_ssl_hello() -> bytes:
@@ -59,17 +61,7 @@ def _refragment(raw: bytes, pieces: int) -> bytes:
     )
 
 
-def _rate(operation: Callable[[], object], seconds: float, batch: int = 500) -> float:
-    """Calls per second of ``operation``, measured for about ``seconds``."""
-    done = 0
-    start = time.perf_counter()
-    while True:
-        for _ in range(batch):
-            operation()
-        done += batch
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return done / elapsed
+_rate = functools.partial(rate, batch=500)
 
 
 def _refusal(data: bytes) -> Callable[[], None]:
@@ -110,15 +102,7 @@ def run(seconds: float = 2.0) -> dict[str, float]:
 
 def main(argv: list[str]) -> int:
     """Print the figures as a table."""
-    seconds = float(argv[0]) if argv else 2.0
-    results = run(seconds)
-    width = max(len(name) for name in results)
-    print(f"{'figure':<{width}}  {'value':>14}")
-    print(f"{'-' * width}  {'-' * 14}")
-    for name, value in results.items():
-        shown = f"{value:,.2f}" if name.endswith("_us") else f"{value:,.0f}"
-        print(f"{name:<{width}}  {shown:>14}")
-    return 0
+    return component_main(run, argv)
 
 
 if __name__ == "__main__":

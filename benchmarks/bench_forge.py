@@ -29,9 +29,9 @@ Figures (per second unless the name says otherwise), all measured in the same pr
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import itertools
 import sys
-import time
 from collections.abc import Callable
 
 from cryptography import x509
@@ -43,30 +43,14 @@ from OpenSSL import crypto
 from tlsmitm._ca import CertificateAuthority, IssuerKind, _Signer
 from tlsmitm._forge import CertForge
 
+from ._measure import component_main, rate
+
 __all__ = ["run"]
 
 NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
 
 
-def _rate(operation: Callable[[], object], seconds: float, batch: int = 50) -> float:
-    """Calls per second of ``operation``: the best of five rounds over about ``seconds``.
-
-    The best round, not the mean: on a shared machine other processes only ever slow a round
-    down, so the fastest round is the closest to the code's own cost.
-    """
-    best = 0.0
-    for _ in range(5):
-        done = 0
-        start = time.perf_counter()
-        while True:
-            for _ in range(batch):
-                operation()
-            done += batch
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds / 5:
-                break
-        best = max(best, done / elapsed)
-    return best
+_rate = functools.partial(rate, batch=50, rounds=5)
 
 
 def _leaf(
@@ -218,14 +202,7 @@ def run(seconds: float = 2.0) -> dict[str, float]:
 
 def main(argv: list[str]) -> int:
     """Print the figures as a table."""
-    seconds = float(argv[0]) if argv else 2.0
-    figures = run(seconds)
-    width = max(len(name) for name in figures)
-    print(f"{'figure':<{width}}  value")
-    for name, value in figures.items():
-        shown = f"{value:.2f}" if "ratio" in name or name.startswith("us_") else f"{value:,.0f}"
-        print(f"{name:<{width}}  {shown:>12}")
-    return 0
+    return component_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ Figures (all per second unless the name says otherwise):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import tempfile
@@ -33,6 +34,8 @@ from tlsmitm._hsts import HstsStore, PreloadList, _decode_hstspreload, parse_sts
 from tlsmitm._sqlite_store import SqliteStore
 from tlsmitm._store import MemoryStore
 
+from ._measure import component_main, rate
+
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
 HEADERS = [
     "max-age=31536000; includeSubDomains; preload",
@@ -44,18 +47,7 @@ HEADERS = [
 ]
 
 
-def _rate(operation: Callable[[], object], seconds: float, batch: int = 200) -> float:
-    """Calls per second of ``operation``, measured for about ``seconds``."""
-    done = 0
-    start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        for _ in range(batch):
-            operation()
-        done += batch
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds or time.perf_counter() >= deadline:
-            return done / elapsed
+_rate = functools.partial(rate, batch=200)
 
 
 def _cycle(items: list[str]) -> Callable[[], str]:
@@ -149,15 +141,7 @@ def run(seconds: float = 2.0) -> dict[str, float]:
 
 def main(argv: list[str]) -> int:
     """Print the figures as a table."""
-    seconds = float(argv[0]) if argv else 2.0
-    results = run(seconds)
-    width = max(len(name) for name in results)
-    print(f"{'figure':<{width}}  {'value':>14}")
-    print(f"{'-' * width}  {'-' * 14}")
-    for name, value in results.items():
-        shown = f"{value:,.3f}" if name.endswith("_s") and not name.endswith("per_s") else None
-        print(f"{name:<{width}}  {shown or f'{value:,.0f}':>14}")
-    return 0
+    return component_main(run, argv)
 
 
 if __name__ == "__main__":

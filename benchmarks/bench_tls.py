@@ -40,6 +40,8 @@ from tlsmitm._tls import (
     upstream_context,
 )
 
+from ._measure import component_main, rate
+
 HOST = "bench.example.org"
 
 
@@ -66,15 +68,7 @@ def _utc(timestamp: float) -> dt.datetime:
 
 
 def _per_call_us(operation: Callable[[], object], seconds: float) -> float:
-    done = 0
-    start = time.perf_counter()
-    while True:
-        for _ in range(100):
-            operation()
-        done += 100
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return elapsed / done * 1e6
+    return 1e6 / rate(operation, seconds)
 
 
 async def _handshakes(
@@ -159,14 +153,7 @@ def run(seconds: float = 2.0) -> dict[str, float]:
 
 def main(argv: list[str]) -> int:
     """Print the figures as a table."""
-    seconds = float(argv[0]) if argv else 2.0
-    results = run(seconds)
-    width = max(len(name) for name in results)
-    print(f"{'figure':<{width}}  {'value':>12}")
-    print(f"{'-' * width}  {'-' * 12}")
-    for name, value in results.items():
-        print(f"{name:<{width}}  {value:>12,.2f}")
-    return 0
+    return component_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ from cryptography.x509.verification import PolicyBuilder, Store
 
 from tlsmitm._verify import TrustConfig, UpstreamVerifier
 
+from ._measure import component_main, rate
+
 __all__ = ["run"]
 
 NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
@@ -102,16 +104,7 @@ def _cert(
 
 def _per_call_ms(func: Callable[[], object], seconds: float) -> float:
     func()  # warm up
-    calls = 0
-    start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        for _ in range(20):
-            func()
-        calls += 20
-        now = time.perf_counter()
-        if now >= deadline:
-            return (now - start) / calls * 1000
+    return 1000 / rate(func, seconds, batch=20)
 
 
 def _verify(verifier: UpstreamVerifier, chain: list[x509.Certificate], host: str) -> object:
@@ -211,15 +204,7 @@ def run(seconds: float = 2.0) -> dict[str, float]:
 
 def main(argv: list[str]) -> int:
     """Print the figures as a table."""
-    seconds = float(argv[0]) if argv else 2.0
-    results = run(seconds)
-    width = max(len(name) for name in results)
-    print(f"{'figure':<{width}}  {'value':>10}")
-    print(f"{'-' * width}  {'-' * 10}")
-    for name, value in results.items():
-        unit = "ms" if name.endswith("_ms") else "x"
-        print(f"{name:<{width}}  {value:>7.3f} {unit}")
-    return 0
+    return component_main(run, argv)
 
 
 if __name__ == "__main__":
