@@ -43,42 +43,53 @@ class OriginStats:
     headers: list[list[tuple[bytes, bytes]]] = field(default_factory=list)
 
 
-async def _send(conn: h11.Connection, stream: trio.abc.Stream, *events: object) -> None:
+async def send_events(conn: h11.Connection, stream: trio.abc.Stream, *events: object) -> None:
+    """Serialise ``events`` with ``conn`` and send them."""
     for event in events:
         data = conn.send(event)  # type: ignore[arg-type]
         if data:
             await stream.send_all(data)
 
 
+async def read_request(
+    conn: h11.Connection, stream: trio.abc.Stream
+) -> tuple[h11.Request, bytes] | None:
+    """The next whole request (head and body), or ``None`` when the peer closed or broke."""
+    request: h11.Request | None = None
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            try:
+                data = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return None
+            conn.receive_data(data)
+        elif isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            assert request is not None
+            return request, bytes(body)
+        else:
+            return None
+
+
 async def serve_http(stream: trio.abc.Stream, stats: OriginStats) -> None:
     """Serve HTTP/1.1 on an already-decrypted stream until the peer closes."""
     conn = h11.Connection(h11.SERVER)
     while True:
-        request: h11.Request | None = None
-        body = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                try:
-                    data = await stream.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                conn.receive_data(data)
-            elif isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            else:
-                return
-        assert request is not None
+        received = await read_request(conn, stream)
+        if received is None:
+            return
+        request, body = received
         stats.requests.append((bytes(request.method), bytes(request.target)))
         stats.headers.append([(bytes(k), bytes(v)) for k, v in request.headers])
         target = bytes(request.target)
         headers: list[tuple[bytes, bytes]] = [(b"content-type", b"text/plain")]
         if target == b"/ws" and any(k == b"upgrade" for k, _ in request.headers):
-            await _send(
+            await send_events(
                 conn,
                 stream,
                 h11.InformationalResponse(
@@ -101,13 +112,13 @@ async def serve_http(stream: trio.abc.Stream, stats: OriginStats) -> None:
             payload = b"x" * int(target[6:])
         elif target.startswith(b"/chunked/"):
             size = int(target[9:])
-            await _send(conn, stream, h11.Response(status_code=200, headers=headers))
+            await send_events(conn, stream, h11.Response(status_code=200, headers=headers))
             sent = 0
             while sent < size:
                 n = min(65536, size - sent)
-                await _send(conn, stream, h11.Data(data=b"y" * n))
+                await send_events(conn, stream, h11.Data(data=b"y" * n))
                 sent += n
-            await _send(conn, stream, h11.EndOfMessage())
+            await send_events(conn, stream, h11.EndOfMessage())
             conn.start_next_cycle()
             continue
         elif target == b"/echo":
@@ -121,12 +132,12 @@ async def serve_http(stream: trio.abc.Stream, stats: OriginStats) -> None:
             payload = b"\n".join(k + b": " + v for k, v in request.headers)
         elif target == b"/stall":
             # Promise a body, send part of it, then stall.
-            await _send(
+            await send_events(
                 conn,
                 stream,
                 h11.Response(status_code=200, headers=[*headers, (b"content-length", b"1000")]),
             )
-            await _send(conn, stream, h11.Data(data=b"z" * 10))
+            await send_events(conn, stream, h11.Data(data=b"z" * 10))
             await trio.sleep(60)
             return
         elif target == b"/slow":
@@ -135,7 +146,7 @@ async def serve_http(stream: trio.abc.Stream, stats: OriginStats) -> None:
         else:
             payload = b"hello from origin"
         headers.append((b"content-length", str(len(payload)).encode()))
-        await _send(
+        await send_events(
             conn,
             stream,
             h11.Response(status_code=200, headers=headers),

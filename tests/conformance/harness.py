@@ -45,6 +45,7 @@ from typing import Any
 
 import h11
 import trio
+from origin import read_request, send_events
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -288,32 +289,13 @@ async def _websocket_echo(stream: trio.abc.Stream, pending: bytes) -> None:
             await stream.send_all(head + payload)
 
 
-async def _send(conn: h11.Connection, stream: trio.abc.Stream, *events: Any) -> None:
-    for event in events:
-        data = conn.send(event)
-        if data:
-            await stream.send_all(data)
-
-
 async def _serve_http(stream: trio.abc.Stream, origin: Origin) -> None:
     conn = h11.Connection(h11.SERVER)
     while True:
-        request: h11.Request | None = None
-        body = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
-                conn.receive_data(data)
-            elif isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            else:
-                return
-        assert request is not None
+        received = await read_request(conn, stream)
+        if received is None:
+            return
+        request, body = received
         seen = OriginRequest(
             method=bytes(request.method).decode(),
             target=bytes(request.target).decode("ascii", "replace"),
@@ -327,7 +309,7 @@ async def _serve_http(stream: trio.abc.Stream, origin: Origin) -> None:
         reply = origin.site(seen)
         if reply.websocket:
             key = seen.header("sec-websocket-key") or ""
-            await _send(
+            await send_events(
                 conn,
                 stream,
                 h11.InformationalResponse(
@@ -347,7 +329,7 @@ async def _serve_http(stream: trio.abc.Stream, origin: Origin) -> None:
         headers.append((b"content-length", str(len(reply.body)).encode()))
         if origin.close_each_response:
             headers.append((b"connection", b"close"))
-        await _send(
+        await send_events(
             conn,
             stream,
             h11.Response(status_code=reply.status, headers=headers),
