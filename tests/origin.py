@@ -3,7 +3,7 @@
 Routes: ``/`` (hello), ``/size/N`` (N bytes, Content-Length), ``/chunked/N`` (N bytes chunked),
 ``/echo`` (POST: the body back), ``/hsts`` (with Strict-Transport-Security), ``/eicar`` (the
 EICAR test string), ``/ws`` (101 then a raw echo), ``/headers`` (the request headers as text),
-``/slow`` (answers after 0.3 s).
+``/slow`` (answers after 0.3 s), ``/keep-alive/N`` (hello, announcing ``Keep-Alive: timeout=N``).
 """
 
 from __future__ import annotations
@@ -44,11 +44,10 @@ class OriginStats:
 
 
 async def send_events(conn: h11.Connection, stream: trio.abc.Stream, *events: object) -> None:
-    """Serialise ``events`` with ``conn`` and send them."""
-    for event in events:
-        data = conn.send(event)  # type: ignore[arg-type]
-        if data:
-            await stream.send_all(data)
+    """Serialise ``events`` with ``conn`` and send them in one write (as nginx does)."""
+    data = b"".join(conn.send(event) or b"" for event in events)  # type: ignore[arg-type]
+    if data:
+        await stream.send_all(data)
 
 
 async def read_request(
@@ -140,6 +139,9 @@ async def serve_http(stream: trio.abc.Stream, stats: OriginStats) -> None:
             await send_events(conn, stream, h11.Data(data=b"z" * 10))
             await trio.sleep(60)
             return
+        elif target.startswith(b"/keep-alive/"):
+            payload = b"hello from origin"
+            headers.append((b"keep-alive", b"timeout=" + target.rsplit(b"/", 1)[1]))
         elif target == b"/slow":
             await trio.sleep(0.3)
             payload = b"slow"

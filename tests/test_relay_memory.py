@@ -188,6 +188,7 @@ async def _one_request(
     *,
     client: tuple[str, int] = ("192.0.2.1", 1),
     extra_headers: str = "",
+    path: str = "/",
 ) -> bytes:
     client_end, proxy_end = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
@@ -198,7 +199,7 @@ async def _one_request(
         await client_end.receive_some(1024)
         tls = trio.SSLStream(client_end, client_context, server_hostname=HOST)
         await tls.do_handshake()
-        await tls.send_all(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n{extra_headers}\r\n".encode())
+        await tls.send_all(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n{extra_headers}\r\n".encode())
         response = await _read_response(tls)
         await tls.aclose()
     return response
@@ -366,3 +367,63 @@ async def test_an_http10_client_is_answered(nursery: trio.Nursery, tmp_path: Pat
     assert records[-1].decision == "intercept"
     assert interceptor.stats.errors == {}
     await interceptor.close_idle_upstreams()
+
+
+async def test_a_servers_keep_alive_timeout_shortens_the_wait(
+    nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The origin closes idle connections after 2 s: kept 1 s (one less), not the pool's 4 s.
+    interceptor, client_context, _, dialed, _ = _build(tmp_path, nursery, pool_seconds=4.0)
+    await _one_request(interceptor, client_context, path="/keep-alive/2")  # a first visit
+    await _one_request(interceptor, client_context, path="/keep-alive/2")  # kept for 1 s
+    await trio.sleep(0.5)
+    await _one_request(interceptor, client_context, path="/keep-alive/2")  # reused, kept 1 s
+    await trio.sleep(1.5)
+    await _one_request(interceptor, client_context, path="/keep-alive/2")  # expired: dialled
+    assert dialed == [(HOST, 443)] * 3
+    assert interceptor.stats.upstream_reused == 1
+    await interceptor.close_idle_upstreams()
+
+
+class _CountingWrites(trio.abc.Stream):
+    """The proxy's end of the client connection, counting the writes the proxy makes."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.writes = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes += 1
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return bytes(await self.inner.receive_some(max_bytes))
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_small_response_reaches_the_client_in_one_write(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    interceptor, client_context, _, _, _ = _build(tmp_path, nursery)
+    client_end, proxy_end = trio.testing.memory_stream_pair()
+    counting = _CountingWrites(proxy_end)
+    nursery.start_soon(lambda: interceptor.handle(counting, client=("192.0.2.1", 1)))
+    await client_end.send_all(f"CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n".encode())
+    await client_end.receive_some(1024)
+    tls = trio.SSLStream(client_end, client_context, server_hostname=HOST, https_compatible=True)
+    await tls.do_handshake()
+    request = f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+    await tls.send_all(request)  # (the first answer also carries TLS 1.3's session tickets)
+    assert (await _read_response(tls)).endswith(b"hello from origin")
+    await trio.testing.wait_all_tasks_blocked()
+    before = counting.writes
+    await tls.send_all(request)
+    assert (await _read_response(tls)).endswith(b"hello from origin")
+    await trio.testing.wait_all_tasks_blocked()
+    assert counting.writes - before == 1  # head, body and end in one TLS write
+    await tls.aclose()
