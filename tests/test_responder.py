@@ -31,6 +31,7 @@ from tlsmitm._responder import (
     HttpRequest,
     HttpResponse,
     VerdictLike,
+    client_identity,
 )
 from tlsmitm._store import MemoryStore
 
@@ -982,7 +983,7 @@ def test_override_flow() -> None:  # matrix UI-05
     assert not action.may_record_hsts  # the relay must not learn HSTS from this connection
     items = list(store.items(OVERRIDE_NAMESPACE))
     assert len(items) == 1
-    assert items[0].key == f"{HOST} {SHA.hex()} expired"
+    assert items[0].key.startswith(f"{HOST} {SHA.hex()} expired ")
     assert items[0].expires == (NOW + 2 * SEC + timedelta(hours=1)).timestamp()
 
 
@@ -1001,6 +1002,108 @@ def test_override_applies_to_exactly_one_triple() -> None:
         failed(CertError.EXPIRED), host=HOST, hsts_known=True, client_speaks_http=True, now=NOW
     )
     assert hsts.kind is ActionKind.BLOCK_PAGE
+
+
+ALICE = client_identity("192.0.2.10")
+BOB = client_identity("192.0.2.11")
+
+
+def client_page(r: ErrorResponder, client: str | None) -> tuple[str, str]:
+    """An override page shown to ``client``: (ref, token)."""
+    action = r.plan(
+        failed(CertError.EXPIRED),
+        host=HOST,
+        hsts_known=False,
+        client_speaks_http=True,
+        now=NOW,
+        client=client,
+    )
+    assert action.kind is ActionKind.OVERRIDE_PAGE
+    redirect = r.redirect_for(action, now=NOW, client=client)
+    page = r.handle(request(target=f"/error/{ref_of(redirect)}"), now=NOW, client=client)
+    dom = Dom(page.body)
+    ref, token = (dom.tags("input")[i].attrs["value"] for i in (0, 1))
+    assert ref is not None
+    assert token is not None
+    return ref, token
+
+
+def client_post(r: ErrorResponder, ref: str, token: str, client: str | None) -> HttpResponse:
+    body = f"ref={ref}&token={token}".encode()
+    return r.handle(
+        request(b"POST", "/override", headers=GOOD_POST_HEADERS, body=body),
+        now=NOW + 2 * SEC,
+        client=client,
+    )
+
+
+def client_granted(r: ErrorResponder, client: str | None) -> bool:
+    action = r.plan(
+        failed(CertError.EXPIRED),
+        host=HOST,
+        hsts_known=False,
+        client_speaks_http=True,
+        now=NOW + 3 * SEC,
+        client=client,
+    )
+    return action.overridden
+
+
+def test_override_is_granted_only_to_the_client_that_clicked() -> None:  # issue 15 fault 4
+    store = MemoryStore()
+    r = make(profile="page", override_store=store)
+    ref, token = client_page(r, ALICE)
+    assert client_post(r, ref, token, ALICE).status == 303
+    assert client_granted(r, ALICE)
+    assert not client_granted(r, BOB)  # another client behind the same proxy
+    assert not client_granted(r, None)  # nor the anonymous client
+    assert not client_granted(r, client_identity("192.0.2.10", user="alice"))
+    # A second responder on the same store (another worker) honours exactly the same binding.
+    again = make(profile="page", override_store=store)
+    assert client_granted(again, ALICE)
+    assert not client_granted(again, BOB)
+    # The store holds no client address in clear.
+    assert all("192.0.2" not in item.key for item in store.items(OVERRIDE_NAMESPACE))
+
+
+def test_another_client_cannot_grant_with_a_page_it_was_not_shown() -> None:
+    """Bob's script learns Alice's ref and token and forges every Sec-Fetch-* header."""
+    r = make(profile="page")
+    ref, token = client_page(r, ALICE)
+    refused = client_post(r, ref, token, BOB)
+    assert refused.status == 403
+    assert not client_granted(r, BOB)
+    assert not client_granted(r, ALICE)  # Bob's forgery did not grant for Alice either
+    # Alice's own click still works: the refused attempt did not spend her token.
+    assert client_post(r, ref, token, ALICE).status == 303
+    assert client_granted(r, ALICE)
+    assert not client_granted(r, BOB)
+
+
+def test_override_of_an_authenticated_user_follows_the_user() -> None:
+    r = make(profile="page")
+    carol_at_desk = client_identity("192.0.2.20", user="carol")
+    ref, token = client_page(r, carol_at_desk)
+    assert client_post(r, ref, token, carol_at_desk).status == 303
+    assert client_granted(r, client_identity("198.51.100.7", user="carol"))
+    assert not client_granted(r, client_identity("192.0.2.20", user="dave"))
+    assert not client_granted(r, client_identity("192.0.2.20"))
+
+
+def test_revoke_overrides_of_one_client() -> None:
+    r = make(profile="page")
+    for who in (ALICE, BOB):
+        ref, token = client_page(r, who)
+        assert client_post(r, ref, token, who).status == 303
+    assert r.revoke_overrides(client=ALICE) == 1
+    assert not client_granted(r, ALICE)
+    assert client_granted(r, BOB)
+
+
+def test_client_identity() -> None:
+    assert client_identity("192.0.2.1") == "addr:192.0.2.1"
+    assert client_identity("192.0.2.1", user="u") == "user:u"
+    assert client_identity("2001:db8::1") != client_identity("2001:db8::1", user="2001:db8::1")
 
 
 def test_override_is_time_limited() -> None:

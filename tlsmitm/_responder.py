@@ -25,7 +25,11 @@ tokens are in it. :class:`ErrorResponder` makes that impossible in three ways:
    file. The override is a ``POST`` that must come from the error origin itself (``Origin`` and
    ``Sec-Fetch-*``), carrying an HMAC token bound to (page reference, host, upstream certificate
    SHA-256, error class), minted at least one second earlier, single-use and short-lived. A grant
-   covers exactly that (host, certificate, error class) triple for ``override_ttl``.
+   covers exactly that (host, certificate, error class) triple for ``override_ttl``, and only for
+   the client that clicked: its address, or its proxy user name when proxy authentication is on
+   (see :func:`client_identity`). Another client behind the same proxy -- or a script on another
+   client that forges the ``Sec-Fetch-*`` headers -- can neither use nor make that grant: the page
+   reference remembers whom it was shown to and refuses a ``POST`` from anyone else.
 
 Everything here is pure: time is the ``now`` argument, randomness is the injected ``random``
 function, and the override store is an injected :class:`~tlsmitm.StateStore`. The page and
@@ -67,6 +71,7 @@ __all__ = [
     "HttpRequest",
     "HttpResponse",
     "VerdictLike",
+    "client_identity",
 ]
 
 #: The :class:`~tlsmitm.StateStore` namespace that holds granted overrides.
@@ -92,6 +97,23 @@ _MAX_BRAND_CHARS: Final = 100
 _TOKEN_CONTEXT: Final = b"tlsmitm override token v1\x00"
 
 _FORM_TYPE: Final = b"application/x-www-form-urlencoded"
+
+
+def client_identity(address: str, *, user: str | None = None) -> str:
+    """The identity an override grant is bound to: the proxy user, else the client address.
+
+    With proxy authentication on, a user keeps their grants when their address changes, and two
+    users behind one address (a terminal server) do not share them. Without it, the address is
+    all the proxy knows. The two never collide: ``"user:NAME"`` versus ``"addr:ADDRESS"``.
+
+    Args:
+        address: the client's IP address as text (the port is not part of the identity: a
+            browser opens many connections).
+        user: the authenticated proxy user name, if any.
+    """
+    if user is not None:
+        return f"user:{user}"
+    return f"addr:{address}"
 
 
 class ActionKind(enum.Enum):
@@ -281,6 +303,7 @@ class _Page:
     title: str
     explanation: str
     expires: float
+    client: str | None = None  # whom the page was shown to; only they may grant its override
 
 
 # Template files and the placeholders each may use. Values are inserted HTML-escaped (fragments
@@ -366,7 +389,8 @@ class ErrorResponder:
         token_key: the HMAC key for override tokens (at least 16 bytes); by default 32 bytes drawn
             from ``random`` once, so tokens die with the process.
         random: the source of page references, nonces and the default key.
-        override_ttl: how long a granted override lasts (at most 30 days).
+        override_ttl: how long a granted override lasts (at most 30 days); it covers one client
+            (see :func:`client_identity`), one host, one certificate and one error class.
         page_ttl: how long a page reference (and its override token) stays valid (at most 1 h).
         templates: a directory whose files replace the built-in ones of the same name
             (``page.html``, ``advanced-button.html``, ``advanced-panel.html``, ``details.html``,
@@ -454,15 +478,18 @@ class ErrorResponder:
         hsts_known: bool,
         client_speaks_http: bool,
         now: datetime,
+        client: str | None = None,
     ) -> Action:
         """Decide what the relay does with a connection to ``host``.
 
         * A verified verdict is ``INTERCEPT``.
         * An overridable error on a host without HSTS: ``PASSTHROUGH_UNTRUSTED`` (profile
           ``"native"``) or ``OVERRIDE_PAGE`` (profile ``"page"``), unless the embedder's
-          ``mapping`` chooses otherwise. If the user already granted an override for exactly
-          (host, leaf SHA-256, error class) and the choice would be ``OVERRIDE_PAGE``, the answer
-          is ``INTERCEPT`` with ``overridden=True``.
+          ``mapping`` chooses otherwise. If this ``client`` already granted an override for
+          exactly (host, leaf SHA-256, error class) and the choice would be ``OVERRIDE_PAGE``,
+          the answer is ``INTERCEPT`` with ``overridden=True``. Another client's grant never
+          counts. ``client`` is :func:`client_identity`'s value; ``None`` stands for one
+          anonymous client (an embedder that does not tell clients apart).
         * Everything else is ``BLOCK_PAGE``: a known HSTS host (RFC 6797 §12.1), a revoked
           certificate, weak or broken cryptography, a malformed chain (matrix UI-03). A mapping
           that answers ``OVERRIDE_PAGE`` or ``PASSTHROUGH_UNTRUSTED`` (the browser's own override)
@@ -493,7 +520,7 @@ class ErrorResponder:
         if (
             kind is ActionKind.OVERRIDE_PAGE
             and sha is not None
-            and self._override_granted(name, sha, error, t)
+            and self._override_granted(client, name, sha, error, t)
         ):
             return Action(
                 kind=ActionKind.INTERCEPT,
@@ -543,14 +570,21 @@ class ErrorResponder:
     # -- the site-origin side: redirects --------------------------------------------------------
 
     def redirect_for(
-        self, action: Action, *, request_target: bytes = b"/", port: int = 443, now: datetime
+        self,
+        action: Action,
+        *,
+        request_target: bytes = b"/",
+        port: int = 443,
+        now: datetime,
+        client: str | None = None,
     ) -> HttpResponse:
         """The answer to the first request on a connection planned as a page.
 
         A ``303`` to ``<error origin>/error/<ref>`` with ``Cache-Control: no-store``, no body and
         ``Connection: close`` (the connection must not serve anything else). ``request_target``
         (the first request's origin-form target) is remembered, never shown, so that a granted
-        override returns the user to it.
+        override returns the user to it. ``client`` (:func:`client_identity`) is remembered too:
+        only that client may use the page's override.
 
         Raises:
             ValueError: ``action`` is not ``BLOCK_PAGE`` or ``OVERRIDE_PAGE``, or ``port`` is not
@@ -574,6 +608,7 @@ class ErrorResponder:
             title="",
             explanation="",
             expires=t + self.page_ttl.total_seconds(),
+            client=client,
         )
         return self._redirect_to(self._remember(page, t), close=True)
 
@@ -615,18 +650,25 @@ class ErrorResponder:
 
     # -- overrides ------------------------------------------------------------------------------
 
-    def revoke_overrides(self, *, host: str | None = None) -> int:
-        """Forget granted overrides: all of them, or those for ``host``. Returns how many."""
+    def revoke_overrides(self, *, host: str | None = None, client: str | None = None) -> int:
+        """Forget granted overrides: all of them, or those for ``host`` and/or ``client``.
+
+        Returns how many were removed.
+        """
         wanted = None if host is None else normalize_host(host)
+        who = None if client is None else _client_tag(client)
         removed = 0
         for item in list(self._store.items(OVERRIDE_NAMESPACE)):
-            if wanted is None or item.key.split(" ", 1)[0] == wanted:
+            parts = item.key.split(" ")
+            if (wanted is None or parts[0] == wanted) and (who is None or parts[-1] == who):
                 self._store.delete(OVERRIDE_NAMESPACE, item.key)
                 removed += 1
         return removed
 
-    def _override_granted(self, host: str, sha: bytes, error: CertError, t: float) -> bool:
-        item = self._store.get(OVERRIDE_NAMESPACE, _override_key(host, sha, error))
+    def _override_granted(
+        self, client: str | None, host: str, sha: bytes, error: CertError, t: float
+    ) -> bool:
+        item = self._store.get(OVERRIDE_NAMESPACE, _override_key(client, host, sha, error))
         return item is not None and item.expires > t
 
     def _grant(self, page: _Page, t: float) -> None:
@@ -634,7 +676,7 @@ class ErrorResponder:
         assert page.leaf_sha256 is not None
         self._store.put(
             OVERRIDE_NAMESPACE,
-            _override_key(page.host, page.leaf_sha256, page.error),
+            _override_key(page.client, page.host, page.leaf_sha256, page.error),
             b"granted",
             expires=t + self.override_ttl.total_seconds(),
         )
@@ -642,7 +684,9 @@ class ErrorResponder:
 
     # -- the error origin -----------------------------------------------------------------------
 
-    def handle(self, request: HttpRequest, *, now: datetime) -> HttpResponse:
+    def handle(
+        self, request: HttpRequest, *, now: datetime, client: str | None = None
+    ) -> HttpResponse:
         """Serve one request on the error origin; never raises on bad input.
 
         * ``GET``/``HEAD /error/<ref>``: the page (``502`` for certificate errors, ``403`` for the
@@ -650,7 +694,8 @@ class ErrorResponder:
           override is used.
         * ``GET``/``HEAD /static/error.css``, ``/static/error.js``: the page assets.
         * ``GET``/``HEAD /``: a neutral "you left the site" page (the no-script "Go back").
-        * ``POST /override``: grant an override, then ``303`` back to the site.
+        * ``POST /override``: grant an override to ``client`` (:func:`client_identity`; it must be
+          the client the page was shown to, else ``403``), then ``303`` back to the site.
         * Anything else: ``404``; a wrong method ``405``; a malformed request ``400``; a ``Host``
           that is not the error origin ``421`` (a DNS-rebinding defence for loopback origins).
         """
@@ -671,7 +716,7 @@ class ErrorResponder:
         if path == "/override":
             if request.method != b"POST":
                 return self._method_not_allowed(b"POST", head=head)
-            return self._override(request, t)
+            return self._override(request, t, client)
         if request.method not in (b"GET", b"HEAD"):
             if path == "/" or path.startswith(("/error/", "/static/")):
                 return self._method_not_allowed(b"GET, HEAD", head=False)
@@ -692,7 +737,7 @@ class ErrorResponder:
             return self._render_page(path.removeprefix("/error/"), page, t, head=head)
         return self._message_page(404, "not_found", head=head)
 
-    def _override(self, request: HttpRequest, t: float) -> HttpResponse:
+    def _override(self, request: HttpRequest, t: float, client: str | None) -> HttpResponse:
         # The form must come from the error origin itself, top-level, by a user's click: no
         # other origin can submit it (matrix UI-05: "never from a page-scriptable endpoint").
         if request.header_values(b"origin") != [self.error_origin.encode("ascii")]:
@@ -724,6 +769,10 @@ class ErrorResponder:
         page = self._lookup(ref, t)
         if page is None:
             return self._message_page(404, "expired")
+        if page.client != client:
+            # Issue 15 fault 4: a grant is the decision of the client that saw the page, never
+            # one made for everyone behind the proxy (nor by a script forging Sec-Fetch-*).
+            return self._message_page(403, "refused")
         if page.kind is not ActionKind.OVERRIDE_PAGE or not self._redeem(token, ref, page, t):
             return self._message_page(403, "refused")
         self._grant(page, t)
@@ -1080,9 +1129,17 @@ def _fingerprint(digest: bytes) -> str:
     return ":".join(f"{b:02X}" for b in digest)
 
 
-def _override_key(host: str, sha: bytes, error: CertError) -> str:
-    # matrix UI-05: the exact (host, certificate SHA-256, error class) triple, nothing wider.
-    return f"{host} {sha.hex()} {error.value}"
+def _client_tag(client: str | None) -> str:
+    """A client identity as it appears in a store key: hashed, so the store holds no addresses."""
+    if client is None:
+        return "-"
+    return hashlib.sha256(b"tlsmitm client\x00" + client.encode("utf-8")).hexdigest()[:32]
+
+
+def _override_key(client: str | None, host: str, sha: bytes, error: CertError) -> str:
+    # matrix UI-05: the exact (host, certificate SHA-256, error class) triple, nothing wider,
+    # and only for the client that made the decision (issue 15 fault 4).
+    return f"{host} {sha.hex()} {error.value} {_client_tag(client)}"
 
 
 def _safe_return_target(target: bytes) -> str:
