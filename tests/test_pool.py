@@ -8,8 +8,8 @@ from typing import Any, cast
 import pytest
 import trio
 
-from tlsmitm._http import _binds_connection, _keep_alive_timeout
-from tlsmitm._pool import (
+from tlsmitm._relay.h1 import _binds_connection, _keep_alive_timeout
+from tlsmitm._relay.pool import (
     REPEAT_WINDOW,
     PooledUpstream,
     PoolKey,

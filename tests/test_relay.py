@@ -29,9 +29,9 @@ from pki import DAY, NOW, Hierarchy, good_hierarchy, make_leaf
 from tlsmitm._ca import CertificateAuthority
 from tlsmitm._errors import CertError
 from tlsmitm._hsts import HstsStore, PreloadList
-from tlsmitm._http import Block, FlowInfo, Hooks, Request, Response
 from tlsmitm._policy import ConnectionRecord, DecisionLog, InterceptPolicy, RuleSet
 from tlsmitm._relay import Interceptor, InterceptorConfig
+from tlsmitm._relay.hooks import Block, FlowInfo, Hooks, Request, Response
 from tlsmitm._responder import ErrorResponder
 from tlsmitm._verify import TrustConfig, UpstreamVerifier
 
@@ -1122,7 +1122,7 @@ async def test_an_upstream_that_closed_while_idle_is_not_reused(
 async def test_the_default_connector_dials_addresses_directly(
     nursery: trio.Nursery, bind: str, target: str
 ) -> None:
-    from tlsmitm._relay import _tcp_connector
+    from tlsmitm._relay.streams import tcp_connector as _tcp_connector
 
     if bind == "::1" and not socket.has_ipv6:
         pytest.skip("no IPv6 on this machine")

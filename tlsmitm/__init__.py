@@ -45,12 +45,16 @@ from ._verify import (
 )
 
 if TYPE_CHECKING:
-    from ._http import Block, FlowInfo, Hooks, Request, Response
     from ._relay import (
+        Block,
         CheckResult,
+        FlowInfo,
+        Hooks,
         Interceptor,
         InterceptorConfig,
         InterceptorStats,
+        Request,
+        Response,
         original_destination,
     )
     from ._tls import TLSStream
@@ -58,11 +62,11 @@ if TYPE_CHECKING:
 # The driver (trio, sockets) is imported on first use, so that the pure core -- CA, forge,
 # verifier, HSTS, responder, policy -- can be used by an embedder that does not run trio.
 _LAZY = {
-    "Block": "_http",
-    "FlowInfo": "_http",
-    "Hooks": "_http",
-    "Request": "_http",
-    "Response": "_http",
+    "Block": "_relay",
+    "FlowInfo": "_relay",
+    "Hooks": "_relay",
+    "Request": "_relay",
+    "Response": "_relay",
     "CheckResult": "_relay",
     "Interceptor": "_relay",
     "InterceptorConfig": "_relay",

@@ -1,0 +1,503 @@
+"""HTTP/1.1 inside the tunnel: the h11 relay between the client and the origin.
+
+Theory of operation
+-------------------
+One :class:`HttpRelay` drives two h11 state machines over two byte streams: a *server* machine
+facing the client and a *client* machine facing the origin. For every request/response cycle:
+
+1. read the request head from the client; the embedder's ``on_request`` hook may pass, replace
+   or block it (a block is answered through :class:`~tlsmitm.ErrorResponder`, on the error
+   origin, never inside the site's origin);
+2. two tasks run side by side: one forwards the request body client -> origin, the other reads
+   the response and forwards it origin -> client (so ``Expect: 100-continue`` and servers that
+   answer before the body is complete both work);
+3. the response head is shown to ``on_response`` (with up to ``Hooks.body_limit`` bytes of body
+   buffered when the hook asks for it, e.g. to scan for malware);
+4. ``Strict-Transport-Security`` of responses on verified connections is handed to the HSTS
+   callback (RFC 6797 §8.1: only from connections without certificate errors; only the first
+   header; the header is always forwarded unchanged -- matrix MIR-04);
+5. on ``101 Switching Protocols`` (WebSocket) the relay hands both raw streams back to the caller,
+   with whatever bytes h11 had already read, for a byte-for-byte relay.
+
+Headers are forwarded as received (h11 re-frames bodies with the same Content-Length or
+chunking). When a hook replaces a body, Content-Length is recomputed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import h11
+import trio
+
+from .._errors import ClientError, UpstreamError
+from .hooks import Block, FlowInfo, Headers, Hooks, Request, Response
+
+__all__ = ["BlockAnswer", "HttpRelay", "StsCallback", "Switched", "run_relay"]
+
+_RECEIVE_SIZE = 128 * 1024
+_MAX_INCOMPLETE_EVENT = 64 * 1024  # bound on a request/response head
+
+
+@dataclass(slots=True)
+class Switched:
+    """The relay ended with ``101 Switching Protocols``: relay raw bytes from here on."""
+
+    to_client: bytes
+    to_upstream: bytes
+
+
+@dataclass(slots=True)
+class _Counters:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    requests: int = 0
+
+
+def _h11_headers(headers: Any) -> Headers:
+    return tuple((bytes(k), bytes(v)) for k, v in headers)
+
+
+def _connection_bound_scheme(value: bytes) -> bool:
+    """Is this ``Authorization``/``WWW-Authenticate`` value NTLM, Negotiate or Kerberos?"""
+    parts = bytes(value).split(None, 1)
+    return bool(parts) and parts[0].lower() in (b"ntlm", b"negotiate", b"kerberos")
+
+
+def _binds_connection(headers: Any, name: bytes) -> bool:
+    """Does a ``name`` header (``authorization``...) use a connection-bound scheme?"""
+    return any(bytes(k).lower() == name and _connection_bound_scheme(v) for k, v in headers)
+
+
+def _without_connection_close(headers: Headers) -> list[tuple[bytes, bytes]] | None:
+    """``headers`` without the ``close`` option of ``Connection`` (other options stay);
+    ``None`` when there is no such option (nothing to change: the usual case)."""
+    out: list[tuple[bytes, bytes]] = []
+    changed = False
+    for key, value in headers:
+        if key.lower() == b"connection":
+            options = [o.strip() for o in value.split(b",") if o.strip()]
+            kept = [o for o in options if o.lower() != b"close"]
+            if len(kept) != len(options):
+                changed = True
+                if not kept:
+                    continue
+                value = b", ".join(kept)
+        out.append((key, value))
+    return out if changed else None
+
+
+def _keep_alive_timeout(value: bytes) -> float | None:
+    """``timeout=N`` of a ``Keep-Alive`` header (RFC 2068 §19.7.1.1), or ``None``."""
+    for part in value.split(b","):
+        key, _, number = part.strip().partition(b"=")
+        if key.strip().lower() == b"timeout":
+            try:
+                seconds = float(number.strip().strip(b'"'))
+            except ValueError:
+                return None
+            return seconds if seconds >= 0 else None
+    return None
+
+
+BlockAnswer = Callable[[Block, bytes], Awaitable[tuple[int, bytes, Headers, bytes]]]
+StsCallback = Callable[[Sequence[bytes]], None]
+
+
+@dataclass
+class HttpRelay:
+    """Relays HTTP/1.1 between ``client`` and ``upstream`` until either side is done.
+
+    Args:
+        client: the decrypted stream to the client.
+        upstream: the decrypted stream to the origin.
+        flow: what hooks are told about this connection.
+        hooks: the embedder's hooks.
+        on_sts: called with the Strict-Transport-Security values of each response (only set it
+            on verified connections).
+        answer_block: turns a hook's :class:`Block` into a response (status, reason, headers,
+            body) -- the ErrorResponder's redirect to the error origin.
+        idle_timeout: seconds to wait for the next request on a kept-alive connection.
+        should_stop: checked between requests; ``True`` ends the relay (graceful shutdown).
+        initial_client_data: bytes the client already sent (read while sniffing the request).
+        keep_upstream_alive: the upstream connection may be reused by another client connection
+            (:mod:`tlsmitm._pool`): a client's ``Connection: close`` is then applied to its own
+            hop only, as RFC 9110 §7.6.1 has a proxy do, and not forwarded upstream.
+    """
+
+    client: trio.abc.Stream
+    upstream: trio.abc.Stream
+    flow: FlowInfo
+    hooks: Hooks
+    on_sts: StsCallback | None
+    answer_block: BlockAnswer
+    idle_timeout: float = 300.0
+    should_stop: Callable[[], bool] = lambda: False
+    initial_client_data: bytes = b""
+    keep_upstream_alive: bool = False
+    counters: _Counters = field(default_factory=_Counters)
+
+    def __post_init__(self) -> None:
+        self._down = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_INCOMPLETE_EVENT)
+        self._up = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_INCOMPLETE_EVENT)
+        self._idle_scope = trio.CancelScope()
+        self._awaiting_request = True
+        self._ended_between_requests = False
+        self._connection_bound_auth = False
+        self.keep_alive_hint: float | None = None
+        if self.initial_client_data:  # (receive_data(b"") would mean EOF to h11)
+            self._down.receive_data(self.initial_client_data)
+            self.counters.bytes_up += len(self.initial_client_data)
+
+    # -- reading and writing -------------------------------------------------------------------
+
+    async def _next_event(self, conn: h11.Connection, stream: trio.abc.Stream, side: str) -> Any:
+        while True:
+            event = self._parsed_event(conn, side)
+            if event is not h11.NEED_DATA:
+                return event
+            await self._receive_into(conn, stream, side)
+
+    @staticmethod
+    def _parsed_event(conn: h11.Connection, side: str) -> Any:
+        """The next event already in ``conn``'s buffer, or ``h11.NEED_DATA`` (no I/O)."""
+        try:
+            return conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            error = ClientError if side == "client" else UpstreamError
+            raise error(f"malformed HTTP from {side}: {exc}", reason="bad_http") from exc
+
+    async def _receive_into(self, conn: h11.Connection, stream: trio.abc.Stream, side: str) -> None:
+        data = bytes(await stream.receive_some(_RECEIVE_SIZE))
+        self._touch()
+        if side == "client":
+            self.counters.bytes_up += len(data)
+        else:
+            self.counters.bytes_down += len(data)
+        conn.receive_data(data)
+
+    async def _send(self, conn: h11.Connection, stream: trio.abc.Stream, event: Any) -> None:
+        data = conn.send(event)
+        if data:
+            await stream.send_all(data)
+            self._touch()
+
+    def _touch(self) -> None:
+        # One cancel scope per relay whose deadline moves with every byte: a peer that stops
+        # sending, or stops reading (backpressure that never ends), is dropped after
+        # idle_timeout -- at the cost of an attribute store per I/O, not a scope per I/O.
+        self._idle_scope.deadline = trio.current_time() + self.idle_timeout
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def run(self) -> Switched | None:
+        """Relay requests until a side closes; returns :class:`Switched` after a 101.
+
+        Raises:
+            trio.TooSlowError: a peer stalled in the middle of an exchange for ``idle_timeout``.
+        """
+        with trio.CancelScope() as self._idle_scope:
+            self._touch()
+            return await self._run()
+        if self._awaiting_request:
+            return None  # an idle keep-alive connection: a clean end
+        raise trio.TooSlowError(f"no progress for {self.idle_timeout} s")
+
+    async def _run(self) -> Switched | None:
+        while True:
+            self._awaiting_request = True
+            event = await self._next_event(self._down, self.client, "client")
+            self._awaiting_request = False
+            if isinstance(event, h11.ConnectionClosed):
+                self._ended_between_requests = True
+                return None
+            if not isinstance(event, h11.Request):
+                raise ClientError(f"unexpected {type(event).__name__}", reason="bad_http")
+            if _binds_connection(event.headers, b"authorization"):
+                self._connection_bound_auth = True
+            request = Request(
+                method=bytes(event.method),
+                target=bytes(event.target),
+                headers=_h11_headers(event.headers),
+                http_version=bytes(event.http_version),
+            )
+            self.counters.requests += 1
+            outcome = await self.hooks.on_request(self.flow, request)
+            if isinstance(outcome, Block):
+                await self._answer_locally(outcome, request)
+                return None
+            parsed: h11.Request | None = event
+            if outcome is not None:
+                request, parsed = outcome, None
+            switched = await self._exchange(request, parsed)
+            if switched is not None:
+                return switched
+            # The upstream is between requests only when both its messages are complete and
+            # neither side asked to close it (h11 then leaves both states at DONE).
+            upstream_idle = self._up.our_state is h11.DONE and self._up.their_state is h11.DONE
+            if upstream_idle:
+                self._up.start_next_cycle()
+            if (
+                not upstream_idle
+                or self._down.our_state is not h11.DONE
+                or self._down.their_state is not h11.DONE
+                or self.should_stop()
+            ):
+                # The client's side closes here; a clean upstream can still serve another.
+                self._ended_between_requests = upstream_idle
+                return None
+            self._down.start_next_cycle()
+
+    @property
+    def upstream_reusable(self) -> bool:
+        """After :meth:`run`: may the upstream connection serve another client?
+
+        Only when the relay ended between requests, the upstream is at a request boundary
+        with nothing unread, and no connection-bound authentication (NTLM, Negotiate: the
+        server authenticated the *connection*) was seen on it.
+        """
+        return (
+            self._ended_between_requests
+            and not self._connection_bound_auth
+            and self._up.our_state is h11.IDLE
+            and self._up.their_state is h11.IDLE
+            and not self._up.trailing_data[0]
+            and not self._up.trailing_data[1]
+        )
+
+    async def _answer_locally(self, block: Block, request: Request) -> None:
+        status, reason, headers, body = await self.answer_block(block, request.target)
+        await self._send(
+            self._down,
+            self.client,
+            h11.Response(status_code=status, reason=reason, headers=[*headers]),
+        )
+        await self._send(self._down, self.client, h11.Data(data=body))
+        await self._send(self._down, self.client, h11.EndOfMessage())
+
+    async def _exchange(self, request: Request, parsed: h11.Request | None) -> Switched | None:
+        """Send ``request`` upstream and relay the answer.
+
+        ``parsed`` is the client's request as h11 parsed it, when no hook changed it: sent as it
+        is, h11 does not validate its headers a second time.
+        """
+        stripped = _without_connection_close(request.headers) if self.keep_upstream_alive else None
+        event: h11.Request
+        if parsed is not None and stripped is None and parsed.http_version == b"1.1":
+            event = parsed
+        else:
+            # Sent as HTTP/1.1 whatever the client spoke (RFC 9110 §2.5: an intermediary sends
+            # its own version); h11 keeps the client's HTTP/1.0 semantics on the client's side.
+            headers = stripped if stripped is not None else list(request.headers)
+            event = h11.Request(method=request.method, target=request.target, headers=headers)
+        head = self._up.send(event) or b""
+        try:
+            first = self._down.next_event()  # no I/O: is the request already complete?
+        except h11.RemoteProtocolError as exc:
+            raise ClientError(f"malformed HTTP from client: {exc}", reason="bad_http") from exc
+        if isinstance(first, h11.EndOfMessage):
+            # Most requests have no body (GET, HEAD...): head and end go out in one write, and
+            # no second task is needed to pump a body.
+            await self.upstream.send_all(head + (self._up.send(first) or b""))
+            self._touch()
+            return await self._forward_response(request, trio.CancelScope())
+        await self.upstream.send_all(head)
+        self._touch()
+        if isinstance(first, h11.Data):
+            await self._send(self._up, self.upstream, first)
+        elif first is not h11.NEED_DATA:
+            raise ClientError("client closed during the request", reason="client_gone")
+        result: list[Switched | None] = [None]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._forward_request_body)
+            result[0] = await self._forward_response(request, nursery.cancel_scope)
+            if self._down.their_state is not h11.DONE:
+                # The origin answered before the request body was complete: stop reading it;
+                # the run loop sees the unfinished cycle and closes the connection.
+                nursery.cancel_scope.cancel()
+        return result[0]
+
+    async def _forward_request_body(self) -> None:
+        while self._down.their_state is h11.SEND_BODY:
+            event = await self._next_event(self._down, self.client, "client")
+            if isinstance(event, h11.Data):
+                await self._send(self._up, self.upstream, event)
+            elif isinstance(event, h11.EndOfMessage):
+                await self._send(self._up, self.upstream, event)
+                return
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ClientError("client closed during the request body", reason="client_gone")
+            else:  # pragma: no cover - h11 emits nothing else in SEND_BODY
+                raise ClientError(f"unexpected {type(event).__name__}", reason="bad_http")
+
+    async def _forward_response(
+        self, request: Request, request_scope: trio.CancelScope
+    ) -> Switched | None:
+        while True:
+            event = await self._next_event(self._up, self.upstream, "upstream")
+            if isinstance(event, h11.InformationalResponse):
+                await self._send(self._down, self.client, event)
+                if event.status_code == 101:
+                    request_scope.cancel()
+                    to_client, _ = self._up.trailing_data
+                    to_upstream, _ = self._down.trailing_data
+                    return Switched(to_client=bytes(to_client), to_upstream=bytes(to_upstream))
+                continue
+            if isinstance(event, h11.ConnectionClosed):
+                raise UpstreamError("origin closed before responding", reason="upstream_gone")
+            if not isinstance(event, h11.Response):  # pragma: no cover - h11 guarantees order
+                raise UpstreamError(f"unexpected {type(event).__name__}", reason="bad_http")
+            response = Response(
+                status=event.status_code,
+                reason=bytes(event.reason),
+                headers=_h11_headers(event.headers),
+                http_version=bytes(event.http_version),
+            )
+            await self._handle_response(request, response, event)
+            return None
+
+    async def _handle_response(
+        self, request: Request, response: Response, parsed: h11.Response
+    ) -> None:
+        keep_alive: bytes | None = None
+        sts: list[bytes] = []
+        for key, value in response.headers:  # one pass over what the relay itself looks at
+            name = key.lower()
+            if name == b"www-authenticate" and _connection_bound_scheme(value):
+                self._connection_bound_auth = True
+            elif name == b"keep-alive" and keep_alive is None:
+                keep_alive = value
+            elif name == b"strict-transport-security":
+                sts.append(value)
+        if keep_alive is not None:
+            self.keep_alive_hint = _keep_alive_timeout(keep_alive)
+        if self.on_sts is not None and sts:
+            self.on_sts(sts)
+        limit = self.hooks.body_limit
+        if limit <= 0:
+            outcome = await self.hooks.on_response(self.flow, request, response)
+            head = await self._response_outcome(
+                outcome, response, request, buffered=b"", parsed=parsed
+            )
+            await self._stream_response_body(head)
+            return
+        buffered = bytearray()
+        complete = False
+        while len(buffered) <= limit:
+            event = await self._next_event(self._up, self.upstream, "upstream")
+            if isinstance(event, h11.Data):
+                buffered += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                complete = True
+                break
+            else:
+                raise UpstreamError("origin closed during the response", reason="upstream_gone")
+        shown = replace(
+            response, body=bytes(buffered) if complete else None, truncated=not complete
+        )
+        outcome = await self.hooks.on_response(self.flow, request, shown)
+        if complete and isinstance(outcome, Response) and outcome.body is not None:
+            await self._send_replaced(outcome)
+            return
+        head = await self._response_outcome(
+            outcome, response, request, buffered=bytes(buffered), parsed=parsed
+        )
+        if complete:
+            await self.client.send_all(head + (self._down.send(h11.EndOfMessage()) or b""))
+            self._touch()
+        else:
+            await self._stream_response_body(head)
+
+    async def _response_outcome(
+        self,
+        outcome: Response | Block | None,
+        response: Response,
+        request: Request,
+        *,
+        buffered: bytes,
+        parsed: h11.Response,
+    ) -> bytes:
+        """The bytes that start the response to the client (its head and ``buffered``), unsent.
+
+        A :class:`Block` is answered here and ends the relay. An unchanged head is sent as h11
+        parsed it (``parsed``), without a second validation of its headers.
+        """
+        if isinstance(outcome, Block):
+            await self._answer_locally(outcome, request)
+            raise _Blocked
+        if outcome is None and parsed.http_version == b"1.1":
+            data = self._down.send(parsed)
+        else:
+            head = outcome or response  # (an HTTP/1.0 origin's answer goes out as HTTP/1.1)
+            data = self._down.send(
+                h11.Response(
+                    status_code=head.status, reason=head.reason, headers=list(head.headers)
+                )
+            )
+        if buffered:
+            data = (data or b"") + (self._down.send(h11.Data(data=buffered)) or b"")
+        return data or b""
+
+    async def _send_replaced(self, response: Response) -> None:
+        body = response.body or b""
+        headers = [
+            (k, v)
+            for k, v in response.headers
+            if k.lower() not in (b"content-length", b"transfer-encoding")
+        ]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self._send(
+            self._down,
+            self.client,
+            h11.Response(status_code=response.status, reason=response.reason, headers=headers),
+        )
+        if body:
+            await self._send(self._down, self.client, h11.Data(data=body))
+        await self._send(self._down, self.client, h11.EndOfMessage())
+        # The origin's remaining body is not wanted; the connection cannot be reused.
+        raise _Blocked
+
+    async def _stream_response_body(self, head: bytes) -> None:
+        """Relay the rest of the response after ``head`` (the serialised start, not yet sent).
+
+        What is already received goes out in one write (a small response is one TLS record:
+        head, body and end together); after that, each receive is one write.
+        """
+        out = bytearray(head)
+        while True:
+            event = self._parsed_event(self._up, "upstream")
+            if event is h11.NEED_DATA:
+                await self._flush(out)
+                await self._receive_into(self._up, self.upstream, "upstream")
+                continue
+            if not isinstance(event, h11.Data | h11.EndOfMessage):
+                raise UpstreamError("origin closed during the response", reason="upstream_gone")
+            out += self._down.send(event) or b""
+            if isinstance(event, h11.EndOfMessage):
+                await self._flush(out)
+                return
+            if len(out) >= _RECEIVE_SIZE:
+                await self._flush(out)
+
+    async def _flush(self, out: bytearray) -> None:
+        """Send what ``out`` holds to the client, and empty it."""
+        if out:
+            await self.client.send_all(out)
+            self._touch()
+            out.clear()
+
+
+class _Blocked(Exception):
+    """A hook blocked or replaced a response: the connection ends after the answer."""
+
+
+async def run_relay(relay: HttpRelay) -> Switched | None:
+    """Run ``relay``; a blocked or replaced response ends it cleanly."""
+    result: Switched | None = None
+    try:
+        result = await relay.run()
+    except* _Blocked:
+        result = None
+    return result

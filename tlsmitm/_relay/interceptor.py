@@ -1,0 +1,447 @@
+"""The interceptor: the parts wired together, listeners, and the lifecycle of connections.
+
+:class:`Interceptor` is thin: it owns the parts (CA, forge, verifier, HSTS, responder, policy,
+hooks, decision log), the caches shared by connections (the upstream pool, TLS sessions, verdicts,
+server contexts), the listeners and shutdown. One accepted connection goes to
+:mod:`~tlsmitm._relay.intake` (how it arrived), then to :class:`~tlsmitm._relay.flow.Flow` (what
+happens to it). Each connection runs in its own task and nothing outlives it; one record per
+connection goes to the :class:`~tlsmitm.DecisionLog`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import h11
+import trio
+from cryptography import x509
+
+from .._ca import CertificateAuthority
+from .._errors import TlsMitmError
+from .._forge import CertForge
+from .._hsts import HstsStore
+from .._names import normalize_host
+from .._policy import DecisionLog, InterceptPolicy
+from .._responder import Action, ErrorResponder
+from .._tls import keylog_file_writer
+from .._verify import UpstreamVerifier, Verdict
+from .downstream import Downstream
+from .hooks import Hooks
+from .intake import explicit, transparent
+from .pool import UpstreamPool
+from .state import FlowRecord
+from .streams import Connector, close, close_all, first_error, tcp_connector
+from .upstream import Upstreams
+
+__all__ = [
+    "CheckResult",
+    "Interceptor",
+    "InterceptorConfig",
+    "InterceptorStats",
+    "original_destination",
+]
+
+log = logging.getLogger("tlsmitm.relay")
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InterceptorConfig:
+    """Timeouts, limits and switches of one :class:`Interceptor`.
+
+    Attributes:
+        head_timeout: seconds for a client to send its CONNECT/request head.
+        connect_timeout: seconds to open the upstream TCP connection.
+        handshake_timeout: seconds for each TLS handshake (upstream and client).
+        idle_timeout: seconds without a byte in either direction before a connection is closed.
+        max_connections: connections handled at once; further ones wait in the listen queue.
+        shutdown_grace: seconds in-flight connections get to finish on shutdown.
+        resolve: fixed name -> address mappings, like curl's ``--resolve``.
+        keylog_path: append TLS secrets in NSS key log format (debugging only; off by default).
+        session_cache_size: upstream TLS sessions kept for resumption.
+        fetch_timeout: seconds for one AIA/OCSP/CRL fetch.
+        verdict_cache_seconds: how long a successful verification of an exact chain is reused
+            for the same host (0 turns the cache off); never past a certificate's expiry.
+        verdict_cache_size: successful verdicts kept.
+        upstream_pool_seconds: how long a clean, verified, idle HTTP/1.1 upstream connection is
+            kept for the same client's next connection to the same server (0 turns pooling
+            off); a server's shorter ``Keep-Alive: timeout`` wins.
+        upstream_pool_size: idle upstream connections kept in all.
+        upstream_pool_per_host: idle upstream connections kept per client and server.
+    """
+
+    head_timeout: float = 30.0
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    max_connections: int = 10_000
+    shutdown_grace: float = 10.0
+    resolve: Mapping[str, str] = field(default_factory=dict)
+    keylog_path: Path | None = None
+    session_cache_size: int = 1024
+    fetch_timeout: float = 5.0
+    verdict_cache_seconds: float = 300.0
+    verdict_cache_size: int = 4096
+    upstream_pool_seconds: float = 4.0
+    upstream_pool_size: int = 256
+    upstream_pool_per_host: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("head_timeout", "connect_timeout", "handshake_timeout", "idle_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        if self.upstream_pool_seconds < 0 or self.upstream_pool_size < 0:
+            raise ValueError("upstream_pool_seconds and upstream_pool_size must not be negative")
+        if self.upstream_pool_per_host < 1:
+            raise ValueError("upstream_pool_per_host must be at least 1")
+
+
+@dataclass
+class InterceptorStats:
+    """Counters an embedder can read at any time (``interceptor.stats``)."""
+
+    connections: int = 0
+    active: int = 0
+    intercepted: int = 0
+    bypassed: int = 0
+    blocked: int = 0
+    passthrough_untrusted: int = 0
+    error_origin: int = 0
+    plain_http: int = 0
+    client_handshake_failures: int = 0
+    upstream_failures: int = 0
+    upstream_reused: int = 0
+    upstream_stale: int = 0  # kept connections found closed or unclean when wanted
+    errors: dict[str, int] = field(default_factory=dict)
+    cert_errors: dict[str, int] = field(default_factory=dict)
+
+    def count_error(self, reason: str) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckResult:
+    """What :meth:`Interceptor.check_upstream` found out about one upstream."""
+
+    host: str
+    port: int
+    verdict: Verdict | None
+    action: Action | None
+    client_certificate_requested: bool
+    hsts_known: bool
+    tls_version: str | None
+    cipher: str | None
+    alpn: bytes | None
+    chain: tuple[x509.Certificate, ...]
+
+
+class Interceptor:
+    """The intercepting proxy: wires the parts together and drives connections.
+
+    Every part is replaceable; the defaults are the ones a standalone proxy uses. Build one with
+    :meth:`from_state_dir` for a persistent installation, or pass the parts yourself.
+
+    Args:
+        ca: the installation's certificate authority.
+        forge: mints leaves (default: ``CertForge(ca)``).
+        verifier: checks upstream chains (default: certifi's roots, refusing tlsmitm's own CA).
+        hsts: the HSTS store (default: in memory with the bundled preload list).
+        responder: plans what to do with verdicts and serves the error origin.
+        policy: what not to intercept.
+        hooks: the embedder's request/response hooks.
+        decision_log: receives one record per connection.
+        config: timeouts and limits.
+        connector: opens TCP connections (default: ``trio.open_tcp_stream``); tests and
+            embedders inject their own.
+        clock: returns the current time (aware UTC).
+    """
+
+    def __init__(
+        self,
+        *,
+        ca: CertificateAuthority,
+        forge: CertForge | None = None,
+        verifier: UpstreamVerifier | None = None,
+        hsts: HstsStore | None = None,
+        responder: ErrorResponder | None = None,
+        policy: InterceptPolicy | None = None,
+        hooks: Hooks | None = None,
+        decision_log: DecisionLog | None = None,
+        config: InterceptorConfig | None = None,
+        connector: Connector | None = None,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        from .._verify import TrustConfig
+
+        self.ca = ca
+        self.forge = forge or CertForge(ca)
+        self.verifier = verifier or UpstreamVerifier(
+            TrustConfig(own_certificates=ca.own_certificates())
+        )
+        self.hsts = hsts if hsts is not None else HstsStore()
+        self.responder = responder or ErrorResponder()
+        self.policy = policy or InterceptPolicy()
+        self.hooks = hooks or Hooks()
+        self.decision_log = decision_log or DecisionLog()
+        self.config = config or InterceptorConfig()
+        self.clock = clock
+        self.stats = InterceptorStats()
+        keylog = keylog_file_writer(self.config.keylog_path) if self.config.keylog_path else None
+        self._upstreams = Upstreams(self, connector or tcp_connector, keylog)
+        self._downstream = Downstream(self, keylog)
+        self._pool = UpstreamPool(
+            max_idle=self.config.upstream_pool_size,
+            max_per_key=self.config.upstream_pool_per_host,
+            idle_seconds=self.config.upstream_pool_seconds,
+        )
+        self._draining = False
+        self._accept_scope: trio.CancelScope | None = None
+        self._all_done = trio.Event()
+        self._all_done.set()
+
+    # -- construction helpers -----------------------------------------------------------------
+
+    @classmethod
+    def from_state_dir(
+        cls,
+        state_dir: Path,
+        *,
+        passphrase: bytes | None = None,
+        extra_roots: Sequence[x509.Certificate] = (),
+        error_profile: str = "native",
+        bypass: Sequence[str] = (),
+        rules_file: Path | None = None,
+        config: InterceptorConfig | None = None,
+        hooks: Hooks | None = None,
+        connector: Connector | None = None,
+    ) -> Interceptor:
+        """A persistent installation in ``state_dir``: CA created on first use, HSTS in SQLite."""
+        from .._sqlite_store import SqliteStore
+        from .._verify import TrustConfig
+
+        now = _utc_now()
+        ca = CertificateAuthority.load_or_create(state_dir, passphrase=passphrase, now=now)
+        store = SqliteStore(state_dir / "state.sqlite3")
+        trust = TrustConfig(extra_roots=tuple(extra_roots), own_certificates=ca.own_certificates())
+        return cls(
+            ca=ca,
+            verifier=UpstreamVerifier(trust),
+            hsts=HstsStore(store),
+            responder=ErrorResponder(profile=error_profile, override_store=store),
+            policy=InterceptPolicy(store=store, rules_file=rules_file, extra_rules=bypass),
+            config=config,
+            hooks=hooks,
+            connector=connector,
+        )
+
+    # -- serving ------------------------------------------------------------------------------
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host:port`` and serve until :meth:`shutdown` or cancellation.
+
+        ``task_status.started`` receives the bound addresses (useful with ``port=0``).
+        """
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        await self.serve_listeners(listeners, task_status=task_status)
+
+    async def serve_listeners(
+        self,
+        listeners: Sequence[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve connections from already-open listeners (closed on return)."""
+        slots = trio.Semaphore(self.config.max_connections)
+        try:
+            async with trio.open_nursery() as connections:
+                connections.start_soon(self._expire_pool)
+                with trio.CancelScope() as accept_scope:
+                    self._accept_scope = accept_scope
+                    async with trio.open_nursery() as accepters:
+                        for listener in listeners:
+                            accepters.start_soon(self._accept_loop, listener, connections, slots)
+                        task_status.started(
+                            [listener.socket.getsockname()[:2] for listener in listeners]
+                        )
+                for listener in listeners:
+                    await listener.aclose()
+                with trio.move_on_after(self.config.shutdown_grace):
+                    await self._all_done.wait()
+                connections.cancel_scope.cancel()
+        finally:
+            await self.close_idle_upstreams()
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+
+    async def close_idle_upstreams(self) -> None:
+        """Close the idle upstream connections kept for reuse (``serve`` does it on return).
+
+        Runs to the end also when cancelled (each close is forceful, so it cannot block).
+        """
+        with trio.CancelScope(shield=True):
+            await close_all(self._pool.drain())
+
+    async def _expire_pool(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            await close_all(self._pool.expire(trio.current_time()))
+
+    def shutdown(self) -> None:
+        """Stop accepting; in-flight connections finish (within ``shutdown_grace``)."""
+        self._draining = True
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+
+    async def _accept_loop(
+        self, listener: trio.SocketListener, nursery: trio.Nursery, slots: trio.Semaphore
+    ) -> None:
+        while True:
+            await slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                slots.release()
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("accept failed (%s); retrying in 100 ms", exc)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            nursery.start_soon(self._serve_accepted, stream, slots)
+
+    async def _serve_accepted(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
+        try:
+            try:
+                peer = stream.socket.getpeername()
+                client = (str(peer[0]), int(peer[1]))
+            except OSError:
+                await close(stream)
+                return
+            await self.handle(stream, client=client)
+        finally:
+            slots.release()
+
+    # -- one connection -----------------------------------------------------------------------
+
+    async def handle(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        client: tuple[str, int],
+        destination: tuple[str, int] | None = None,
+    ) -> None:
+        """Handle one accepted client connection to completion; never raises (but Cancelled).
+
+        Args:
+            stream: the client's byte stream.
+            client: the client's address.
+            destination: ``None`` for an explicit proxy connection (the client sends CONNECT);
+                the original destination ``(ip, port)`` in transparent mode.
+        """
+        conn = FlowRecord(client=f"{client[0]}:{client[1]}", started=self.clock())
+        self.stats.connections += 1
+        self.stats.active += 1
+        if self.stats.active == 1:
+            self._all_done = trio.Event()
+        try:
+            if destination is None:
+                await explicit(self, stream, client, conn)
+            else:
+                await transparent(self, stream, client, destination, conn)
+        except* TlsMitmError as group:
+            first = first_error(group)
+            conn.reason = getattr(first, "reason", "error")
+            self.stats.count_error(conn.reason)
+            log.debug("connection %s ended: %s", conn.client, first)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
+            conn.reason = conn.reason if conn.decision != "error" else "connection_lost"
+            log.debug("connection %s lost: %s", conn.client, first_error(group))
+        except* (trio.TooSlowError, h11.ProtocolError) as group:
+            conn.reason = (
+                "timeout" if isinstance(first_error(group), trio.TooSlowError) else ("bad_http")
+            )
+            self.stats.count_error(conn.reason)
+        except* Exception as group:
+            conn.reason = "internal_error"
+            self.stats.count_error(conn.reason)
+            log.error("bug while handling %s", conn.client, exc_info=first_error(group))
+        finally:
+            await close(stream)
+            self.stats.active -= 1
+            if self.stats.active == 0:
+                self._all_done.set()
+            self._emit(conn)
+
+    def _emit(self, conn: FlowRecord) -> None:
+        self.decision_log.emit(conn.to_record())
+
+    async def check_upstream(
+        self, host: str, port: int = 443, *, alpn_offer: Sequence[bytes] = (b"http/1.1",)
+    ) -> CheckResult:
+        """Connect to ``host:port`` and decide about it exactly as the proxy would.
+
+        Used by ``python -m tlsmitm check``; never relays anything.
+        """
+        name = normalize_host(host)
+        upstream_tcp = await self._upstreams.connect(name, port)
+        probe = await self._upstreams.probe(upstream_tcp, name, port, alpn_offer)
+        try:
+            now = self.clock()
+            action = None
+            if probe.verdict is not None:
+                action = self.responder.plan(
+                    probe.verdict,
+                    host=name,
+                    hsts_known=self.hsts.is_known_host(name, now=now),
+                    client_speaks_http=True,
+                    now=now,
+                )
+            stream = probe.stream
+            return CheckResult(
+                host=name,
+                port=port,
+                verdict=probe.verdict,
+                action=action,
+                client_certificate_requested=probe.client_certificate_requested,
+                hsts_known=self.hsts.is_known_host(name, now=now),
+                tls_version=stream.tls_version(),
+                cipher=stream.cipher_name(),
+                alpn=stream.selected_alpn(),
+                chain=tuple(stream.peer_certificate_chain()),
+            )
+        finally:
+            await close(probe.stream)
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    """The original destination of a connection redirected by iptables/nftables (Linux).
+
+    Reads ``SO_ORIGINAL_DST`` (IPv4) or ``IP6T_SO_ORIGINAL_DST`` (IPv6); raises ``OSError``
+    when the connection was not redirected or the platform lacks the option.
+    """
+    so_original_dst = 80
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, so_original_dst, 28)
+        port = struct.unpack("!H", raw[2:4])[0]
+        address = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+        return address, port
+    raw = sock.getsockopt(socket.SOL_IP, so_original_dst, 16)
+    port, packed = struct.unpack("!2xH4s8x", raw)
+    return socket.inet_ntoa(packed), port
