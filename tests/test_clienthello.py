@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,17 @@ from conftest import require_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
+from strategies import (
+    alpn_ext,
+    hello_message,
+    records,
+    sni_ext,
+    u8,
+    u16,
+    vec8,
+    vec16,
+    versions_ext,
+)
 
 from tlsmitm._clienthello import (
     MAX_CLIENT_HELLO_BYTES,
@@ -30,79 +40,7 @@ from tlsmitm._tls import upstream_connection, upstream_context
 REASONS = {"not_tls", "malformed", "too_large", "unsupported_version"}
 TLS13, TLS12 = 0x0304, 0x0303
 
-# --------------------------------------------------------------------------------------------
-# An encoder that follows RFC 8446 §4.1.2 / RFC 5246 §7.4.1.2, to round-trip the parser.
-
-
-def u8(n: int) -> bytes:
-    return bytes([n])
-
-
-def u16(n: int) -> bytes:
-    return struct.pack("!H", n)
-
-
-def vec8(b: bytes) -> bytes:
-    return u8(len(b)) + b
-
-
-def vec16(b: bytes) -> bytes:
-    return u16(len(b)) + b
-
-
-def sni_ext(*names: bytes, name_type: int = 0) -> bytes:
-    return vec16(b"".join(u8(name_type) + vec16(n) for n in names))
-
-
-def alpn_ext(protocols: list[bytes]) -> bytes:
-    return vec16(b"".join(vec8(p) for p in protocols))
-
-
-def versions_ext(versions: list[int]) -> bytes:
-    return vec8(b"".join(u16(v) for v in versions))
-
-
-def hello_message(
-    *,
-    legacy_version: int = TLS12,
-    session_id: bytes = b"\x11" * 32,
-    cipher_suites: list[int] | None = None,
-    compression: bytes = b"\x00",
-    extensions: list[tuple[int, bytes]] | None = None,
-    omit_extensions: bool = False,
-    raw_extensions: bytes | None = None,
-) -> bytes:
-    """A handshake message (header included) holding a ClientHello."""
-    suites = [0x1301, 0x1302] if cipher_suites is None else cipher_suites
-    body = (
-        u16(legacy_version)
-        + b"\x42" * 32
-        + vec8(session_id)
-        + vec16(b"".join(u16(s) for s in suites))
-        + vec8(compression)
-    )
-    if raw_extensions is not None:
-        body += vec16(raw_extensions)
-    elif not omit_extensions:
-        body += vec16(b"".join(u16(t) + vec16(d) for t, d in (extensions or [])))
-    return b"\x01" + len(body).to_bytes(3, "big") + body
-
-
-def records(message: bytes, sizes: list[int] | None = None, version: int = 0x0301) -> bytes:
-    """``message`` in handshake records of the given payload sizes (the last takes the rest)."""
-    out = b""
-    pos = 0
-    for size in sizes or []:
-        if pos >= len(message):
-            break
-        chunk = message[pos : pos + size]
-        out += b"\x16" + u16(version) + u16(len(chunk)) + chunk
-        pos += len(chunk)
-    while pos < len(message):
-        chunk = message[pos : pos + 16384]
-        out += b"\x16" + u16(version) + u16(len(chunk)) + chunk
-        pos += len(chunk)
-    return out
+# The encoder that follows RFC 8446 §4.1.2 / RFC 5246 §7.4.1.2 lives in tests/strategies.py.
 
 
 def message_of(raw: bytes) -> bytes:
@@ -351,7 +289,7 @@ def hello_specs(draw: st.DrawFn) -> Spec:
     versions = draw(st.none() | st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=8))
     others = draw(
         st.dictionaries(
-            st.integers(0, 0xFFFF).filter(lambda t: t not in (0, 16, 43)),
+            st.integers(0, 0xFFFF).filter(lambda t: t not in (0, 16, 43, 0xFE0D)),
             st.binary(max_size=30),
             max_size=8,
         )
@@ -624,3 +562,62 @@ def test_benchmark_reports_positive_rates(monkeypatch: pytest.MonkeyPatch) -> No
         *(f"{case}_us" for case in cases),
     }
     assert all(value > 0 for value in results.values())
+
+
+# -- Encrypted Client Hello (draft-ietf-tls-esni §5) ----------------------------------------
+
+ECH = 0xFE0D
+
+
+def ech_outer(
+    *, kdf: int = 0x0001, aead: int = 0x0001, config_id: int = 7, enc: bytes = b"E" * 32
+) -> bytes:
+    return u8(0) + u16(kdf) + u16(aead) + u8(config_id) + vec16(enc) + vec16(b"P" * 200)
+
+
+def test_ech_outer_is_reported_with_the_public_name() -> None:
+    hello = parse_ok(
+        records(
+            hello_message(
+                extensions=[(0, sni_ext(b"public.example.test")), (ECH, ech_outer(kdf=1, aead=3))]
+            )
+        )
+    )
+    assert hello.server_name == "public.example.test"  # the outer SNI: the ECH public name
+    assert hello.ech is not None
+    assert hello.ech.outer
+    assert (hello.ech.config_id, hello.ech.kdf_id, hello.ech.aead_id) == (7, 1, 3)
+    assert hello.ech.payload_length == 200
+    assert ECH in hello.extensions
+
+
+def test_ech_inner_marker_is_reported() -> None:
+    hello = parse_ok(records(hello_message(extensions=[(ECH, b"\x01")])))
+    assert hello.ech is not None
+    assert not hello.ech.outer
+    assert hello.ech.config_id is None
+
+
+def test_no_ech_without_the_extension() -> None:
+    assert parse_ok(records(hello_message(extensions=[(0, sni_ext(b"a.test"))]))).ech is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",  # no type
+        b"\x02",  # unknown ECHClientHelloType: illegal_parameter (§7)
+        b"\x01\x00",  # bytes after inner
+        b"\x00\x00\x01\x00\x01",  # outer cut after the cipher suite
+        b"\x00\x00\x01\x00\x01\x07\x00\x00\x00\x00",  # empty payload (payload<1..2^16-1>)
+        ech_outer() + b"\x00",  # trailing bytes
+    ],
+)
+def test_malformed_ech_is_malformed(body: bytes) -> None:
+    assert reason_of(records(hello_message(extensions=[(ECH, body)]))) == "malformed"
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=200)
+def test_fuzz_ech_extension(body: bytes) -> None:
+    assert_clean(records(hello_message(extensions=[(ECH, body)])))

@@ -23,6 +23,14 @@ It never raises anything else on bytes input, and it never asks for more than
 :data:`MAX_CLIENT_HELLO_BYTES`: once that many bytes are buffered the answer is final, so a caller
 that loops ``receive -> parse`` until it gets an answer is bounded in memory and time.
 
+Encrypted Client Hello (draft-ietf-tls-esni) is reported, not decrypted: tlsmitm holds no ECH key,
+so the hello it reads is the *outer* one and ``server_name`` is the ECH configuration's public name.
+:attr:`ClientHello.ech` says so (and a GREASE ECH extension, RFC 8701 style, looks the same by
+design: draft-ietf-tls-esni §6.2). The relay answers such a hello as the draft prescribes for a
+client-facing server without the key (§7.1 and §8.3 "Middleboxes"): it completes the handshake
+for the public name and sends no ``retry_configs``, so the client treats ECH as securely disabled
+and retries without it (§6.1.6) -- a retry that is then intercepted like any other.
+
 Values are reported as sent (``server_name`` is not normalised; GREASE values, RFC 8701, are kept
 in every tuple) so that a policy can see exactly what the client offered;
 :attr:`ClientHello.highest_version` ignores GREASE.
@@ -42,6 +50,7 @@ __all__ = [
     "NEED_MORE",
     "ClientHello",
     "ClientHelloError",
+    "EncryptedClientHello",
     "NeedMoreType",
     "is_grease",
     "looks_like_tls",
@@ -66,6 +75,8 @@ _EXT_SERVER_NAME = 0  # RFC 6066 §3
 _EXT_ALPN = 16  # RFC 7301 §3.1
 _EXT_SUPPORTED_VERSIONS = 43  # RFC 8446 §4.2.1
 _NAME_TYPE_HOST_NAME = 0  # RFC 6066 §3
+_EXT_ECH = 0xFE0D  # draft-ietf-tls-esni §11.1 "encrypted_client_hello"
+_ECH_OUTER, _ECH_INNER = 0, 1  # draft-ietf-tls-esni §5 ECHClientHelloType
 
 
 class NeedMoreType(enum.Enum):
@@ -102,6 +113,27 @@ def is_grease(value: int) -> bool:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class EncryptedClientHello:
+    """The ``encrypted_client_hello`` extension of a ClientHello (draft-ietf-tls-esni §5).
+
+    Attributes:
+        outer: ``True`` for the outer ClientHello's extension (a client hiding its real hello;
+            or GREASE), ``False`` for the ``inner`` marker, which only belongs inside an
+            encrypted hello and is a protocol error in a hello seen on the wire.
+        config_id: the ECHConfig the client used (outer only).
+        kdf_id: the HPKE KDF of the cipher suite (outer only).
+        aead_id: the HPKE AEAD of the cipher suite (outer only).
+        payload_length: the length of the encrypted inner hello (outer only).
+    """
+
+    outer: bool
+    config_id: int | None = None
+    kdf_id: int | None = None
+    aead_id: int | None = None
+    payload_length: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ClientHello:
     """What a client offered in its ClientHello, as sent.
 
@@ -117,6 +149,8 @@ class ClientHello:
         compression_methods: the offered compression methods (``(0,)`` for any sane client).
         raw_length: how many bytes of the stream the records holding the hello occupy; the
             caller replays at least these into the TLS engine.
+        ech: the ``encrypted_client_hello`` extension, when present; ``server_name`` is then the
+            ECH public name, not the host the client really wants.
     """
 
     server_name: str | None
@@ -127,6 +161,7 @@ class ClientHello:
     extensions: tuple[int, ...]
     compression_methods: tuple[int, ...]
     raw_length: int
+    ech: EncryptedClientHello | None = None
 
     def __post_init__(self) -> None:
         if self.server_name is not None and (
@@ -358,6 +393,7 @@ def _parse_body(message: bytes, end: int, *, raw_length: int) -> ClientHello:
     alpn: tuple[bytes, ...] = ()
     versions: tuple[int, ...] | None = None
     types: list[int] = []
+    ech: EncryptedClientHello | None = None
     if pos < end:  # RFC 5246 §7.4.1.2: the extensions block may be absent
         if end - pos < 2:
             raise _malformed("extensions length runs past the message")
@@ -385,6 +421,8 @@ def _parse_body(message: bytes, end: int, *, raw_length: int) -> ClientHello:
                 alpn = _parse_alpn(_Reader(message, pos, pos + length))
             elif ext_type == _EXT_SUPPORTED_VERSIONS:
                 versions = _parse_supported_versions(_Reader(message, pos, pos + length))
+            elif ext_type == _EXT_ECH:
+                ech = _parse_ech(_Reader(message, pos, pos + length))
             pos += length
     return ClientHello(
         server_name=server_name,
@@ -395,6 +433,35 @@ def _parse_body(message: bytes, end: int, *, raw_length: int) -> ClientHello:
         extensions=tuple(types),
         compression_methods=compression_methods,
         raw_length=raw_length,
+        ech=ech,
+    )
+
+
+def _parse_ech(ext: _Reader) -> EncryptedClientHello:
+    # draft-ietf-tls-esni §5: ECHClientHello { ECHClientHelloType type; select (type) {
+    #   case outer: HpkeSymmetricCipherSuite cipher_suite; uint8 config_id;
+    #               opaque enc<0..2^16-1>; opaque payload<1..2^16-1>;
+    #   case inner: Empty; } }
+    kind = ext.u8("ECHClientHello type")
+    if kind == _ECH_INNER:
+        if not ext.done():
+            raise _malformed("bytes after an inner ECHClientHello")
+        return EncryptedClientHello(outer=False)
+    if kind != _ECH_OUTER:
+        # §7: an unknown ECHClientHelloType is an illegal_parameter.
+        raise _malformed(f"unknown ECHClientHello type {kind}")
+    suite = ext.take(4, "ECH cipher_suite")
+    config_id = ext.u8("ECH config_id")
+    ext.vector(2, "ECH enc")
+    payload = ext.vector(2, "ECH payload", minimum=1)
+    if not ext.done():
+        raise _malformed("bytes after the outer ECHClientHello")
+    return EncryptedClientHello(
+        outer=True,
+        config_id=config_id,
+        kdf_id=(suite[0] << 8) | suite[1],
+        aead_id=(suite[2] << 8) | suite[3],
+        payload_length=len(payload.rest("ECH payload")),
     )
 
 
