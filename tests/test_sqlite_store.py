@@ -122,13 +122,73 @@ def test_file_and_directory_permissions(db: Path) -> None:
         assert stat.S_IMODE(wal.stat().st_mode) == 0o600
 
 
-def test_wal_and_full_synchronous(db: Path) -> None:
+def test_wal_and_synchronous_chosen_per_namespace(db: Path) -> None:
     with SqliteStore(db) as store:
-        store.put("ns", "k", b"v", expires=1.0)
-        conn = store._idle[0]
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+        store.put("hsts", "k", b"v", expires=1.0)
+        (durable,) = store._idle[True]
+        assert durable.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert durable.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert durable.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+        assert store._idle[False] == []
+        store.put("page", "k", b"v", expires=1.0)
+        (relaxed,) = store._idle[False]
+        assert relaxed.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        assert relaxed.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+        store.delete("page", "k")  # a delete withdraws permission: always FULL
+        assert len(store._idle[True]) == 1
+        assert store.get("page", "k") is None
+
+
+def test_add_if_absent_one_winner_across_threads(db: Path) -> None:
+    with SqliteStore(db) as store:
+        winners: list[int] = []
+        barrier = threading.Barrier(6)
+
+        def race(n: int) -> None:
+            barrier.wait()
+            if store.add_if_absent("nonce", "n", b"spent", expires=100.0, now=10.0):
+                winners.append(n)
+
+        threads = [threading.Thread(target=race, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert len(winners) == 1
+        assert not store.add_if_absent("nonce", "n", b"x", expires=200.0, now=99.0)
+        assert store.add_if_absent("nonce", "n", b"x", expires=200.0, now=100.0)  # expired
+
+
+def make_read_only(path: Path) -> None:
+    """Read-only for this process: chmod for a user, the immutable flag for root."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+    else:
+        path.chmod(0o444)
+
+
+def undo_read_only(path: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    path.chmod(0o600)
+
+
+def test_check_writable_names_a_read_only_file_and_what_to_do(db: Path) -> None:
+    with SqliteStore(db) as store:
+        store.put("hsts", "k", b"v", expires=1.0)
+        assert store.check_writable() is None
+    make_read_only(db)
+    try:
+        with SqliteStore(db) as store:
+            problem = store.check_writable()
+            assert problem is not None
+            assert "read-only" in problem
+            assert "--state-dir" in problem
+            assert store.get("hsts", "k") is not None  # reads still work
+            with pytest.raises(ConfigurationError):
+                store.put("hsts", "k2", b"v", expires=1.0)
+    finally:
+        undo_read_only(db)
 
 
 def test_persistence_across_reopen(db: Path) -> None:

@@ -34,6 +34,7 @@ from ._policy import Decision, InterceptPolicy, LearnedBypass, Rule, RuleSet
 from ._responder import Action, ActionKind, ErrorResponder, HttpRequest, HttpResponse
 from ._sqlite_store import SqliteStore
 from ._store import MemoryStore, StateStore, StoredItem
+from ._store_cache import CachedStore, StateHealth
 from ._verify import (
     Fetcher,
     RevocationMode,
@@ -45,6 +46,7 @@ from ._verify import (
 )
 
 if TYPE_CHECKING:
+    from ._redis_store import RedisStore
     from ._relay import (
         Block,
         CheckResult,
@@ -73,6 +75,7 @@ _LAZY = {
     "InterceptorStats": "_relay",
     "original_destination": "_relay",
     "TLSStream": "_tls",
+    "RedisStore": "_redis_store",  # needs the redis package: pip install 'tlsmitm[redis]'
 }
 
 
@@ -96,6 +99,7 @@ __all__ = [
     "Action",
     "ActionKind",
     "Block",
+    "CachedStore",
     "CertError",
     "CertForge",
     "CertificateAuthority",
@@ -126,12 +130,14 @@ __all__ = [
     "LearnedBypass",
     "MemoryStore",
     "PreloadList",
+    "RedisStore",
     "Request",
     "Response",
     "RevocationMode",
     "Rule",
     "RuleSet",
     "SqliteStore",
+    "StateHealth",
     "StateStore",
     "StoredItem",
     "StsPolicy",

@@ -28,16 +28,17 @@ preload list (once per process) and :meth:`HstsStore.open`, which opens a ``Sqli
 
 from __future__ import annotations
 
+import enum
 import functools
 import importlib.resources
 import json
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 from ._errors import ConfigurationError
 from ._names import InvalidHostName, is_ip_literal, normalize_host
@@ -58,6 +59,20 @@ MAX_STS_AGE = 86400 * 365
 
 NAMESPACE = "hsts"
 _REFRESH_SLACK = 86400.0  # seconds: see HstsStore.observe
+
+
+class _Unanswered(enum.Enum):
+    UNANSWERED = "unanswered"
+
+
+#: What :meth:`HstsStore.known_host_nowait` returns when only the store can answer.
+UNANSWERED: Final = _Unanswered.UNANSWERED
+
+
+def _never_answered(namespace: str, names: Sequence[str]) -> None:
+    return None
+
+
 _FORMAT_VERSION = 1
 
 
@@ -756,6 +771,32 @@ class HstsStore:
         specific first, skipping entries that do not apply (a more specific entry without
         includeSubDomains does not hide a less specific one with it: Chromium crbug 821811).
         """
+        result = self._known_host(host, now, self._fetch)
+        if result is UNANSWERED:  # pragma: no cover - _fetch always answers
+            raise AssertionError("the store did not answer")
+        return result
+
+    def known_host_nowait(self, host: str, *, now: datetime) -> KnownHost | _Unanswered | None:
+        """:meth:`known_host` answered from memory alone, or :data:`UNANSWERED`.
+
+        For a driver on an event loop: when the store can answer without I/O (the preload list,
+        or a :class:`~tlsmitm.CachedStore` whose entries are fresh) the answer comes at once;
+        otherwise the result is :data:`UNANSWERED` and the caller asks :meth:`known_host` from
+        a thread.
+        """
+        peek = getattr(self._store, "peek_many", None)
+        if peek is None:
+            if isinstance(self._store, MemoryStore):
+                return self._known_host(host, now, self._fetch)
+            peek = _never_answered
+        return self._known_host(host, now, lambda names: peek(NAMESPACE, names))
+
+    def _known_host(
+        self,
+        host: str,
+        now: datetime,
+        fetch: Callable[[Sequence[str]], Mapping[str, StoredItem] | None],
+    ) -> KnownHost | _Unanswered | None:
         now_ts = _timestamp(now)
         normalized = _normalized_or_none(host)
         if normalized is None:
@@ -767,7 +808,9 @@ class HstsStore:
                 host=name, include_subdomains=include_subdomains, expires=None, source="preload"
             )
         suffixes = _suffixes(normalized)
-        found = self._fetch(suffixes)
+        found = fetch(suffixes)
+        if found is None:
+            return UNANSWERED
         for index, name in enumerate(suffixes):
             item = found.get(name)
             if item is None or not item.expires > now_ts:

@@ -3,12 +3,18 @@
 Theory of operation
 -------------------
 
-* **Durability.** The database runs in WAL mode with ``synchronous=FULL``: every write is a single
+* **Durability, chosen per namespace.** The database runs in WAL mode. Every write is a single
   auto-committed statement (or one ``BEGIN IMMEDIATE`` transaction for :meth:`SqliteStore.evict`),
-  and SQLite fsyncs the write-ahead log before the commit returns. So a ``put`` that has returned
-  survives ``kill -9`` of the process, and -- as far as the file system honours ``fsync`` -- a
-  power cut. A writer killed in the middle of a transaction leaves an uncommitted tail in the
-  WAL, which SQLite discards on the next open: the store is never half-written.
+  so any write that has returned survives ``kill -9`` of the process. Against a power cut or an
+  OS crash it depends on ``synchronous``, which SQLite sets per connection, so the store keeps
+  two pools: writes that *add* state in a namespace of :data:`DURABLE_NAMESPACES` (HSTS
+  knowledge) and every ``delete`` and ``evict`` (they withdraw permission: a revoked override must
+  stay revoked) run with ``synchronous=FULL``, which fsyncs the log before the commit returns;
+  the other namespaces (pages, spent nonces, override grants, learned bypasses) run with
+  ``synchronous=NORMAL``, whose last commits may be lost to a power cut but never corrupt the
+  file. ``docs/hsts.rst`` explains the choice for each namespace. A writer killed in the
+  middle of a transaction leaves an uncommitted tail in the WAL, which SQLite discards on the
+  next open: the store is never half-written.
 * **Several processes, several threads.** Each operation borrows a connection from a small pool
   (one per concurrently active thread), so WAL readers never wait for a writer's ``fsync``.
   Writers from other threads or processes queue on SQLite's lock for up to ``timeout`` seconds
@@ -40,7 +46,14 @@ from typing import TypeVar
 from ._errors import ConfigurationError
 from ._store import StoredItem
 
-__all__ = ["SqliteStore"]
+__all__ = ["DURABLE_NAMESPACES", "SqliteStore"]
+
+#: Namespaces whose new entries are fsynced before ``put`` returns (``synchronous=FULL``).
+#: Losing the last HSTS entry to a power cut would let a user be offered an override for a host
+#: that asked never to be overridden (RFC 6797 §12.1) until it is visited again: a safety loss.
+#: Losing a page, a spent nonce, an override grant or a learned bypass costs the user one more
+#: click or one more failed connection: a nuisance, not worth an fsync per write.
+DURABLE_NAMESPACES: frozenset[str] = frozenset({"hsts"})
 
 _T = TypeVar("_T")
 
@@ -49,6 +62,7 @@ _MAX_IDLE_CONNECTIONS = 8
 # SQLite primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF).
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
+_SQLITE_READONLY = 8
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
 _CORRUPTION_CODES = frozenset({_SQLITE_CORRUPT, _SQLITE_NOTADB})
@@ -77,6 +91,8 @@ class SqliteStore:
         path: the database file, normally ``<state dir>/state.sqlite3``. Missing parent
             directories are created (mode ``0700``), a missing file is created (mode ``0600``).
         timeout: how long (seconds) to wait for another writer's lock before failing.
+        durable_namespaces: namespaces whose ``put`` is fsynced before it returns (see the
+            module's theory of operation); deletes and evictions always are.
 
     Raises:
         ConfigurationError: ``reason="corrupt_state"`` when the file is damaged (it has been moved
@@ -84,16 +100,24 @@ class SqliteStore:
             tlsmitm, ``"state_store"`` when it cannot be created or opened at all.
     """
 
-    def __init__(self, path: Path, *, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        timeout: float = 5.0,
+        durable_namespaces: frozenset[str] = DURABLE_NAMESPACES,
+    ) -> None:
         if not (timeout >= 0 and math.isfinite(timeout)):
             raise ValueError(f"timeout must be a finite number of seconds >= 0, not {timeout!r}")
         self._path = Path(path)
         self._timeout = float(timeout)
+        self._durable_namespaces = frozenset(durable_namespaces)
         self._lock = threading.Lock()
-        self._idle: list[sqlite3.Connection] = []
+        # Idle connections by durability: True = synchronous=FULL, False = NORMAL.
+        self._idle: dict[bool, list[sqlite3.Connection]] = {True: [], False: []}
         self._closed = False
         self._prepare_file()
-        self._idle.append(self._open_checked())
+        self._idle[True].append(self._open_checked())
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -116,10 +140,10 @@ class SqliteStore:
             ) from exc
         os.close(fd)
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, durable: bool) -> sqlite3.Connection:
         conn = self._raw_connect()
         try:
-            self._configure(conn)
+            self._configure(conn, durable=durable)
         except BaseException:
             conn.close()
             raise
@@ -133,11 +157,12 @@ class SqliteStore:
             check_same_thread=False,  # the pool hands connections between threads, one at a time
         )
 
-    def _configure(self, conn: sqlite3.Connection) -> None:
+    def _configure(self, conn: sqlite3.Connection, *, durable: bool = True) -> None:
         conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
-        # synchronous=FULL in WAL mode: the log is fsynced at every commit, so an acknowledged
-        # write is durable (StateStore contract).
-        conn.execute("PRAGMA synchronous = FULL")
+        # WAL + FULL: the log is fsynced at every commit (durable against a power cut). WAL +
+        # NORMAL: fsynced only at checkpoints; a commit survives the process dying, and the file
+        # is never corrupted, but the last commits may be lost to a power cut.
+        conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
 
     def _open_checked(self) -> sqlite3.Connection:
         """Open the first connection: WAL, integrity check, schema. Moves a corrupt file aside."""
@@ -270,17 +295,24 @@ class SqliteStore:
 
     # -- connection pool -----------------------------------------------------------------------
 
-    def _run(self, doing: str, operation: Callable[[sqlite3.Connection], _T]) -> _T:
+    def _run(
+        self,
+        doing: str,
+        operation: Callable[[sqlite3.Connection], _T],
+        *,
+        durable: bool = True,
+    ) -> _T:
         with self._lock:
             if self._closed:
                 raise ConfigurationError(
                     f"the state store {self._path} is closed; open a new SqliteStore",
                     reason="store_closed",
                 )
-            conn = self._idle.pop() if self._idle else None
+            pool = self._idle[durable]
+            conn = pool.pop() if pool else None
         if conn is None:
             try:
-                conn = self._connect()
+                conn = self._connect(durable)
             except sqlite3.Error as exc:
                 raise self._map_error(exc, doing) from exc
         try:
@@ -288,14 +320,45 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise self._map_error(exc, doing) from exc
         finally:
-            self._release(conn)
+            self._release(conn, durable)
 
-    def _release(self, conn: sqlite3.Connection) -> None:
+    def _release(self, conn: sqlite3.Connection, durable: bool) -> None:
         with self._lock:
-            if not self._closed and len(self._idle) < _MAX_IDLE_CONNECTIONS:
-                self._idle.append(conn)
+            pool = self._idle[durable]
+            if not self._closed and len(pool) < _MAX_IDLE_CONNECTIONS:
+                pool.append(conn)
                 return
         conn.close()
+
+    def check_writable(self) -> str | None:
+        """``None`` when the store accepts writes, else why not, in one line saying what to do.
+
+        Writes nothing: it starts a write transaction and rolls it back. A file that is
+        read-only for this user opens and reads fine, then fails every write; ``serve`` calls
+        this at start so that the deployer hears about it at once, not at the first HSTS header.
+        """
+
+        def operation(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("DELETE FROM entries WHERE namespace = ?", ("\x00probe",))
+            finally:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+
+        try:
+            self._run("a write check", operation)
+        except ConfigurationError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, sqlite3.Error) and _error_code(cause) == _SQLITE_READONLY:
+                return (
+                    f"the state store {self._path} is read-only for this user; what is learned "
+                    "now (HSTS hosts, overrides, bypasses) is kept in memory only until the "
+                    f"process ends. Make it writable (chown/chmod {self._path.name} and its "
+                    "directory) or choose another --state-dir"
+                )
+            return str(exc)
+        return None
 
     def close(self) -> None:
         """Close every idle connection; operations still running close theirs when they end.
@@ -304,7 +367,8 @@ class SqliteStore:
         """
         with self._lock:
             self._closed = True
-            idle, self._idle = self._idle, []
+            idle = self._idle[True] + self._idle[False]
+            self._idle = {True: [], False: []}
         for conn in idle:
             conn.close()
 
@@ -376,7 +440,41 @@ class SqliteStore:
                 (namespace, key, blob, expires),
             )
 
-        self._run("put", operation)
+        self._run("put", operation, durable=namespace in self._durable_namespaces)
+
+    def add_if_absent(
+        self, namespace: str, key: str, value: bytes, *, expires: float, now: float
+    ) -> bool:
+        """Insert ``key`` unless an unexpired entry holds it; ``True`` when this call inserted.
+
+        Atomic across threads and processes (one ``BEGIN IMMEDIATE`` transaction): of several
+        callers racing for one key, exactly one wins. Single-use nonces rely on it.
+        """
+        expires = float(expires)
+        if math.isnan(expires):
+            raise ValueError("expires must be a number of POSIX seconds, not NaN")
+        blob = bytes(value)
+
+        def operation(conn: sqlite3.Connection) -> bool:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(
+                    "DELETE FROM entries WHERE namespace = ? AND key = ? AND expires <= ?",
+                    (namespace, key, float(now)),
+                )
+                added = conn.execute(
+                    "INSERT OR IGNORE INTO entries (namespace, key, value, expires) "
+                    "VALUES (?, ?, ?, ?)",
+                    (namespace, key, blob, expires),
+                ).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            return added == 1
+
+        return self._run("put", operation, durable=namespace in self._durable_namespaces)
 
     def delete(self, namespace: str, key: str) -> None:
         """Remove the entry for ``key`` if present; durable when this returns."""
@@ -384,7 +482,7 @@ class SqliteStore:
         def operation(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM entries WHERE namespace = ? AND key = ?", (namespace, key))
 
-        self._run("delete", operation)
+        self._run("delete", operation)  # durable: a delete withdraws permission
 
     def items(self, namespace: str) -> Iterator[StoredItem]:
         """Every entry in ``namespace``, as a snapshot taken when called."""

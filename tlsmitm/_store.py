@@ -76,6 +76,18 @@ class MemoryStore:
         with self._lock:
             self._data.setdefault(namespace, {})[key] = item
 
+    def add_if_absent(
+        self, namespace: str, key: str, value: bytes, *, expires: float, now: float
+    ) -> bool:
+        """Insert ``key`` unless an unexpired entry holds it; ``True`` when this call inserted."""
+        with self._lock:
+            table = self._data.setdefault(namespace, {})
+            current = table.get(key)
+            if current is not None and current.expires > now:
+                return False
+            table[key] = StoredItem(key=key, value=bytes(value), expires=float(expires))
+            return True
+
     def delete(self, namespace: str, key: str) -> None:
         with self._lock:
             self._data.get(namespace, {}).pop(key, None)
