@@ -21,3 +21,7 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+# Session fixtures that start real engines (clamd, c-icap) when a test asks for them.
+pytest_plugins = ("scan_engines",)
