@@ -32,8 +32,9 @@ from tlsmitm._responder import (
     HttpResponse,
     VerdictLike,
     client_identity,
+    shared_token_key,
 )
-from tlsmitm._store import MemoryStore
+from tlsmitm._store import MemoryStore, StoredItem
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SEC = timedelta(seconds=1)
@@ -1607,3 +1608,62 @@ def test_default_random_is_secrets_token_bytes() -> None:
 
     default = inspect.signature(ErrorResponder).parameters["random"].default
     assert default is secrets.token_bytes
+
+
+# -- the journey across workers and nodes (issue 16) ----------------------------------------------
+
+
+def test_a_page_shown_by_one_worker_is_served_and_granted_by_another() -> None:
+    shared = MemoryStore()
+    key = shared_token_key(shared)
+    assert shared_token_key(shared) == key  # made once, then read by everyone sharing the store
+    a = make(profile="page", override_store=shared, token_key=key)
+    b = make(profile="page", override_store=shared, token_key=key, random=Counter(b"other"))
+    ref, token = client_page(a, ALICE)
+    page = b.handle(request(target=f"/error/{ref}"), now=NOW, client=ALICE)
+    assert page.status == 502  # b never saw this page: it read it from the store
+    assert client_post(b, ref, token, BOB).status == 403  # bound to the client it was shown to
+    assert client_post(b, ref, token, ALICE).status == 303
+    assert client_granted(a, ALICE)  # the grant is shared too
+    assert not client_granted(a, BOB)
+
+
+def test_a_token_is_single_use_across_workers() -> None:
+    shared = MemoryStore()
+    key = shared_token_key(shared)
+    a = make(profile="page", override_store=shared, token_key=key)
+    b = make(profile="page", override_store=shared, token_key=key, random=Counter(b"other"))
+    ref, token = client_page(a, ALICE)
+    # Both workers get the same click (a retried POST balanced to another worker): one wins.
+    statuses = sorted(
+        [client_post(a, ref, token, ALICE).status, client_post(b, ref, token, ALICE).status]
+    )
+    assert statuses[0] == 303
+    assert statuses[1] in (403, 404)
+
+
+def test_a_store_that_cannot_check_refuses_grants_and_tokens() -> None:
+    class Broken(MemoryStore):
+        broken = False
+
+        def get(self, namespace: str, key: str) -> StoredItem | None:
+            if self.broken:
+                raise ConfigurationError("Redis is away", reason="state_unavailable")
+            return super().get(namespace, key)
+
+        def add_if_absent(
+            self, namespace: str, key: str, value: bytes, *, expires: float, now: float
+        ) -> bool:
+            if self.broken:
+                raise ConfigurationError("Redis is away", reason="state_unavailable")
+            return super().add_if_absent(namespace, key, value, expires=expires, now=now)
+
+    store = Broken()
+    r = make(profile="page", override_store=store)
+    ref, token = client_page(r, ALICE)
+    assert client_post(r, ref, token, ALICE).status == 303
+    assert client_granted(r, ALICE)
+    store.broken = True
+    assert not client_granted(r, ALICE)  # cannot be checked: not granted
+    ref2, token2 = client_page(r, ALICE)  # this process still serves the page it made ...
+    assert client_post(r, ref2, token2, ALICE).status == 403  # ... but the nonce cannot be spent

@@ -110,6 +110,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "client:CIDR, port:N, category:NAME); may be repeated",
     )
     parser.add_argument("--rules", type=Path, default=None, help="bypass rules file (TOML)")
+    parser.add_argument(
+        "--state",
+        default=None,
+        metavar="URL",
+        help="where the users' journey state lives (HSTS, pages, overrides, learned bypasses): "
+        "redis://HOST:PORT/DB to share it between machines (default: SQLite in --state-dir)",
+    )
     parser.add_argument("--keylog", type=Path, default=None, help="append TLS secrets here")
     parser.add_argument("--max-connections", type=int, default=10_000)
     parser.add_argument(
@@ -155,6 +162,7 @@ def build_interceptor(args: argparse.Namespace) -> object:
         bypass=getattr(args, "bypass", []),
         rules_file=getattr(args, "rules", None),
         config=config,
+        state=getattr(args, "state", None),
     )
 
 
@@ -183,6 +191,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"tlsmitm: {exc}", file=sys.stderr)
         return 2
     assert isinstance(interceptor, Interceptor)
+    if interceptor.state_problem:
+        # One line, at start: the deployer hears about it now, not at the first HSTS header.
+        logging.getLogger("tlsmitm.state").warning("%s", interceptor.state_problem)
     warn_if_trust_store_is_old()
     from ._ca import ROOT_CERT_FILE
 

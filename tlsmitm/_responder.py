@@ -32,8 +32,12 @@ tokens are in it. :class:`ErrorResponder` makes that impossible in three ways:
    reference remembers whom it was shown to and refuses a ``POST`` from anyone else.
 
 Everything here is pure: time is the ``now`` argument, randomness is the injected ``random``
-function, and the override store is an injected :class:`~tlsmitm.StateStore`. The page and
-nonce tables are bounded in-memory maps guarded by a lock.
+function, and the override store is an injected :class:`~tlsmitm.StateStore`. Pages (namespace
+``page``) and spent nonces (``nonce``, an atomic ``add_if_absent``) are kept in that store too,
+so a page one worker or node showed can be read and its override granted through another; the
+token key can be kept there as well (:func:`shared_token_key`). Each process also keeps bounded
+in-memory copies, so a failing store still lets it serve the pages it made; a grant or a nonce
+that the store cannot check is refused.
 """
 
 from __future__ import annotations
@@ -72,10 +76,16 @@ __all__ = [
     "HttpResponse",
     "VerdictLike",
     "client_identity",
+    "shared_token_key",
 ]
 
 #: The :class:`~tlsmitm.StateStore` namespace that holds granted overrides.
 OVERRIDE_NAMESPACE: Final = "override"
+#: Namespaces for error pages (by reference), spent token nonces and the shared token key.
+PAGE_NAMESPACE: Final = "page"
+NONCE_NAMESPACE: Final = "nonce"
+SECRET_NAMESPACE: Final = "secret"  # noqa: S105 (a namespace name, not a secret)
+_TOKEN_KEY_NAME: Final = "override-token-key"  # noqa: S105 (a key name)
 
 _REF_BYTES: Final = 16  # 128 bits: unguessable
 _NONCE_BYTES: Final = 16
@@ -290,7 +300,7 @@ class HttpResponse:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Page:
-    """What a page reference stands for; never leaves the process."""
+    """What a page reference stands for; kept in the shared store, never sent to a client."""
 
     kind: ActionKind
     host: str
@@ -668,7 +678,10 @@ class ErrorResponder:
     def _override_granted(
         self, client: str | None, host: str, sha: bytes, error: CertError, t: float
     ) -> bool:
-        item = self._store.get(OVERRIDE_NAMESPACE, _override_key(client, host, sha, error))
+        try:
+            item = self._store.get(OVERRIDE_NAMESPACE, _override_key(client, host, sha, error))
+        except ConfigurationError:
+            return False  # a grant that cannot be checked is not granted (fail closed)
         return item is not None and item.expires > t
 
     def _grant(self, page: _Page, t: float) -> None:
@@ -778,6 +791,10 @@ class ErrorResponder:
         self._grant(page, t)
         with self._lock:
             self._pages.pop(ref, None)  # single use
+        try:  # noqa: SIM105 (contextlib is not among this pure module's imports)
+            self._store.delete(PAGE_NAMESPACE, ref)
+        except ConfigurationError:
+            pass  # the spent nonce still makes the page's token single-use
         location = f"https://{_authority(page.host, page.port, 443)}{page.return_target}"
         return self._redirect(location, close=False)
 
@@ -816,14 +833,25 @@ class ErrorResponder:
         age = _ms(t) - issued
         if not _CLICK_DELAY_MS <= age <= _ms(self.page_ttl.total_seconds()):
             return False  # too soon after the page was served (UI-02), or stale
+        expires = t + self.page_ttl.total_seconds()
         with self._lock:
             while self._spent and next(iter(self._spent.values())) <= t:
                 self._spent.popitem(last=False)
             if nonce in self._spent:
                 return False
-            self._spent[nonce] = t + self.page_ttl.total_seconds()
+            self._spent[nonce] = expires
             while len(self._spent) > self._max_pages:
                 self._spent.popitem(last=False)
+        # Single use across every worker and node sharing the store: an atomic insert. A store
+        # that cannot say whether the nonce was spent refuses the token (fail closed).
+        add = getattr(self._store, "add_if_absent", None)
+        if add is not None:
+            try:
+                fresh = bool(add(NONCE_NAMESPACE, nonce.hex(), b"", expires=expires, now=t))
+                self._store.evict(NONCE_NAMESPACE, now=t, keep=self._max_pages)
+            except ConfigurationError:
+                return False
+            return fresh
         return True
 
     # -- page table -----------------------------------------------------------------------------
@@ -835,6 +863,13 @@ class ErrorResponder:
             while len(self._pages) >= self._max_pages:
                 self._pages.popitem(last=False)
             self._pages[ref] = page
+        # Shared, so that the next request -- on another worker or node -- finds the page. If
+        # the store fails, this process still serves it.
+        try:
+            self._store.put(PAGE_NAMESPACE, ref, _encode_page(page), expires=page.expires)
+            self._store.evict(PAGE_NAMESPACE, now=t, keep=self._max_pages)
+        except ConfigurationError:
+            pass  # CachedStore has counted and logged it
         return ref
 
     def _lookup(self, ref: str, t: float) -> _Page | None:
@@ -843,6 +878,12 @@ class ErrorResponder:
         with self._lock:
             self._expire_pages(t)
             page = self._pages.get(ref)
+        if page is None:
+            try:
+                item = self._store.get(PAGE_NAMESPACE, ref)
+            except ConfigurationError:
+                item = None
+            page = _decode_page(item.value) if item is not None else None
         if page is None or page.expires <= t:
             return None
         return page
@@ -1326,3 +1367,82 @@ def _load_templates(
     }
     assets = {name: _read_template(directory, name).encode("utf-8") for name in _ASSETS}
     return templates, assets, _load_strings(directory)
+
+
+def _encode_page(page: _Page) -> bytes:
+    record = {
+        "kind": page.kind.value,
+        "host": page.host,
+        "port": page.port,
+        "error": page.error.value if page.error is not None else None,
+        "detail": page.detail,
+        "sha": page.leaf_sha256.hex() if page.leaf_sha256 is not None else None,
+        "hsts": page.hsts_known,
+        "return": page.return_target,
+        "title": page.title,
+        "explanation": page.explanation,
+        "expires": page.expires,
+        "client": page.client,
+    }
+    return json.dumps(record, separators=(",", ":")).encode("utf-8")
+
+
+def _decode_page(raw: bytes) -> _Page | None:
+    """A page another worker stored; ``None`` for anything this version cannot trust."""
+    try:
+        record = json.loads(raw)
+        sha = record["sha"]
+        error = record["error"]
+        client = record["client"]
+        page = _Page(
+            kind=ActionKind(record["kind"]),
+            host=normalize_host(str(record["host"])),
+            port=_check_port(int(record["port"])),
+            error=CertError(error) if error is not None else None,
+            detail=str(record["detail"]),
+            leaf_sha256=bytes.fromhex(sha) if sha is not None else None,
+            hsts_known=bool(record["hsts"]),
+            return_target=_safe_return_target(str(record["return"]).encode("ascii")),
+            title=str(record["title"]),
+            explanation=str(record["explanation"]),
+            expires=float(record["expires"]),
+            client=str(client) if client is not None else None,
+        )
+    except (ValueError, KeyError, TypeError, UnicodeError, InvalidHostName):
+        return None
+    if page.kind not in (ActionKind.BLOCK_PAGE, ActionKind.OVERRIDE_PAGE):
+        return None
+    if page.kind is ActionKind.OVERRIDE_PAGE and (page.error is None or page.leaf_sha256 is None):
+        return None
+    return page
+
+
+def shared_token_key(
+    store: StateStore, random: Callable[[int], bytes] = secrets.token_bytes
+) -> bytes:
+    """The override-token key of an installation: made once, kept in its shared store.
+
+    Every worker and every node sharing ``store`` gets the same key, so a token minted on the
+    page one worker served is accepted by another. The first caller's random key wins
+    (``add_if_absent`` is atomic); later callers read it.
+
+    Raises:
+        ConfigurationError: the store cannot be read or written (``reason`` from the store), or
+            has no atomic ``add_if_absent``.
+    """
+    add = getattr(store, "add_if_absent", None)
+    if add is None:
+        raise ConfigurationError(
+            f"{type(store).__name__} cannot hold a shared key (no add_if_absent)",
+            reason="state_store",
+        )
+    item = store.get(SECRET_NAMESPACE, _TOKEN_KEY_NAME)
+    if item is None:  # the first process of the installation (a read-only store fails here)
+        add(SECRET_NAMESPACE, _TOKEN_KEY_NAME, random(32), expires=math.inf, now=0.0)
+        item = store.get(SECRET_NAMESPACE, _TOKEN_KEY_NAME)
+    if item is None or len(item.value) < _MIN_KEY_BYTES:
+        raise ConfigurationError(
+            "the shared override-token key could not be read back from the state store",
+            reason="state_store",
+        )
+    return item.value

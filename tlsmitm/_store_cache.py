@@ -194,7 +194,7 @@ class CachedStore:
         with self._lock:
             was_ok, self._ok = self._ok, True
             pinned = list(self._pinned.items())
-        if not was_ok:
+        if not was_ok and pinned:
             self._log.warning("state store works again; writing %d held entries", len(pinned))
         for (namespace, key), item in pinned:
             try:

@@ -26,6 +26,7 @@ Every failure closes both sides (at once); nothing outlives the connection.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,7 @@ from .hooks import FlowInfo
 from .pool import PooledUpstream, PoolKey
 from .splice import splice
 from .state import FlowRecord
+from .state_io import hsts_known
 from .streams import close, close_all, peer_ip
 
 if TYPE_CHECKING:
@@ -174,13 +176,18 @@ class Flow:
         speaks_http = b"http/1.1" in hello.alpn_protocols or (
             not hello.alpn_protocols and port in _HTTP_PORTS
         )
-        action = ix.responder.plan(
+        hsts_is_known = await hsts_known(ix, name, now)
+        plan = functools.partial(
+            ix.responder.plan,
             verdict,
             host=name,
-            hsts_known=ix.hsts.is_known_host(name, now=now),
+            hsts_known=hsts_is_known,
             client_speaks_http=speaks_http,
             now=now,
         )
+        # A verified verdict needs no state; an error may look up an override grant in the
+        # shared store: never on the event loop.
+        action = plan() if verdict.ok else await trio.to_thread.run_sync(plan)
         if action.kind is ActionKind.ALERT:
             conn.decision, conn.reason = "block", "alert"
             ix.stats.blocked += 1
@@ -316,7 +323,12 @@ class Flow:
             return False, None
 
         def on_sts(values: Sequence[bytes]) -> None:
-            ix.hsts.observe(name, list(values), now=ix.clock(), secure_and_verified=True)
+            # Recorded off the event loop; the response is not held back by it.
+            ix.state_writer.submit(
+                functools.partial(
+                    ix.hsts.observe, name, list(values), now=ix.clock(), secure_and_verified=True
+                )
+            )
 
         relay = HttpRelay(
             client=downstream,

@@ -24,12 +24,14 @@ import trio
 from cryptography import x509
 
 from .._ca import CertificateAuthority
-from .._errors import TlsMitmError
+from .._errors import ConfigurationError, TlsMitmError
 from .._forge import CertForge
 from .._hsts import HstsStore
 from .._names import normalize_host
 from .._policy import DecisionLog, InterceptPolicy
-from .._responder import Action, ErrorResponder
+from .._responder import Action, ErrorResponder, shared_token_key
+from .._store import StateStore
+from .._store_cache import CachedStore
 from .._tls import keylog_file_writer
 from .._verify import UpstreamVerifier, Verdict
 from .downstream import Downstream
@@ -37,6 +39,7 @@ from .hooks import Hooks
 from .intake import explicit, transparent
 from .pool import UpstreamPool
 from .state import FlowRecord
+from .state_io import StateWriter
 from .streams import Connector, close, close_all, first_error, tcp_connector
 from .upstream import Upstreams
 
@@ -206,6 +209,10 @@ class Interceptor:
             max_per_key=self.config.upstream_pool_per_host,
             idle_seconds=self.config.upstream_pool_seconds,
         )
+        #: Runs state writes (HSTS observations) in a thread, off the event loop.
+        self.state_writer = StateWriter()
+        #: Why the state store cannot be written, if it cannot (``from_state_dir`` checks).
+        self.state_problem: str | None = None
         self._draining = False
         self._accept_scope: trio.CancelScope | None = None
         self._all_done = trio.Event()
@@ -226,25 +233,43 @@ class Interceptor:
         config: InterceptorConfig | None = None,
         hooks: Hooks | None = None,
         connector: Connector | None = None,
+        state: str | None = None,
     ) -> Interceptor:
-        """A persistent installation in ``state_dir``: CA created on first use, HSTS in SQLite."""
-        from .._sqlite_store import SqliteStore
+        """A persistent installation in ``state_dir``: CA created on first use, state shared.
+
+        ``state`` is where the journey's state lives: ``None`` for ``state_dir/state.sqlite3``
+        (shared by the workers of this machine), or ``redis://HOST:PORT/DB`` (shared by several
+        machines). Either sits behind a per-worker :class:`~tlsmitm.CachedStore`; a store that
+        cannot be written is noted in :attr:`state_problem` (and costs no response).
+        """
         from .._verify import TrustConfig
 
         now = _utc_now()
         ca = CertificateAuthority.load_or_create(state_dir, passphrase=passphrase, now=now)
-        store = SqliteStore(state_dir / "state.sqlite3")
+        backend, problem = open_state_store(state_dir, state)
+        store = CachedStore(backend)
+        try:
+            # One key for the installation: a token minted by any worker or node is checked by
+            # any other.
+            token_key: bytes | None = shared_token_key(store)
+        except ConfigurationError as exc:
+            log.warning("override tokens use a key of this process only: %s", exc)
+            token_key = None
         trust = TrustConfig(extra_roots=tuple(extra_roots), own_certificates=ca.own_certificates())
-        return cls(
+        interceptor = cls(
             ca=ca,
             verifier=UpstreamVerifier(trust),
             hsts=HstsStore(store),
-            responder=ErrorResponder(profile=error_profile, override_store=store),
+            responder=ErrorResponder(
+                profile=error_profile, override_store=store, token_key=token_key
+            ),
             policy=InterceptPolicy(store=store, rules_file=rules_file, extra_rules=bypass),
             config=config,
             hooks=hooks,
             connector=connector,
         )
+        interceptor.state_problem = problem
+        return interceptor
 
     # -- serving ------------------------------------------------------------------------------
 
@@ -273,6 +298,7 @@ class Interceptor:
         try:
             async with trio.open_nursery() as connections:
                 connections.start_soon(self._expire_pool)
+                connections.start_soon(self.state_writer.run)
                 with trio.CancelScope() as accept_scope:
                     self._accept_scope = accept_scope
                     async with trio.open_nursery() as accepters:
@@ -428,6 +454,39 @@ class Interceptor:
             )
         finally:
             await close(probe.stream)
+
+
+def open_state_store(state_dir: Path, state: str | None) -> tuple[StateStore, str | None]:
+    """The shared store ``state`` names, and why it cannot be written (``None`` if it can).
+
+    Raises:
+        ConfigurationError: ``state`` is neither empty nor a Redis URL, the redis package is
+            missing, or the SQLite file is unusable (corrupt, newer schema).
+    """
+    if state is None or state in ("", "sqlite"):
+        from .._sqlite_store import SqliteStore
+
+        sqlite = SqliteStore(state_dir / "state.sqlite3")
+        return sqlite, sqlite.check_writable()
+    if not state.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigurationError(
+            f"--state {state!r} is not understood; use redis://HOST:PORT/DB, or leave it out for "
+            "SQLite in the state directory",
+            reason="state_store",
+        )
+    try:
+        from .._redis_store import RedisStore
+    except ImportError as exc:
+        raise ConfigurationError(
+            "--state redis://... needs the redis package: pip install 'tlsmitm[redis]'",
+            reason="state_store",
+        ) from exc
+    redis_store = RedisStore(state)
+    try:
+        redis_store.ping()
+    except ConfigurationError as exc:
+        return redis_store, f"{exc} -- until then HSTS is enforced from memory and the preload list"
+    return redis_store, None
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:

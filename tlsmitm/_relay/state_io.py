@@ -1,0 +1,83 @@
+"""State calls off the event loop: HSTS reads from the per-worker cache, writes in a thread.
+
+Every connection asks whether its host is a Known HSTS Host. When the answer is in memory (the
+preload list, or a :class:`~tlsmitm.CachedStore` entry fetched less than its ``ttl`` ago) it is
+given at once on the event loop; otherwise the store is asked from a worker thread
+(``trio.to_thread``), so an SQLite ``fsync`` or a Redis round trip never stalls the other
+connections of this worker.
+
+Writes (``Strict-Transport-Security`` observations) are queued to :class:`StateWriter`, whose one
+task runs them in a thread, in order. The response they came with is never held back by them,
+and a failing store costs nothing but the write (the cache keeps the knowledge in memory).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import trio
+
+from .._hsts import UNANSWERED
+
+if TYPE_CHECKING:
+    from .interceptor import Interceptor
+
+__all__ = ["StateWriter", "hsts_known"]
+
+log = logging.getLogger("tlsmitm.state")
+
+_QUEUE = 1024  # pending writes; past that a write runs inline (the loop pays, nothing is lost)
+
+
+async def hsts_known(ix: Interceptor, name: str, now: datetime) -> bool:
+    """Whether ``name`` is a Known HSTS Host: from memory when possible, else from a thread."""
+    answer = ix.hsts.known_host_nowait(name, now=now)
+    if answer is UNANSWERED:
+        answer = await trio.to_thread.run_sync(functools.partial(ix.hsts.known_host, name, now=now))
+    return answer is not None
+
+
+class StateWriter:
+    """Runs queued state writes in a thread, one at a time, in order."""
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[Callable[[], object]](_QUEUE)
+        self._running = False
+        self.written = 0
+
+    def submit(self, write: Callable[[], object]) -> None:
+        """Queue ``write``; runs it at once when no :meth:`run` task is serving the queue."""
+        if self._running:
+            try:
+                self._send.send_nowait(write)
+                return
+            except trio.WouldBlock:
+                log.warning("state writes are queued faster than the store takes them")
+        self._call(write)
+
+    def _call(self, write: Callable[[], object]) -> None:
+        try:
+            write()
+        except Exception:  # a store failure is CachedStore's to report; anything else, log once
+            log.exception("a state write failed")
+        self.written += 1
+
+    async def run(self) -> None:
+        """Serve the queue until cancelled; then finish what is queued (in a shielded scope)."""
+        self._running = True
+        try:
+            async for write in self._receive:
+                await trio.to_thread.run_sync(self._call, write)
+        finally:
+            self._running = False
+            with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+                while True:
+                    try:
+                        write = self._receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    await trio.to_thread.run_sync(self._call, write)
