@@ -9,6 +9,7 @@ import argparse
 import logging
 import signal
 import sys
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
 import trio
@@ -111,6 +112,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--rules", type=Path, default=None, help="bypass rules file (TOML)")
     parser.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="connections come from a TCP load balancer that sends a PROXY protocol v1/v2 "
+        "header (HAProxy send-proxy-v2); needs --trusted-balancers",
+    )
+    parser.add_argument(
+        "--trusted-balancers",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        type=_network,
+        help="the load balancers allowed to send PROXY headers (others are refused); repeatable",
+    )
+    parser.add_argument(
         "--state",
         default=None,
         metavar="URL",
@@ -131,6 +146,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--log-level", default="info", choices=("debug", "info", "warning", "error")
     )
     parser.set_defaults(func=run)
+
+
+def _network(text: str) -> IPv4Network | IPv6Network:
+    try:
+        return ip_network(text, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an address or CIDR network: {text!r}") from None
 
 
 def _non_negative_seconds(text: str) -> float:
@@ -154,6 +176,8 @@ def build_interceptor(args: argparse.Namespace) -> object:
         keylog_path=getattr(args, "keylog", None),
         max_connections=getattr(args, "max_connections", 10_000),
         upstream_pool_seconds=getattr(args, "upstream_pool_seconds", 4.0),
+        proxy_protocol=getattr(args, "proxy_protocol", False),
+        trusted_balancers=tuple(getattr(args, "trusted_balancers", ())),
     )
     return Interceptor.from_state_dir(
         state_dir,
@@ -187,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         interceptor = build_interceptor(args)
-    except (TlsMitmError, argparse.ArgumentTypeError) as exc:
+    except (TlsMitmError, argparse.ArgumentTypeError, ValueError) as exc:
         print(f"tlsmitm: {exc}", file=sys.stderr)
         return 2
     assert isinstance(interceptor, Interceptor)

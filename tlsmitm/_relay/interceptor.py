@@ -17,6 +17,7 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 import h11
@@ -24,7 +25,7 @@ import trio
 from cryptography import x509
 
 from .._ca import CertificateAuthority
-from .._errors import ConfigurationError, TlsMitmError
+from .._errors import ClientError, ConfigurationError, TlsMitmError
 from .._forge import CertForge
 from .._hsts import HstsStore
 from .._names import normalize_host
@@ -38,6 +39,7 @@ from .downstream import Downstream
 from .hooks import Hooks
 from .intake import explicit, transparent
 from .pool import UpstreamPool
+from .proxy_header import read_proxy_header
 from .state import FlowRecord
 from .state_io import StateWriter
 from .streams import Connector, close, close_all, first_error, tcp_connector
@@ -81,6 +83,10 @@ class InterceptorConfig:
             off); a server's shorter ``Keep-Alive: timeout`` wins.
         upstream_pool_size: idle upstream connections kept in all.
         upstream_pool_per_host: idle upstream connections kept per client and server.
+        proxy_protocol: every connection starts with a PROXY protocol (v1 or v2) header from a
+            TCP load balancer; its client address is the one used for logs, rules and grants.
+        trusted_balancers: the networks whose connections may carry that header; with
+            ``proxy_protocol`` on, a connection from anywhere else is refused (closed).
     """
 
     head_timeout: float = 30.0
@@ -98,6 +104,8 @@ class InterceptorConfig:
     upstream_pool_seconds: float = 4.0
     upstream_pool_size: int = 256
     upstream_pool_per_host: int = 8
+    proxy_protocol: bool = False
+    trusted_balancers: tuple[IPv4Network | IPv6Network, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("head_timeout", "connect_timeout", "handshake_timeout", "idle_timeout"):
@@ -109,6 +117,11 @@ class InterceptorConfig:
             raise ValueError("upstream_pool_seconds and upstream_pool_size must not be negative")
         if self.upstream_pool_per_host < 1:
             raise ValueError("upstream_pool_per_host must be at least 1")
+        if self.proxy_protocol and not self.trusted_balancers:
+            raise ValueError(
+                "proxy_protocol needs trusted_balancers: the networks of the load balancers "
+                "allowed to say who the client is"
+            )
 
 
 @dataclass
@@ -359,6 +372,15 @@ class Interceptor:
                 client = (str(peer[0]), int(peer[1]))
             except OSError:
                 await close(stream)
+                return
+            if self.config.proxy_protocol:
+                try:
+                    accepted, client = await read_proxy_header(self, stream, client)
+                except (ClientError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    log.debug("connection from %s:%s refused: %s", *client, exc)
+                    await close(stream)
+                    return
+                await self.handle(accepted, client=client)
                 return
             await self.handle(stream, client=client)
         finally:
