@@ -26,6 +26,8 @@ KEYS = [
     "bytes_up",
     "bytes_down",
     "duration_ms",
+    "relay",
+    "splice",
 ]
 
 
@@ -66,7 +68,8 @@ def parse_line(line: str) -> dict[str, str | None]:
 def test_line_format_is_stable() -> None:
     assert format_record(record()) == (
         "time=2026-05-09T07:35:25.123Z client=192.168.1.5:51234 host=bank.example port=443 "
-        "decision=bypass reason=rule verdict=- bytes_up=517 bytes_down=4096 duration_ms=120.5"
+        "decision=bypass reason=rule verdict=- bytes_up=517 bytes_down=4096 duration_ms=120.5 "
+        "relay=- splice=-"
     )
     intercepted = record(
         time=datetime(2026, 5, 9, 9, 35, 25, tzinfo=timezone(timedelta(hours=2))),
@@ -82,7 +85,7 @@ def test_line_format_is_stable() -> None:
     assert format_record(intercepted) == (
         "time=2026-05-09T07:35:25.000Z client=[2001:db8::5]:40000 host=- port=443 "
         "decision=error reason=upstream_unreachable verdict=expired bytes_up=0 bytes_down=0 "
-        "duration_ms=-"
+        "duration_ms=- relay=- splice=-"
     )
     assert list(parse_line(format_record(intercepted))) == KEYS
 
@@ -100,11 +103,20 @@ def test_record_fields_and_dict() -> None:
         "bytes_up": 517,
         "bytes_down": 4096,
         "duration_ms": 3,
+        "relay": None,
+        "splice": None,
     }
     assert list(value.as_dict()) == KEYS
     assert record(verdict=CertError.NAME_MISMATCH).verdict == "name_mismatch"
-    assert format_record(record(duration_ms=0.04)).endswith("duration_ms=0.04")
-    assert format_record(record(duration_ms=2.0)).endswith("duration_ms=2")
+    assert "duration_ms=0.04 " in format_record(record(duration_ms=0.04))
+    assert "duration_ms=2 " in format_record(record(duration_ms=2.0))
+    spliced = record(decision="intercept", reason="verified", relay="splice", splice="not_http")
+    assert format_record(spliced).endswith(" relay=splice splice=not_http")
+    assert format_record(record(relay="http/1.1")).endswith(" relay=http/1.1 splice=-")
+    with pytest.raises(ValueError, match="relay"):
+        record(relay="h2 extra=1")
+    with pytest.raises(ValueError, match="splice"):
+        record(splice="Not HTTP")
 
 
 @pytest.mark.parametrize(

@@ -35,8 +35,13 @@ def _entry(stream: _Stream, expires: float) -> PooledUpstream:
     return PooledUpstream(stream=cast(TLSStream, stream), verdict=cast(Any, None), expires=expires)
 
 
-def _key(client: str = "10.0.0.1", host: str = "a.test", sni: str = "a.test") -> PoolKey:
-    return (client, host, 443, sni, (b"http/1.1",))
+def _key(
+    client: str = "10.0.0.1",
+    host: str = "a.test",
+    sni: str = "a.test",
+    alpn: tuple[bytes, ...] = (b"http/1.1",),
+) -> PoolKey:
+    return PoolKey(client_ip=client, host=host, port=443, tls_name=sni, alpn_offer=alpn)
 
 
 def _returning(pool: UpstreamPool, *keys: PoolKey, now: float) -> None:
@@ -77,7 +82,7 @@ def test_keys_separate_clients_names_and_alpn() -> None:
     pool.put(_key(), _entry(_Stream("x"), 105), now=100)
     assert pool.take(_key(client="10.0.0.2"), now=101) == (None, [])
     assert pool.take(_key(sni="b.test"), now=101) == (None, [])
-    assert pool.take(("10.0.0.1", "a.test", 443, "a.test", ()), now=101) == (None, [])
+    assert pool.take(_key(alpn=()), now=101) == (None, [])
     assert pool.has_route("10.0.0.1", "a.test", 443)
     assert not pool.has_route("10.0.0.2", "a.test", 443)
 

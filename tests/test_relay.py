@@ -446,6 +446,9 @@ async def test_websocket_upgrade_is_relayed_raw(
         return echoed
 
     assert await trio.to_thread.run_sync(client) == b"ping-frame-bytes"
+    await settle(setup)
+    # Nothing decrypted is spliced silently: the record names the relay and the reason.
+    assert [(r.relay, r.splice) for r in setup.records] == [("splice", "upgrade_without_relay")]
 
 
 async def test_curl_through_the_proxy(
@@ -817,6 +820,8 @@ async def test_h2_is_relayed_as_bytes_without_hooks(
     assert selected == "h2"  # MIR-03: exactly what upstream selected
     assert EICAR in data  # not inspected: documented (HTTP/2 has no hooks yet)
     assert hooks.seen == []
+    await settle(setup)
+    assert [(r.relay, r.splice) for r in setup.records] == [("splice", "alpn_without_relay")]
 
 
 async def test_an_origin_that_stalls_mid_body_is_dropped_after_the_idle_timeout(

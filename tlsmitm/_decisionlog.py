@@ -16,11 +16,13 @@ The line format is stable: the keys always appear, in this order::
 
     time=2026-05-09T07:35:25.123Z client=192.168.1.5:51234 host=bank.example port=443
     decision=bypass reason=rule verdict=- bytes_up=517 bytes_down=4096 duration_ms=120.5
+    relay=- splice=-
 
-(one line). An absent value is ``-``. A value made only of ``A-Z a-z 0-9 . _ : / @ + [ ] -`` is
-written bare; any other value (including an empty one and a literal ``-``) is written as a JSON
-string in double quotes with every control, non-ASCII and DEL character escaped, so a hostile host
-name can neither add fields nor start a new line.
+(one line; ``relay`` and ``splice`` were added last, after the others). An absent value is
+``-``. A value made only of ``A-Z a-z 0-9 . _ : / @ + [ ] -`` is written bare; any other value
+(including an empty one and a literal ``-``) is written as a JSON string in double quotes with
+every control, non-ASCII and DEL character escaped, so a hostile host name can neither add
+fields nor start a new line.
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ _FIELDS = (
     "bytes_up",
     "bytes_down",
     "duration_ms",
+    "relay",
+    "splice",
 )
+_RELAY = re.compile(r"[a-z0-9][a-z0-9./_-]{0,31}")
 
 
 def _check_count(name: str, value: object) -> None:
@@ -76,6 +81,12 @@ class ConnectionRecord:
         bytes_up: application bytes from client to server.
         bytes_down: application bytes from server to client.
         duration_ms: how long the connection lasted, if known.
+        relay: what carried the decrypted bytes: ``"http/1.1"``, ``"h2"``, ``"websocket"``,
+            or ``"splice"`` (raw bytes); ``None`` when nothing was relayed decrypted (a bypass,
+            a page, an error).
+        splice: why decrypted bytes were spliced without inspection (``"not_http"``,
+            ``"server_spoke_first"``, ``"alpn_without_relay"``, ``"upgrade_without_relay"``...);
+            ``None`` when nothing decrypted was spliced.
     """
 
     time: datetime
@@ -88,6 +99,8 @@ class ConnectionRecord:
     bytes_up: int = 0
     bytes_down: int = 0
     duration_ms: float | None = None
+    relay: str | None = None
+    splice: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.time, datetime) or self.time.utcoffset() is None:
@@ -130,6 +143,17 @@ class ConnectionRecord:
                     f"not {self.duration_ms!r}"
                 )
 
+        if self.relay is not None and (
+            not isinstance(self.relay, str) or not _RELAY.fullmatch(self.relay)
+        ):
+            raise ValueError(f"ConnectionRecord.relay must be a protocol name, not {self.relay!r}")
+        if self.splice is not None and (
+            not isinstance(self.splice, str) or not _TOKEN.fullmatch(self.splice)
+        ):
+            raise ValueError(
+                f"ConnectionRecord.splice must be a lower-case identifier, not {self.splice!r}"
+            )
+
     def as_dict(self) -> dict[str, str | int | float | None]:
         """The fields as plain JSON-ready values (``time`` as ISO 8601 UTC)."""
         return {
@@ -143,6 +167,8 @@ class ConnectionRecord:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "duration_ms": self.duration_ms,
+            "relay": self.relay,
+            "splice": self.splice,
         }
 
 

@@ -19,7 +19,8 @@ from .._responder import Action, HttpRequest
 from .._tls import TLSStream, server_connection
 from .h1 import BlockAnswer
 from .hooks import Block, Headers
-from .state import FlowRecord
+from .plan import Decision
+from .state import FlowRecord, FlowState
 from .streams import HEAD_LIMIT, RECEIVE, close, send_response
 
 if TYPE_CHECKING:
@@ -72,7 +73,8 @@ async def serve_error_origin(
     ix: Interceptor, client_stream: trio.abc.Stream, initial: bytes, conn: FlowRecord
 ) -> None:
     """Terminate TLS for ``error.invalid`` with a trusted leaf and serve its pages."""
-    conn.decision, conn.reason = "intercept", "error_origin"
+    conn.enter(FlowState.ERROR_ORIGIN)
+    conn.decide(Decision.INTERCEPT, "error_origin")
     ix.stats.error_origin += 1
     peeked, hello = await ix._downstream.peek_hello(client_stream, initial)
     host = ix.responder.error_origin_host

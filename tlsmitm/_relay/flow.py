@@ -2,24 +2,28 @@
 
 Theory of operation
 -------------------
-Steps 2 to 9 of DESIGN.md for a client whose destination is known (:mod:`.intake` found it):
+Steps 2 to 9 of DESIGN.md for a client whose destination is known (:mod:`.intake` found it).
+The flow decides nothing itself: it gathers the inputs, asks the pure parts (the policy, the
+verifier, the responder, the plan in :mod:`.plan`) and carries out what they say, moving its
+record through the :class:`~tlsmitm._relay.state.FlowState` table.
 
 2. **Peek** the ClientHello without consuming it: the bytes are replayed into the TLS engine (or
    spliced unchanged when the connection is bypassed or is not TLS at all).
 3. **Policy**: bypass -> splice raw bytes both ways, byte for byte.
-4. **Upstream TLS**: SNI = the host, ALPN = what the client offered that tlsmitm can relay,
-   OCSP stapling requested, a cached session resumed when there is one. A server that asks for
-   a client certificate is learned as a bypass and *this* connection is saved by splicing a
-   fresh upstream connection to the untouched client handshake.
+4. **Upstream TLS** as :func:`~tlsmitm._relay.plan.plan_upstream` says (SNI, ALPN offer), OCSP
+   stapling requested, a cached session resumed when there is one. A server that asks for a
+   client certificate is learned as a bypass and *this* connection is saved by splicing a fresh
+   upstream connection to the untouched client handshake.
 5. **Verify** the presented chain (:class:`~tlsmitm.UpstreamVerifier`, with AIA/OCSP fetching
    through the same connector).
-6. **Plan** with :class:`~tlsmitm.ErrorResponder` (HSTS-known hosts never get an override).
-7. **Forge** the leaf (trusted CA for intercept and for error pages; the never-trusted error CA
-   for passthrough) and 8. **handshake** with the client, ALPN = exactly what upstream chose.
-9. **Relay**: HTTP/1.1 through h11 with the embedder's hooks and HSTS recording (only for
-   verified connections), raw bytes for h2 and non-HTTP protocols, a redirect to the error
-   origin for error pages. A verified upstream that ended cleanly between requests goes to the
-   pool for the same client's next connection.
+6. **Action** from :class:`~tlsmitm.ErrorResponder` (HSTS-known hosts never get an override),
+   then 7. the **plan** (:func:`~tlsmitm._relay.plan.plan_connection`): leaf, ALPN per side,
+   relay, STS, pooling.
+8. **Forge** the leaf and **handshake** with the client.
+9. **Relay** with :func:`~tlsmitm._relay.relays.relay_for`: HTTP/1.1 through h11 (after a sniff
+   of the first bytes when no ALPN was negotiated), a registered HTTP/2 or WebSocket relay, or a
+   splice whose reason goes to the decision log; a redirect to the error origin for error pages.
+   A verified upstream that ended cleanly between requests goes to the pool.
 
 Every failure closes both sides (at once); nothing outlives the connection.
 """
@@ -28,32 +32,41 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import trio
 
-from .._clienthello import ClientHello
 from .._errors import UpstreamError
-from .._forge import IssuerKind
-from .._names import normalize_host
-from .._responder import ActionKind
-from .._tls import RELAYABLE_ALPN, TLSStream
+from .._tls import TLSStream
+from .._verify import Verdict
 from .downstream import NotTLS
 from .error_origin import block_answer, redirect_to_error
-from .h1 import HttpRelay, Switched, run_relay
 from .hooks import FlowInfo
+from .plan import (
+    ConnectionPlan,
+    Decision,
+    RelayKind,
+    SniffResult,
+    SpliceReason,
+    UpstreamPlan,
+    plan_connection,
+    plan_upstream,
+    relay_after_sniff,
+    sniff,
+)
 from .pool import PooledUpstream, PoolKey
+from .relays import RELAYS, RelayJob, RelayOutcome, run_relays
 from .splice import splice
-from .state import FlowRecord
+from .state import FlowRecord, FlowState
 from .state_io import hsts_known
-from .streams import close, close_all, peer_ip
+from .streams import RECEIVE, close, close_all, peer_ip
 
 if TYPE_CHECKING:
     from .interceptor import Interceptor
 
 __all__ = ["Flow"]
 
-_HTTP_PORTS = frozenset({80, 443, 8000, 8080, 8443})
 # A fatal handshake_failure alert in a TLS 1.2 record (RFC 8446 §6): what a client that does not
 # speak HTTP gets when upstream verification failed (ActionKind.ALERT).
 _HANDSHAKE_FAILURE_ALERT = b"\x15\x03\x03\x00\x02\x02\x28"
@@ -91,44 +104,57 @@ class Flow:
         ix, conn, client = self._ix, self._conn, self._client
         pooled: PooledUpstream | None = None
         try:
+            conn.enter(FlowState.PEEKING)
             try:
                 peeked, hello = await ix._downstream.peek_hello(client_stream, initial)
             except NotTLS as not_tls:
                 # Matrix: non-TLS bytes after CONNECT are spliced raw, byte for byte.
-                conn.decision, conn.reason = "bypass", "not_tls"
+                conn.decide(Decision.BYPASS, "not_tls")
                 ix.stats.bypassed += 1
                 if upstream_tcp is None:
                     upstream_tcp = await ix._upstreams.connect(name, port)
+                conn.enter(FlowState.SPLICING)
                 await self._splice(client_stream, upstream_tcp, to_upstream=not_tls.args[0])
                 return
-            # The client verifies our leaf against the name it put in SNI, so that is the name
-            # the upstream certificate must match too; without SNI, the CONNECT host (matrix
-            # MIR-05: an IP literal then matches only an iPAddress SAN).
-            tls_name = normalize_host(hello.server_name) if hello.server_name else name
-            conn.host = tls_name
-            offer = tuple(p for p in hello.alpn_protocols if p in RELAYABLE_ALPN)
-            key: PoolKey = (client[0], name, port, tls_name, offer)
+            plan = plan_upstream(
+                host=name,
+                port=port,
+                server_name=hello.server_name,
+                client_alpn=hello.alpn_protocols,
+                relays=RELAYS.available(),
+            )
+            conn.host = plan.tls_name
+            key = PoolKey(
+                client_ip=client[0],
+                host=name,
+                port=port,
+                tls_name=plan.tls_name,
+                alpn_offer=plan.alpn_offer,
+            )
             if upstream_tcp is None:
                 pooled = await self._take_pooled(key)
                 if pooled is None:
                     upstream_tcp = await ix._upstreams.connect(name, port)
             destination = pooled.stream.transport_stream if pooled else upstream_tcp
             assert destination is not None
+            conn.enter(FlowState.DECIDING)
             decision = await ix.policy.decide(
                 client_ip=client[0],
-                host=tls_name,
+                host=plan.tls_name,
                 port=port,
                 destination_ip=peer_ip(destination),
                 now=ix.clock(),
             )
             if not decision.intercept:
-                conn.decision, conn.reason = "bypass", decision.reason
+                conn.decide(Decision.BYPASS, decision.reason)
                 ix.stats.bypassed += 1
                 if upstream_tcp is None:
                     upstream_tcp = await ix._upstreams.connect(name, port)
+                conn.enter(FlowState.SPLICING)
                 await self._splice(client_stream, upstream_tcp, to_upstream=peeked)
                 return
-            await self._intercept(client_stream, peeked, hello, upstream_tcp, pooled, key)
+            conn.enter(FlowState.UPSTREAM)
+            await self._intercept(client_stream, peeked, plan, upstream_tcp, pooled, key)
         finally:
             if not conn.upstream_pooled:
                 if pooled is not None:
@@ -149,18 +175,18 @@ class Flow:
         self,
         client_stream: trio.abc.Stream,
         peeked: bytes,
-        hello: ClientHello,
+        upstream_plan: UpstreamPlan,
         upstream_tcp: trio.abc.Stream | None,
         pooled: PooledUpstream | None,
         key: PoolKey,
     ) -> None:
         ix, conn, client = self._ix, self._conn, self._client
-        name, port = key[3], key[2]
+        name, port = upstream_plan.tls_name, upstream_plan.port
         if pooled is not None:
             upstream, verdict = pooled.stream, pooled.verdict
         else:
             assert upstream_tcp is not None
-            probe = await ix._upstreams.probe(upstream_tcp, name, port, key[4])
+            probe = await ix._upstreams.probe(upstream_tcp, name, port, upstream_plan.alpn_offer)
             upstream = probe.stream
             if probe.client_certificate_requested:
                 await self._save_client_cert_site(client_stream, peeked, upstream, name, port)
@@ -173,93 +199,181 @@ class Flow:
                 ix.stats.cert_errors.get(verdict.error.value, 0) + 1
             )
         now = ix.clock()
-        speaks_http = b"http/1.1" in hello.alpn_protocols or (
-            not hello.alpn_protocols and port in _HTTP_PORTS
-        )
         hsts_is_known = await hsts_known(ix, name, now)
-        plan = functools.partial(
+        respond = functools.partial(
             ix.responder.plan,
             verdict,
             host=name,
             hsts_known=hsts_is_known,
-            client_speaks_http=speaks_http,
+            client_speaks_http=upstream_plan.client_speaks_http,
             now=now,
         )
         # A verified verdict needs no state; an error may look up an override grant in the
         # shared store: never on the event loop.
-        action = plan() if verdict.ok else await trio.to_thread.run_sync(plan)
-        if action.kind is ActionKind.ALERT:
-            conn.decision, conn.reason = "block", "alert"
-            ix.stats.blocked += 1
+        action = respond() if verdict.ok else await trio.to_thread.run_sync(respond)
+        plan = plan_connection(
+            upstream_plan,
+            verified=verdict.ok,
+            action=action,
+            upstream_alpn=upstream.selected_alpn(),
+            relays=RELAYS.available(),
+            pool_enabled=ix._pool.enabled,
+        )
+        conn.decide(plan.decision, plan.reason)
+        self._count(plan)
+        if plan.leaf is None:  # ActionKind.ALERT: a client that cannot be shown a page
             await close(upstream)
             await client_stream.send_all(_HANDSHAKE_FAILURE_ALERT)
             return
-        if action.kind in (ActionKind.BLOCK_PAGE, ActionKind.OVERRIDE_PAGE):
+        if plan.error_redirect:
             await close(upstream)
-            conn.decision, conn.reason = "block", action.kind.value
-            ix.stats.blocked += 1
-            leaf = ix.forge.leaf_for(name, None, issuer=IssuerKind.TRUSTED, now=now)
-            downstream = await ix._downstream.handshake(
-                client_stream,
-                peeked,
-                leaf,
-                b"http/1.1" if speaks_http and hello.alpn_protocols else None,
-                client,
-                name,
-                port,
-            )
+        leaf = ix.forge.leaf_for(
+            name,
+            verdict.leaf if plan.leaf.mirror_upstream else None,
+            issuer=plan.leaf.issuer,
+            upstream_verified=plan.leaf.upstream_verified,
+            now=now,
+        )
+        conn.enter(FlowState.HANDSHAKING)
+        downstream = await ix._downstream.handshake(
+            client_stream, peeked, leaf, plan.client_alpn, client, name, port
+        )
+        if plan.error_redirect:
+            conn.enter(FlowState.ERROR_PAGE)
             await redirect_to_error(ix, downstream, action, port)
             return
-        if action.kind is ActionKind.PASSTHROUGH_UNTRUSTED:
-            conn.decision, conn.reason = "intercept", "passthrough_untrusted"
-            ix.stats.passthrough_untrusted += 1
-            leaf = ix.forge.leaf_for(name, verdict.leaf, issuer=IssuerKind.ERROR, now=now)
-        else:
-            conn.decision = "intercept"
-            conn.reason = "overridden" if action.overridden else "verified"
-            ix.stats.intercepted += 1
-            # A user override already accepted this upstream's error on tlsmitm's page: the
-            # leaf names only the host and does not inherit the upstream's (e.g. expired)
-            # dates, or the browser would raise the same error a second time. The override
-            # itself is bounded (ErrorResponder's override_ttl) and re-checked per connection.
-            leaf = ix.forge.leaf_for(
-                name,
-                None if action.overridden else verdict.leaf,
-                issuer=IssuerKind.TRUSTED,
-                upstream_verified=verdict.ok,
-                now=now,
-            )
-        selected = upstream.selected_alpn()
-        downstream = await ix._downstream.handshake(
-            client_stream, peeked, leaf, selected, client, name, port
-        )
-        record_hsts = action.kind is ActionKind.INTERCEPT and verdict.ok and not action.overridden
         try:
-            reusable, keep_alive_hint = await self._relay_tls(
-                downstream, upstream, selected, name, port, record_hsts
-            )
-            # A graceful close (close_notify) keeps the session resumable; an abortive one makes
-            # OpenSSL mark it not resumable. Sessions are taken after the relay because TLS 1.3
-            # tickets arrive after the handshake.
-            session = upstream.session()
-            if session is not None:
-                ix._upstreams.remember_session((name, port), session)
-            # Only a verified, not overridden upstream is kept (record_hsts says exactly that):
-            # the next client gets it without a new verification.
-            deadline = None
-            if record_hsts and reusable and not ix._draining:
-                deadline = ix._pool.deadline(trio.current_time(), keep_alive_hint)
-            if deadline is not None:
-                entry = PooledUpstream(stream=upstream, verdict=verdict, expires=deadline)
-                dropped = ix._pool.put(key, entry, trio.current_time())
-                conn.upstream_pooled = upstream not in dropped
-                await close_all(dropped)
-            else:
-                await close(upstream)  # (close_notify first: the session stays resumable)
+            outcome = await self._relay(downstream, upstream, plan, name, port)
+            await self._after_relay(upstream, verdict, plan, outcome, key)
         finally:
             if not conn.upstream_pooled:
                 await close(upstream)
             await close(downstream)
+
+    def _count(self, plan: ConnectionPlan) -> None:
+        stats = self._ix.stats
+        if plan.decision is Decision.BLOCK:
+            stats.blocked += 1
+        elif plan.reason == "passthrough_untrusted":
+            stats.passthrough_untrusted += 1
+        else:
+            stats.intercepted += 1
+
+    async def _after_relay(
+        self,
+        upstream: TLSStream,
+        verdict: Verdict,
+        plan: ConnectionPlan,
+        outcome: RelayOutcome,
+        key: PoolKey,
+    ) -> None:
+        """Keep the TLS session, and the connection itself when the plan and relay allow."""
+        ix, conn = self._ix, self._conn
+        # A graceful close (close_notify) keeps the session resumable; an abortive one makes
+        # OpenSSL mark it not resumable. Sessions are taken after the relay because TLS 1.3
+        # tickets arrive after the handshake.
+        session = upstream.session()
+        if session is not None:
+            ix._upstreams.remember_session((key.tls_name, key.port), session)
+        deadline = None
+        if plan.poolable and outcome.upstream_reusable and not ix._draining:
+            deadline = ix._pool.deadline(trio.current_time(), outcome.keep_alive_hint)
+        if deadline is not None:
+            entry = PooledUpstream(stream=upstream, verdict=verdict, expires=deadline)
+            dropped = ix._pool.put(key, entry, trio.current_time())
+            conn.upstream_pooled = upstream not in dropped
+            await close_all(dropped)
+        else:
+            await close(upstream)  # (close_notify first: the session stays resumable)
+
+    async def _relay(
+        self,
+        downstream: TLSStream,
+        upstream: TLSStream,
+        plan: ConnectionPlan,
+        name: str,
+        port: int,
+    ) -> RelayOutcome:
+        """Run the relay the plan names (after a sniff, without ALPN), then any after a 101."""
+        ix, conn = self._ix, self._conn
+        assert plan.relay is not None
+
+        def on_sts(values: Sequence[bytes]) -> None:
+            # Recorded off the event loop; the response is not held back by it.
+            ix.state_writer.submit(
+                functools.partial(
+                    ix.hsts.observe, name, list(values), now=ix.clock(), secure_and_verified=True
+                )
+            )
+
+        job = RelayJob(
+            client=downstream,
+            upstream=upstream,
+            flow=FlowInfo(client=conn.client, host=name, port=port, verified=plan.record_sts),
+            hooks=ix.hooks,
+            on_sts=on_sts if plan.record_sts else None,
+            answer_block=block_answer(ix, name, port),
+            idle_timeout=ix.config.idle_timeout,
+            should_stop=lambda: ix._draining,
+            record=conn,
+            keep_upstream_alive=plan.poolable,
+        )
+        kind, reason = plan.relay, plan.splice_reason
+        if plan.sniff:
+            first = await self._sniff(downstream, upstream)
+            if first is None:
+                return RelayOutcome()
+            kind, reason, to_upstream, to_client = first
+            job = replace(job, to_upstream=to_upstream, to_client=to_client)
+        return await run_relays(job, kind, reason, spliced=ix.stats.spliced)
+
+    async def _sniff(
+        self, downstream: TLSStream, upstream: TLSStream
+    ) -> tuple[RelayKind, SpliceReason | None, bytes, bytes] | None:
+        """No ALPN was negotiated: is this HTTP? Waits for the first bytes of either side.
+
+        An HTTP server never speaks first (RFC 9112 §2.1: the client sends a request), so bytes
+        from the server before any request mean a banner protocol (SMTP, IMAP, FTP). Returns
+        the relay, the splice reason, and the bytes read from the client and from the server;
+        ``None`` when a side closed before anything was said.
+        """
+        client_data = bytearray()
+        server_data = bytearray()
+        ended = [False, False]  # client, server
+        with trio.fail_after(self._ix.config.idle_timeout):
+            async with trio.open_nursery() as nursery:
+
+                async def from_client() -> None:
+                    while sniff(bytes(client_data)) is SniffResult.NEED_MORE:
+                        data = await downstream.receive_some(RECEIVE)
+                        if not data:
+                            ended[0] = True
+                            break
+                        client_data.extend(data)
+                    nursery.cancel_scope.cancel()
+
+                async def from_server() -> None:
+                    data = await upstream.receive_some(RECEIVE)
+                    server_data.extend(data)
+                    ended[1] = not data
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(from_client)
+                nursery.start_soon(from_server)
+        if server_data:
+            return (
+                RelayKind.SPLICE,
+                SpliceReason.SERVER_SPOKE_FIRST,
+                bytes(client_data),
+                bytes(server_data),
+            )
+        if ended[1] or (ended[0] and not client_data):
+            return None
+        result = sniff(bytes(client_data))
+        if result is SniffResult.NEED_MORE:  # the client stopped in the middle of a method
+            result = SniffResult.NOT_HTTP
+        kind, reason = relay_after_sniff(result, RELAYS.available())
+        return kind, reason, bytes(client_data), b""
 
     async def _save_client_cert_site(
         self,
@@ -291,7 +405,7 @@ class Flow:
             host=name, port=port, upstream_verified=verified, now=now
         )
         await close(upstream)
-        conn.decision, conn.reason = "bypass", "client_certificate_requested"
+        conn.decide(Decision.BYPASS, "client_certificate_requested")
         ix.stats.bypassed += 1
         if not verified:
             raise UpstreamError(
@@ -301,71 +415,16 @@ class Flow:
             )
         fresh = await ix._upstreams.connect(name, port)
         try:
+            conn.enter(FlowState.SPLICING)
             await self._splice(client_stream, fresh, to_upstream=peeked)
         finally:
             await close(fresh)
 
-    async def _relay_tls(
-        self,
-        downstream: TLSStream,
-        upstream: TLSStream,
-        selected: bytes | None,
-        name: str,
-        port: int,
-        record_hsts: bool,
-    ) -> tuple[bool, float | None]:
-        """Relay until done; returns whether ``upstream`` may be reused, and the server's
-        ``Keep-Alive: timeout`` if it sent one."""
-        ix, conn = self._ix, self._conn
-        http = selected == b"http/1.1" or (selected is None and port in _HTTP_PORTS)
-        if not http:
-            await self._splice(downstream, upstream)
-            return False, None
-
-        def on_sts(values: Sequence[bytes]) -> None:
-            # Recorded off the event loop; the response is not held back by it.
-            ix.state_writer.submit(
-                functools.partial(
-                    ix.hsts.observe, name, list(values), now=ix.clock(), secure_and_verified=True
-                )
-            )
-
-        relay = HttpRelay(
-            client=downstream,
-            upstream=upstream,
-            flow=FlowInfo(client=conn.client, host=name, port=port, verified=record_hsts),
-            hooks=ix.hooks,
-            on_sts=on_sts if record_hsts else None,
-            answer_block=block_answer(ix, name, port),
-            idle_timeout=ix.config.idle_timeout,
-            should_stop=lambda: ix._draining,
-            keep_upstream_alive=record_hsts and ix._pool.enabled,
-        )
-        try:
-            switched = await run_relay(relay)
-        finally:
-            conn.bytes_up += relay.counters.bytes_up
-            conn.bytes_down += relay.counters.bytes_down
-        if isinstance(switched, Switched):
-            await self._splice(
-                downstream, upstream, to_upstream=switched.to_upstream, to_client=switched.to_client
-            )
-            return False, None
-        return relay.upstream_reusable, relay.keep_alive_hint
-
     async def _splice(
-        self,
-        a: trio.abc.Stream,
-        b: trio.abc.Stream,
-        *,
-        to_upstream: bytes = b"",
-        to_client: bytes = b"",
+        self, a: trio.abc.Stream, b: trio.abc.Stream, *, to_upstream: bytes = b""
     ) -> None:
+        """Splice the still-encrypted (or never-TLS) bytes of a connection that is not
+        intercepted."""
         await splice(
-            a,
-            b,
-            self._conn,
-            idle_timeout=self._ix.config.idle_timeout,
-            to_upstream=to_upstream,
-            to_client=to_client,
+            a, b, self._conn, idle_timeout=self._ix.config.idle_timeout, to_upstream=to_upstream
         )

@@ -47,6 +47,8 @@ class Switched:
 
     to_client: bytes
     to_upstream: bytes
+    request: Request | None = None  # the request that asked for the upgrade
+    response: Response | None = None  # the 101 response
 
 
 @dataclass(slots=True)
@@ -343,7 +345,17 @@ class HttpRelay:
                     request_scope.cancel()
                     to_client, _ = self._up.trailing_data
                     to_upstream, _ = self._down.trailing_data
-                    return Switched(to_client=bytes(to_client), to_upstream=bytes(to_upstream))
+                    return Switched(
+                        to_client=bytes(to_client),
+                        to_upstream=bytes(to_upstream),
+                        request=request,
+                        response=Response(
+                            status=101,
+                            reason=bytes(event.reason),
+                            headers=_h11_headers(event.headers),
+                            http_version=bytes(event.http_version),
+                        ),
+                    )
                 continue
             if isinstance(event, h11.ConnectionClosed):
                 raise UpstreamError("origin closed before responding", reason="upstream_gone")

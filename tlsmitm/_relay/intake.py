@@ -23,7 +23,7 @@ from .downstream import NotTLS
 from .error_origin import serve_error_origin
 from .flow import Flow
 from .plain import plain_http
-from .state import FlowRecord
+from .state import FlowRecord, FlowState
 from .streams import HEAD_LIMIT, RECEIVE, send_simple
 from .targets import split_authority
 
@@ -96,6 +96,7 @@ async def transparent(
     # The client speaks first: peek before dialling, so that a connection for the error
     # origin (the embedder routes error.invalid to this listener) is answered here.
     initial = b""
+    conn.enter(FlowState.PEEKING)
     try:
         initial, hello = await ix._downstream.peek_hello(stream, b"")
     except NotTLS as not_tls:

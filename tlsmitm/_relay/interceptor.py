@@ -38,9 +38,10 @@ from .._verify import UpstreamVerifier, Verdict
 from .downstream import Downstream
 from .hooks import Hooks
 from .intake import explicit, transparent
+from .plan import Decision
 from .pool import UpstreamPool
 from .proxy_header import read_proxy_header
-from .state import FlowRecord
+from .state import FlowRecord, FlowState
 from .state_io import StateWriter
 from .streams import Connector, close, close_all, first_error, tcp_connector
 from .upstream import Upstreams
@@ -141,6 +142,7 @@ class InterceptorStats:
     upstream_reused: int = 0
     upstream_stale: int = 0  # kept connections found closed or unclean when wanted
     errors: dict[str, int] = field(default_factory=dict)
+    spliced: dict[str, int] = field(default_factory=dict)  # decrypted bytes spliced, by reason
     cert_errors: dict[str, int] = field(default_factory=dict)
 
     def count_error(self, reason: str) -> None:
@@ -419,7 +421,7 @@ class Interceptor:
             self.stats.count_error(conn.reason)
             log.debug("connection %s ended: %s", conn.client, first)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
-            conn.reason = conn.reason if conn.decision != "error" else "connection_lost"
+            conn.reason = conn.reason if conn.decision is not Decision.ERROR else "connection_lost"
             log.debug("connection %s lost: %s", conn.client, first_error(group))
         except* (trio.TooSlowError, h11.ProtocolError) as group:
             conn.reason = (
@@ -431,6 +433,7 @@ class Interceptor:
             self.stats.count_error(conn.reason)
             log.error("bug while handling %s", conn.client, exc_info=first_error(group))
         finally:
+            conn.enter(FlowState.CLOSED)
             await close(stream)
             self.stats.active -= 1
             if self.stats.active == 0:

@@ -10,10 +10,10 @@ import trio
 from .._errors import ClientError, UpstreamError
 from .._names import normalize_host
 from .error_origin import block_answer
-from .h1 import HttpRelay, Switched, run_relay
 from .hooks import Block, FlowInfo, Hooks, Request
-from .splice import splice
-from .state import FlowRecord
+from .plan import Decision, RelayKind
+from .relays import RelayJob, run_relays
+from .state import FlowRecord, FlowState
 from .streams import close, send_simple
 from .targets import split_http_url
 
@@ -34,7 +34,8 @@ async def plain_http(
     host, port, _ = split_http_url(target)
     name = normalize_host(host)
     conn.host, conn.port = name, port
-    conn.decision, conn.reason = "intercept", "plain_http"
+    conn.enter(FlowState.PLAIN_HTTP)
+    conn.decide(Decision.INTERCEPT, "plain_http")
     ix.stats.plain_http += 1
     try:
         upstream = await ix._upstreams.connect(name, port)
@@ -61,7 +62,7 @@ async def plain_http(
         )
 
     hooks = _RewritingHooks(ix.hooks, to_origin_form)
-    relay = HttpRelay(
+    job = RelayJob(
         client=stream,
         upstream=upstream,
         flow=FlowInfo(client=conn.client, host=name, port=port, verified=False),
@@ -70,22 +71,12 @@ async def plain_http(
         answer_block=block_answer(ix, name, port),
         idle_timeout=ix.config.idle_timeout,
         should_stop=lambda: ix._draining,
-        initial_client_data=raw,
+        record=conn,
+        to_upstream=raw,
     )
     try:
-        switched = await run_relay(relay)
-        if isinstance(switched, Switched):
-            await splice(
-                stream,
-                upstream,
-                conn,
-                idle_timeout=ix.config.idle_timeout,
-                to_upstream=switched.to_upstream,
-                to_client=switched.to_client,
-            )
+        await run_relays(job, RelayKind.H1, None, spliced=ix.stats.spliced)
     finally:
-        conn.bytes_up += relay.counters.bytes_up
-        conn.bytes_down += relay.counters.bytes_down
         await close(upstream)
 
 

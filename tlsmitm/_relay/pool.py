@@ -33,9 +33,31 @@ from .._verify import Verdict
 
 __all__ = ["PoolKey", "PooledUpstream", "UpstreamPool"]
 
-# (client IP, dialled host, port, SNI name, ALPN offered upstream)
-PoolKey = tuple[str, str, int, str, tuple[bytes, ...]]
 REPEAT_WINDOW = 60.0  # seconds: a key seen this recently is worth keeping a connection for
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolKey:
+    """What made an upstream connection what it is; only an identical connection may reuse it.
+
+    Attributes:
+        client_ip: the client's address (a connection is never shared between clients).
+        host: the dialled host.
+        port: the dialled port.
+        tls_name: the SNI name (the name the certificate was verified for).
+        alpn_offer: the ALPN list offered upstream.
+    """
+
+    client_ip: str
+    host: str
+    port: int
+    tls_name: str
+    alpn_offer: tuple[bytes, ...]
+
+    @property
+    def route(self) -> tuple[str, str, int]:
+        """(client IP, host, port): what :meth:`UpstreamPool.has_route` asks about."""
+        return (self.client_ip, self.host, self.port)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -195,7 +217,7 @@ class UpstreamPool:
         return entry
 
     def _add_route(self, key: PoolKey, delta: int) -> None:
-        route = key[:3]
+        route = key.route
         left = self._routes.get(route, 0) + delta
         if left > 0:
             self._routes[route] = left

@@ -1,13 +1,54 @@
-"""What one connection has learned so far: the material of its decision-log record."""
+"""The states of one connection, and what it has learned so far for its decision-log record.
+
+The flow moves a :class:`FlowRecord` through :class:`FlowState` with :meth:`FlowRecord.enter`;
+the allowed moves are a table (:data:`TRANSITIONS`), so a step taken out of order is a bug that
+shows at once instead of a connection in an unknown state.
+"""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Final
 
 from .._policy import ConnectionRecord
+from .plan import Decision, RelayKind, SpliceReason
 
-__all__ = ["FlowRecord"]
+__all__ = ["TRANSITIONS", "FlowRecord", "FlowState"]
+
+
+class FlowState(enum.Enum):
+    """Where one connection is."""
+
+    ACCEPTED = "accepted"  # nothing read yet
+    PEEKING = "peeking"  # reading the ClientHello, consuming nothing
+    DECIDING = "deciding"  # the policy: intercept or bypass
+    UPSTREAM = "upstream"  # dialling, the upstream handshake, verification
+    HANDSHAKING = "handshaking"  # the plan is made; the client handshake with our leaf
+    RELAYING = "relaying"  # a relay that parses the protocol (HTTP/1.1, h2, WebSocket)
+    SPLICING = "splicing"  # raw bytes both ways
+    ERROR_PAGE = "error_page"  # answering the first request with the error-origin redirect
+    ERROR_ORIGIN = "error_origin"  # serving https://error.invalid/ itself
+    PLAIN_HTTP = "plain_http"  # absolute-form http:// proxying
+    CLOSED = "closed"
+
+
+_S = FlowState
+TRANSITIONS: Final[dict[FlowState, frozenset[FlowState]]] = {
+    _S.ACCEPTED: frozenset({_S.PEEKING, _S.ERROR_ORIGIN, _S.PLAIN_HTTP}),
+    _S.PEEKING: frozenset({_S.PEEKING, _S.DECIDING, _S.SPLICING, _S.ERROR_ORIGIN}),
+    _S.DECIDING: frozenset({_S.UPSTREAM, _S.SPLICING}),
+    _S.UPSTREAM: frozenset({_S.HANDSHAKING, _S.SPLICING}),
+    _S.HANDSHAKING: frozenset({_S.RELAYING, _S.SPLICING, _S.ERROR_PAGE}),
+    _S.RELAYING: frozenset({_S.RELAYING, _S.SPLICING}),
+    _S.SPLICING: frozenset(),
+    _S.ERROR_PAGE: frozenset(),
+    _S.ERROR_ORIGIN: frozenset(),
+    _S.PLAIN_HTTP: frozenset({_S.RELAYING, _S.SPLICING}),
+    _S.CLOSED: frozenset(),
+}
+"""The moves :meth:`FlowRecord.enter` allows (any state may also move to ``CLOSED``)."""
 
 
 @dataclass
@@ -16,14 +57,36 @@ class FlowRecord:
 
     client: str
     started: datetime
+    state: FlowState = FlowState.ACCEPTED
     host: str | None = None
     port: int = 0
-    decision: str = "error"
+    decision: Decision = Decision.ERROR
     reason: str = "incomplete"
     verdict: str | None = None
+    relay: RelayKind | None = None
+    splice_reason: SpliceReason | None = None
     bytes_up: int = 0
     bytes_down: int = 0
     upstream_pooled: bool = False  # the upstream connection outlives this one, in the pool
+
+    def enter(self, state: FlowState) -> None:
+        """Move to ``state``.
+
+        Raises:
+            RuntimeError: the move is not in :data:`TRANSITIONS` (a bug in the flow).
+        """
+        if state is not FlowState.CLOSED and state not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"flow state {self.state.value} cannot move to {state.value}")
+        self.state = state
+
+    def decide(self, decision: Decision, reason: str) -> None:
+        """Set the decision-log decision and reason."""
+        self.decision, self.reason = decision, reason
+
+    def relayed_by(self, relay: RelayKind, splice_reason: SpliceReason | None = None) -> None:
+        """Note which relay carries the decrypted bytes (and why, for a splice)."""
+        self.enter(FlowState.SPLICING if relay is RelayKind.SPLICE else FlowState.RELAYING)
+        self.relay, self.splice_reason = relay, splice_reason
 
     def to_record(self) -> ConnectionRecord:
         """The decision-log record of this connection."""
@@ -32,9 +95,11 @@ class FlowRecord:
             client=self.client,
             host=self.host,
             port=self.port,
-            decision=self.decision,
+            decision=self.decision.value,
             reason=self.reason,
             verdict=self.verdict,
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
+            relay=None if self.relay is None else self.relay.value,
+            splice=None if self.splice_reason is None else self.splice_reason.value,
         )
