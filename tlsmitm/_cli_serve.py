@@ -1,13 +1,18 @@
-"""``python -m tlsmitm serve``: run the intercepting proxy.
+"""``tlsmitm serve``: run the intercepting proxy.
 
-The flags are a contract (scripts and service units depend on them): keep them stable.
+The flags are a contract (scripts and service units depend on them): keep them stable. Every flag
+is validated while the arguments are parsed (exit status 2, one line on stderr); what can only
+fail at run time (a port in use, an unreadable state directory) exits with 1, also one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import ipaddress
 import logging
 import signal
+import socket
 import sys
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
@@ -15,34 +20,82 @@ from pathlib import Path
 import trio
 from cryptography import x509
 
-from ._cli import default_state_dir
-from ._errors import TlsMitmError
+from ._cli import UsageError, default_state_dir
+from ._errors import ConfigurationError, TlsMitmError
 
-__all__ = ["parse_listen", "parse_resolve", "register"]
+__all__ = ["parse_bypass", "parse_listen", "parse_resolve", "register"]
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> ``(host, port)``."""
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> ``(host, port)``.
+
+    The host must be an address of this machine's families or a name that resolves now, so that
+    a typo fails here rather than after start-up.
+    """
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    host = host.strip("[]") or "127.0.0.1"
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT such as 127.0.0.1:8080 or [::1]:8080, got {text!r}"
+        )
+    if host.startswith("[") != host.endswith("]"):
+        raise argparse.ArgumentTypeError(f"unbalanced brackets in {text!r}; write [::1]:8080")
+    host = host[1:-1] if host.startswith("[") else host
+    host = host or "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except (OSError, UnicodeError):
+            raise argparse.ArgumentTypeError(
+                f"cannot listen on {text!r}: {host!r} is neither an IP address nor a name that "
+                "resolves; use an address such as 127.0.0.1 or 0.0.0.0"
+            ) from None
     return host, int(port)
 
 
 def parse_resolve(text: str) -> tuple[str, str]:
-    """``NAME=ADDR`` (like curl's ``--resolve``) -> ``(name, address)``."""
+    """``NAME=ADDR`` (like curl's ``--resolve``) -> ``(name, address)``; ADDR is an IP address."""
     name, sep, address = text.partition("=")
     if not sep or not name or not address:
-        raise argparse.ArgumentTypeError(f"expected NAME=ADDR, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=ADDR such as example.test=127.0.0.1, got {text!r}"
+        )
     from ._names import normalize_host
 
     try:
+        address = str(ipaddress.ip_address(address.strip("[]")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {address!r} is not an IP address; write NAME=ADDR such as {name}=127.0.0.1"
+        ) from None
+    try:
         return normalize_host(name), address
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from exc
+
+
+def parse_bypass(text: str) -> str:
+    """A ``--bypass`` rule, checked now (:meth:`~tlsmitm.Rule.parse`); returned unchanged.
+
+    The command line has no URL-category engine, so a ``category:`` rule (which could never
+    match) is refused too.
+    """
+    from ._policy import Rule
+
+    try:
+        rule = Rule.parse(text)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if rule.category is not None:
+        raise argparse.ArgumentTypeError(
+            f"bypass rule {text!r} can never match: the command line has no URL-category "
+            "engine (an embedder passes InterceptPolicy(category=...)); bypass by host instead, "
+            "such as '.bank.example'"
+        )
+    return text
 
 
 def load_pem_certificates(path: Path) -> list[x509.Certificate]:
@@ -104,11 +157,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument(
         "--bypass",
+        type=parse_bypass,
         action="append",
         default=[],
         metavar="PATTERN",
         help="never intercept matching connections (host, *.suffix, .suffix, CIDR, "
-        "client:CIDR, port:N, category:NAME); may be repeated",
+        "client:CIDR, port:N); may be repeated",
     )
     parser.add_argument("--rules", type=Path, default=None, help="bypass rules file (TOML)")
     parser.add_argument(
@@ -142,10 +196,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="keep a clean, verified, idle upstream connection this long for the same client's "
         "next connection to the same server (default 4; 0 turns pooling off)",
     )
+    add_logging_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--log-format``, ``--log-level`` and ``--access-log``."""
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines (default), or one JSON object per line with stable keys "
+        "(keys: see the logging section of docs/cli.rst)",
+    )
     parser.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error")
     )
-    parser.set_defaults(func=run)
 
 
 def _network(text: str) -> IPv4Network | IPv6Network:
@@ -166,28 +232,85 @@ def _non_negative_seconds(text: str) -> float:
 
 
 def build_interceptor(args: argparse.Namespace) -> object:
-    """The :class:`~tlsmitm.Interceptor` the arguments describe."""
+    """The :class:`~tlsmitm.Interceptor` the arguments describe.
+
+    Raises:
+        UsageError: a file named on the command line is unusable.
+        ConfigurationError: the state directory is unreadable or corrupt.
+    """
     from ._relay import Interceptor, InterceptorConfig
 
     state_dir: Path = args.state_dir or default_state_dir()
-    extra_roots = [cert for path in args.extra_roots for cert in load_pem_certificates(path)]
-    config = InterceptorConfig(
-        resolve=dict(args.resolve),
-        keylog_path=getattr(args, "keylog", None),
-        max_connections=getattr(args, "max_connections", 10_000),
-        upstream_pool_seconds=getattr(args, "upstream_pool_seconds", 4.0),
-        proxy_protocol=getattr(args, "proxy_protocol", False),
-        trusted_balancers=tuple(getattr(args, "trusted_balancers", ())),
-    )
-    return Interceptor.from_state_dir(
-        state_dir,
-        extra_roots=extra_roots,
-        error_profile=getattr(args, "error_mode", "native"),
-        bypass=getattr(args, "bypass", []),
-        rules_file=getattr(args, "rules", None),
-        config=config,
-        state=getattr(args, "state", None),
-    )
+    try:
+        extra_roots = [cert for path in args.extra_roots for cert in load_pem_certificates(path)]
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"--extra-roots: {exc}") from None
+    rules: Path | None = getattr(args, "rules", None)
+    if rules is not None:
+        _check_readable(rules, "--rules")
+    _check_state_dir(state_dir)
+    try:
+        config = InterceptorConfig(
+            resolve=dict(args.resolve),
+            keylog_path=getattr(args, "keylog", None),
+            max_connections=getattr(args, "max_connections", 10_000),
+            upstream_pool_seconds=getattr(args, "upstream_pool_seconds", 4.0),
+            proxy_protocol=getattr(args, "proxy_protocol", False),
+            trusted_balancers=tuple(getattr(args, "trusted_balancers", ())),
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        return Interceptor.from_state_dir(
+            state_dir,
+            extra_roots=extra_roots,
+            error_profile=getattr(args, "error_mode", "native"),
+            bypass=getattr(args, "bypass", []),
+            rules_file=getattr(args, "rules", None),
+            config=config,
+            state=getattr(args, "state", None),
+        )
+    except PermissionError as exc:
+        raise ConfigurationError(
+            f"cannot use the state directory {state_dir}: {exc.strerror} ({exc.filename}); "
+            f"make it readable and writable by this user (chown -R $(id -un) {state_dir}) or "
+            "pick another with --state-dir",
+            reason="state_unreadable",
+        ) from exc
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot use the state directory {state_dir}: {exc}; fix it or pick another with "
+            "--state-dir",
+            reason="state_unreadable",
+        ) from exc
+
+
+def _check_readable(path: Path, option: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: {exc.strerror}; give a readable file") from None
+
+
+def _check_state_dir(state_dir: Path) -> None:
+    """A state directory that exists must be a directory this user can read and write."""
+    import os
+
+    if not state_dir.exists():
+        return
+    if not state_dir.is_dir():
+        raise ConfigurationError(
+            f"the state directory {state_dir} is not a directory; remove it or pick another "
+            "with --state-dir",
+            reason="state_unreadable",
+        )
+    if not os.access(state_dir, os.R_OK | os.W_OK | os.X_OK):
+        raise ConfigurationError(
+            f"the state directory {state_dir} is not readable and writable by this user; "
+            f"chown -R $(id -un) {state_dir}, or pick another with --state-dir",
+            reason="state_unreadable",
+        )
 
 
 def warn_if_trust_store_is_old() -> None:
@@ -201,26 +324,55 @@ def warn_if_trust_store_is_old() -> None:
         print(f"tlsmitm: warning: {warning}", file=sys.stderr)
 
 
+async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """The listening sockets for ``host:port``, with one-line errors a person can act on.
+
+    Raises:
+        ConfigurationError: the port is in use, needs privileges, or the address is not here.
+    """
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            message = (
+                f"cannot listen on {where}: the port is already in use (another tlsmitm?); stop "
+                "that program or pick another port with --listen HOST:PORT"
+            )
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            message = (
+                f"cannot listen on {where}: permission denied (ports below 1024 need root or "
+                "CAP_NET_BIND_SERVICE); use a port of 1024 or more, or run it as the systemd "
+                "unit of `tlsmitm systemd-unit`"
+            )
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            message = (
+                f"cannot listen on {where}: {host} is not an address of this machine; use one "
+                "of its addresses, 127.0.0.1, or 0.0.0.0 for all"
+            )
+        else:
+            message = f"cannot listen on {where}: {exc.strerror or exc}; check --listen"
+        raise ConfigurationError(message, reason="listen") from exc
+    except socket.gaierror as exc:  # pragma: no cover - parse_listen resolved the name already
+        raise ConfigurationError(f"cannot listen on {where}: {exc}", reason="listen") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     """Start the proxy; returns when it was stopped by SIGINT or SIGTERM."""
+    from ._ca import ROOT_CERT_FILE
+    from ._logs import configure_logging
     from ._relay import Interceptor
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    configure_logging(
+        log_format=args.log_format,
+        level="debug" if getattr(args, "debug", False) else args.log_level,
     )
-    try:
-        interceptor = build_interceptor(args)
-    except (TlsMitmError, argparse.ArgumentTypeError, ValueError) as exc:
-        print(f"tlsmitm: {exc}", file=sys.stderr)
-        return 2
+    interceptor = build_interceptor(args)
     assert isinstance(interceptor, Interceptor)
     if interceptor.state_problem:
         # One line, at start: the deployer hears about it now, not at the first HSTS header.
         logging.getLogger("tlsmitm.state").warning("%s", interceptor.state_problem)
     warn_if_trust_store_is_old()
-    from ._ca import ROOT_CERT_FILE
-
     ca_dir = interceptor.ca.ca_dir
     assert ca_dir is not None  # from_state_dir always has one
     root_pem = ca_dir / ROOT_CERT_FILE
@@ -228,8 +380,9 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            listeners = await open_listeners(host, port)
             async with trio.open_nursery() as nursery:
-                addresses = await nursery.start(interceptor.serve, host, port)
+                addresses = await nursery.start(interceptor.serve_listeners, listeners)
                 bound_host, bound_port = addresses[0][0], addresses[0][1]
                 shown = f"[{bound_host}]" if ":" in bound_host else bound_host
                 proxy = f"http://{shown}:{bound_port}"
@@ -240,7 +393,10 @@ def run(args: argparse.Namespace) -> int:
                     f"sudo cp {root_pem} /usr/local/share/ca-certificates/tlsmitm.crt "
                     "&& sudo update-ca-certificates"
                 )
-                print(f"Try it:   curl --proxy {proxy} --cacert {root_pem} https://example.com/")
+                print(
+                    f"Try it (needs internet): curl --proxy {proxy} --cacert {root_pem} "
+                    "https://example.com/"
+                )
                 print("Stop with Ctrl-C; SIGHUP reloads the bypass rules.", flush=True)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
