@@ -998,9 +998,10 @@ async def test_expect_100_continue_through_curl(
     assert result.stdout == payload.read_bytes()
 
 
-async def test_the_connection_cap_queues_instead_of_growing(
+async def test_the_connection_cap_answers_503_at_once_instead_of_growing(
     nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
 ) -> None:
+    """Issue 15 fault 5: a full cap is a prompt 503, not minutes in the listen queue."""
     setup = await start_proxy(
         nursery,
         tmp_path,
@@ -1010,17 +1011,22 @@ async def test_the_connection_cap_queues_instead_of_growing(
     holder = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)  # says nothing
     await settle(setup, active=1)
     assert setup.interceptor.stats.active == 1
-    waiting = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
-    await waiting.send_all(b"GET /relative HTTP/1.1\r\nHost: x\r\n\r\n")
-    with trio.move_on_after(0.5) as early:
-        await waiting.receive_some(1024)
-    assert early.cancelled_caught  # not served while the one slot is taken
-    assert setup.interceptor.stats.active == 1
-    await holder.aclose()
+    refused = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
+    await refused.send_all(b"GET /relative HTTP/1.1\r\nHost: x\r\n\r\n")
     with trio.fail_after(5):
-        answer = await waiting.receive_some(1024)
-    assert answer.startswith(b"HTTP/1.1 400")
-    await waiting.aclose()
+        answer = await refused.receive_some(1024)
+    assert answer.startswith(b"HTTP/1.1 503")
+    assert setup.interceptor.stats.active == 1  # the cap held
+    assert setup.interceptor.stats.refused_busy == 1
+    await refused.aclose()
+    await holder.aclose()
+    await settle(setup, active=0)
+    served = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
+    await served.send_all(b"GET /relative HTTP/1.1\r\nHost: x\r\n\r\n")
+    with trio.fail_after(5):
+        answer = await served.receive_some(1024)
+    assert answer.startswith(b"HTTP/1.1 400")  # served (a relative target is a bad request)
+    await served.aclose()
 
 
 def test_original_destination_refuses_a_socket_that_was_not_redirected() -> None:

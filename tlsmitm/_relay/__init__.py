@@ -5,7 +5,7 @@ One module per concern (see ``docs/relay.rst``):
 * :mod:`.interceptor` -- :class:`Interceptor` (the parts, listeners, lifecycle), its config
   and stats;
 * :mod:`.intake` -- CONNECT, absolute-form ``http://``, transparent destinations;
-  :mod:`.targets` parses what a client asks for;
+  :mod:`tlsmitm._edge` parses what a client asks for;
 * :mod:`.flow` -- one intercepted connection: peek, policy, upstream, plan, forge, handshake,
   relay; :mod:`.upstream` and :mod:`.downstream` are its two sides;
 * :mod:`.hooks` -- what embedders see (:class:`FlowInfo`, :class:`Request`, :class:`Response`,

@@ -47,9 +47,13 @@ def block_answer(ix: Interceptor, host: str, port: int) -> BlockAnswer:
 
 
 async def redirect_to_error(
-    ix: Interceptor, downstream: trio.abc.Stream, action: Action, port: int
+    ix: Interceptor, downstream: trio.abc.Stream, action: Action, port: int, client: str
 ) -> None:
-    """Answer the first request with a redirect to the error origin, then close."""
+    """Answer the first request with a redirect to the error origin, then close.
+
+    ``client`` (:func:`~tlsmitm._responder.client_identity`) is the only client that may use
+    the page's override.
+    """
     parser = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
     with trio.fail_after(ix.config.head_timeout):
         while True:
@@ -61,7 +65,7 @@ async def redirect_to_error(
     if not isinstance(event, h11.Request):
         return
     response = ix.responder.redirect_for(
-        action, request_target=bytes(event.target), port=port, now=ix.clock()
+        action, request_target=bytes(event.target), port=port, now=ix.clock(), client=client
     )
     await send_response(
         parser, downstream, response.status, response.reason, response.headers, response.body
@@ -90,12 +94,12 @@ async def serve_error_origin(
     try:
         with trio.fail_after(ix.config.handshake_timeout):
             await downstream.do_handshake()
-        await _serve_requests(ix, downstream)
+        await _serve_requests(ix, downstream, conn.identity)
     finally:
         await close(downstream)
 
 
-async def _serve_requests(ix: Interceptor, stream: trio.abc.Stream) -> None:
+async def _serve_requests(ix: Interceptor, stream: trio.abc.Stream, client: str) -> None:
     parser = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
     while True:
         request: h11.Request | None = None
@@ -125,6 +129,7 @@ async def _serve_requests(ix: Interceptor, stream: trio.abc.Stream) -> None:
                 body=bytes(body),
             ),
             now=ix.clock(),
+            client=client,
         )
         await send_response(
             parser, stream, response.status, response.reason, response.headers, response.body

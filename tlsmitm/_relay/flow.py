@@ -31,13 +31,16 @@ Every failure closes both sides (at once); nothing outlives the connection.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import trio
 
-from .._errors import UpstreamError
+from .._clienthello import ClientHello
+from .._errors import ClientError, UpstreamError
+from .._policy import Decision as PolicyDecision
 from .._tls import TLSStream
 from .._verify import Verdict
 from .downstream import NotTLS
@@ -67,9 +70,44 @@ if TYPE_CHECKING:
 
 __all__ = ["Flow"]
 
+log = logging.getLogger("tlsmitm.relay")
+
 # A fatal handshake_failure alert in a TLS 1.2 record (RFC 8446 §6): what a client that does not
 # speak HTTP gets when upstream verification failed (ActionKind.ALERT).
 _HANDSHAKE_FAILURE_ALERT = b"\x15\x03\x03\x00\x02\x02\x28"
+
+
+_ech_logged = [-1e9]  # trio.current_time() of the last INFO line about ECH (one a minute)
+
+
+def _note_ech(ix: Interceptor, conn: FlowRecord, hello: ClientHello, name: str) -> None:
+    """A ClientHello with ``encrypted_client_hello`` (draft-ietf-tls-esni).
+
+    tlsmitm holds no ECH key, so it acts as the draft's client-facing server that cannot
+    decrypt (§7.1): the handshake is completed with the outer hello, for the public name its
+    SNI carries, and no ``retry_configs`` are sent. The client then sees ECH rejected by a
+    server authenticated for the public name and retries without ECH (§6.1.6, §8.3), and that
+    connection is intercepted like any other. An ``inner`` marker on the wire is an
+    illegal_parameter (§7).
+    """
+    assert hello.ech is not None
+    if not hello.ech.outer:
+        raise ClientError("an inner ECH marker in a ClientHello on the wire", reason="ech_inner")
+    ix.stats.ech_offered += 1
+    now = trio.current_time()
+    level = logging.DEBUG
+    if now - _ech_logged[0] >= 60:
+        _ech_logged[0] = now
+        level = logging.INFO
+    log.log(
+        level,
+        "client %s offered Encrypted Client Hello to %s (public name %s): answered for the "
+        "public name without retry_configs, so it retries without ECH (%d so far)",
+        conn.client,
+        name,
+        hello.server_name,
+        ix.stats.ech_offered,
+    )
 
 
 class Flow:
@@ -81,10 +119,18 @@ class Flow:
         client: the client's address.
     """
 
-    def __init__(self, interceptor: Interceptor, conn: FlowRecord, client: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        interceptor: Interceptor,
+        conn: FlowRecord,
+        client: tuple[str, int],
+        *,
+        transparent: bool = False,
+    ) -> None:
         self._ix = interceptor
         self._conn = conn
         self._client = client
+        self._transparent = transparent
 
     async def run(
         self,
@@ -138,13 +184,9 @@ class Flow:
             destination = pooled.stream.transport_stream if pooled else upstream_tcp
             assert destination is not None
             conn.enter(FlowState.DECIDING)
-            decision = await ix.policy.decide(
-                client_ip=client[0],
-                host=plan.tls_name,
-                port=port,
-                destination_ip=peer_ip(destination),
-                now=ix.clock(),
-            )
+            if hello.ech is not None:
+                _note_ech(ix, conn, hello, name)
+            decision = await self._decide(name, plan.tls_name, port, peer_ip(destination))
             if not decision.intercept:
                 conn.decide(Decision.BYPASS, decision.reason)
                 ix.stats.bypassed += 1
@@ -161,6 +203,39 @@ class Flow:
                     await close(pooled.stream)
                 if upstream_tcp is not None:
                     await close(upstream_tcp)
+
+    async def _decide(
+        self, name: str, tls_name: str, port: int, destination_ip: str | None
+    ) -> PolicyDecision:
+        """The policy's decision on what the connection *reaches* (issue 15 fault 3).
+
+        For CONNECT, the target decides: the SNI name is only what the client claims, and a
+        ``CONNECT evil.test`` with SNI ``bank.test`` must not ride on a bypass of bank.test.
+        When the two names differ, both are decided and the stricter (intercept) wins. In
+        transparent mode the destination is an address (address rules match it); the SNI is
+        the only name there is, so host rules match the SNI.
+        """
+        ix, client = self._ix, self._client
+        now = ix.clock()
+        first = name if not self._transparent else tls_name
+        decision = await ix.policy.decide(
+            client_ip=client[0], host=first, port=port, destination_ip=destination_ip, now=now
+        )
+        if first == tls_name:
+            return decision
+        claimed = await ix.policy.decide(
+            client_ip=client[0], host=tls_name, port=port, destination_ip=destination_ip, now=now
+        )
+        if claimed.intercept != decision.intercept:
+            log.info(
+                "client %s: SNI %s differs from the CONNECT target %s and the policy decides "
+                "them differently; intercepting (the stricter decision)",
+                self._conn.client,
+                tls_name,
+                name,
+            )
+            return decision if decision.intercept else claimed
+        return decision
 
     async def _take_pooled(self, key: PoolKey) -> PooledUpstream | None:
         ix = self._ix
@@ -207,6 +282,7 @@ class Flow:
             hsts_known=hsts_is_known,
             client_speaks_http=upstream_plan.client_speaks_http,
             now=now,
+            client=conn.identity,
         )
         # A verified verdict needs no state; an error may look up an override grant in the
         # shared store: never on the event loop.
@@ -240,7 +316,7 @@ class Flow:
         )
         if plan.error_redirect:
             conn.enter(FlowState.ERROR_PAGE)
-            await redirect_to_error(ix, downstream, action, port)
+            await redirect_to_error(ix, downstream, action, port, conn.identity)
             return
         try:
             outcome = await self._relay(downstream, upstream, plan, name, port)
@@ -314,6 +390,7 @@ class Flow:
             on_sts=on_sts if plan.record_sts else None,
             answer_block=block_answer(ix, name, port),
             idle_timeout=ix.config.idle_timeout,
+            head_timeout=ix.config.head_timeout,
             should_stop=lambda: ix._draining,
             record=conn,
             keep_upstream_alive=plan.poolable,

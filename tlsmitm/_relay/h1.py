@@ -34,6 +34,7 @@ import trio
 
 from .._errors import ClientError, UpstreamError
 from .hooks import Block, FlowInfo, Headers, Hooks, Request, Response
+from .state import FlowRecord
 
 __all__ = ["BlockAnswer", "HttpRelay", "StsCallback", "Switched", "run_relay"]
 
@@ -122,6 +123,8 @@ class HttpRelay:
         answer_block: turns a hook's :class:`Block` into a response (status, reason, headers,
             body) -- the ErrorResponder's redirect to the error origin.
         idle_timeout: seconds to wait for the next request on a kept-alive connection.
+        head_timeout: seconds from a request head's first byte to its end (issue 15 fault 6).
+        record: the connection's record; ``idle_since`` is set while awaiting a request.
         should_stop: checked between requests; ``True`` ends the relay (graceful shutdown).
         initial_client_data: bytes the client already sent (read while sniffing the request).
         keep_upstream_alive: the upstream connection may be reused by another client connection
@@ -136,6 +139,8 @@ class HttpRelay:
     on_sts: StsCallback | None
     answer_block: BlockAnswer
     idle_timeout: float = 300.0
+    head_timeout: float = 10.0
+    record: FlowRecord | None = None
     should_stop: Callable[[], bool] = lambda: False
     initial_client_data: bytes = b""
     keep_upstream_alive: bool = False
@@ -145,6 +150,7 @@ class HttpRelay:
         self._down = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_INCOMPLETE_EVENT)
         self._up = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_INCOMPLETE_EVENT)
         self._idle_scope = trio.CancelScope()
+        self._head_deadline: float | None = None
         self._awaiting_request = True
         self._ended_between_requests = False
         self._connection_bound_auth = False
@@ -173,6 +179,8 @@ class HttpRelay:
 
     async def _receive_into(self, conn: h11.Connection, stream: trio.abc.Stream, side: str) -> None:
         data = bytes(await stream.receive_some(_RECEIVE_SIZE))
+        if side == "client" and self._awaiting_request and data and self._head_deadline is None:
+            _head_began(self)
         self._touch()
         if side == "client":
             self.counters.bytes_up += len(data)
@@ -190,7 +198,10 @@ class HttpRelay:
         # One cancel scope per relay whose deadline moves with every byte: a peer that stops
         # sending, or stops reading (backpressure that never ends), is dropped after
         # idle_timeout -- at the cost of an attribute store per I/O, not a scope per I/O.
-        self._idle_scope.deadline = trio.current_time() + self.idle_timeout
+        deadline = trio.current_time() + self.idle_timeout
+        if self._head_deadline is not None and self._head_deadline < deadline:
+            deadline = self._head_deadline
+        self._idle_scope.deadline = deadline
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -203,15 +214,19 @@ class HttpRelay:
         with trio.CancelScope() as self._idle_scope:
             self._touch()
             return await self._run()
+        if self._awaiting_request and self._head_deadline is not None:
+            raise ClientError(
+                f"request head not complete within {self.head_timeout} s", reason="head_timeout"
+            )
         if self._awaiting_request:
             return None  # an idle keep-alive connection: a clean end
         raise trio.TooSlowError(f"no progress for {self.idle_timeout} s")
 
     async def _run(self) -> Switched | None:
         while True:
-            self._awaiting_request = True
+            _await_request(self, True)
             event = await self._next_event(self._down, self.client, "client")
-            self._awaiting_request = False
+            _await_request(self, False)
             if isinstance(event, h11.ConnectionClosed):
                 self._ended_between_requests = True
                 return None
@@ -503,6 +518,24 @@ class HttpRelay:
 
 class _Blocked(Exception):
     """A hook blocked or replaced a response: the connection ends after the answer."""
+
+
+def _await_request(relay: HttpRelay, awaiting: bool) -> None:
+    """The relay starts (or stops) waiting for the client's next request head."""
+    relay._awaiting_request = awaiting
+    relay._head_deadline = None
+    if relay.record is not None:
+        relay.record.idle_since = trio.current_time() if awaiting else None
+    if awaiting and relay._down.trailing_data[0]:
+        _head_began(relay)  # pipelined bytes are here already: the next head has begun
+
+
+def _head_began(relay: HttpRelay) -> None:
+    """A head must end within ``head_timeout`` of its first byte, however it trickles in."""
+    relay._head_deadline = trio.current_time() + relay.head_timeout
+    if relay.record is not None:
+        relay.record.idle_since = None
+    relay._touch()
 
 
 async def run_relay(relay: HttpRelay) -> Switched | None:

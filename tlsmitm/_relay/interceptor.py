@@ -36,6 +36,7 @@ from .._store_cache import CachedStore
 from .._tls import keylog_file_writer
 from .._verify import UpstreamVerifier, Verdict
 from .downstream import Downstream
+from .guard import ClientSlots, ErrorBoundary, LoopGuard
 from .hooks import Hooks
 from .intake import explicit, transparent
 from .plan import Decision
@@ -43,7 +44,7 @@ from .pool import UpstreamPool
 from .proxy_header import read_proxy_header
 from .state import FlowRecord, FlowState
 from .state_io import StateWriter
-from .streams import Connector, close, close_all, first_error, tcp_connector
+from .streams import Connector, close, close_all, first_error, send_simple, tcp_connector
 from .upstream import Upstreams
 
 __all__ = [
@@ -56,6 +57,10 @@ __all__ = [
 
 log = logging.getLogger("tlsmitm.relay")
 
+_ACCEPT_BACKOFF_MIN = 0.05
+_ACCEPT_BACKOFF_MAX = 1.0
+_IDLE_TO_SHED = 1.0  # a connection quiet this long may be closed to make room for a new one
+
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
@@ -66,11 +71,16 @@ class InterceptorConfig:
     """Timeouts, limits and switches of one :class:`Interceptor`.
 
     Attributes:
-        head_timeout: seconds for a client to send its CONNECT/request head.
+        head_timeout: seconds for a client to send a whole request head (total, not per byte:
+            a head trickled one byte at a time is cut off too), on the proxy port and for each
+            request inside a tunnel.
         connect_timeout: seconds to open the upstream TCP connection.
         handshake_timeout: seconds for each TLS handshake (upstream and client).
         idle_timeout: seconds without a byte in either direction before a connection is closed.
-        max_connections: connections handled at once; further ones wait in the listen queue.
+        max_connections: connections handled at once; a client beyond that gets ``503`` at
+            once (after idle keep-alive connections and idle tunnels were shed, oldest first).
+        max_connections_per_client: connections one client address may hold at once (0: no
+            limit); beyond that, ``429``.
         shutdown_grace: seconds in-flight connections get to finish on shutdown.
         resolve: fixed name -> address mappings, like curl's ``--resolve``.
         keylog_path: append TLS secrets in NSS key log format (debugging only; off by default).
@@ -90,11 +100,12 @@ class InterceptorConfig:
             ``proxy_protocol`` on, a connection from anywhere else is refused (closed).
     """
 
-    head_timeout: float = 30.0
+    head_timeout: float = 10.0
     connect_timeout: float = 10.0
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
     max_connections: int = 10_000
+    max_connections_per_client: int = 512
     shutdown_grace: float = 10.0
     resolve: Mapping[str, str] = field(default_factory=dict)
     keylog_path: Path | None = None
@@ -114,6 +125,8 @@ class InterceptorConfig:
                 raise ValueError(f"{name} must be positive")
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if self.max_connections_per_client < 0:
+            raise ValueError("max_connections_per_client must not be negative")
         if self.upstream_pool_seconds < 0 or self.upstream_pool_size < 0:
             raise ValueError("upstream_pool_seconds and upstream_pool_size must not be negative")
         if self.upstream_pool_per_host < 1:
@@ -141,6 +154,9 @@ class InterceptorStats:
     upstream_failures: int = 0
     upstream_reused: int = 0
     upstream_stale: int = 0  # kept connections found closed or unclean when wanted
+    refused_busy: int = 0  # answered 503: every connection slot was taken
+    shed_idle: int = 0  # idle keep-alive connections and tunnels closed to make room
+    ech_offered: int = 0  # ClientHellos with encrypted_client_hello (answered for the public name)
     errors: dict[str, int] = field(default_factory=dict)
     spliced: dict[str, int] = field(default_factory=dict)  # decrypted bytes spliced, by reason
     cert_errors: dict[str, int] = field(default_factory=dict)
@@ -229,6 +245,11 @@ class Interceptor:
         #: Why the state store cannot be written, if it cannot (``from_state_dir`` checks).
         self.state_problem: str | None = None
         self._draining = False
+        self._boundary = ErrorBoundary(log)
+        self._loop = LoopGuard()
+        self._client_slots = ClientSlots(self.config.max_connections_per_client)
+        # Open connections, oldest first: FlowRecord -> the scope that ends it (for shedding).
+        self._open: dict[FlowRecord, trio.CancelScope] = {}
         self._accept_scope: trio.CancelScope | None = None
         self._all_done = trio.Event()
         self._all_done.set()
@@ -310,6 +331,7 @@ class Interceptor:
     ) -> None:
         """Serve connections from already-open listeners (closed on return)."""
         slots = trio.Semaphore(self.config.max_connections)
+        self._loop.add_listeners(listener.socket.getsockname()[:2] for listener in listeners)
         try:
             async with trio.open_nursery() as connections:
                 connections.start_soon(self._expire_pool)
@@ -354,37 +376,82 @@ class Interceptor:
     async def _accept_loop(
         self, listener: trio.SocketListener, nursery: trio.Nursery, slots: trio.Semaphore
     ) -> None:
+        backoff = _ACCEPT_BACKOFF_MIN
         while True:
-            await slots.acquire()
             try:
                 stream = await listener.accept()
             except OSError as exc:
-                slots.release()
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("accept failed (%s); retrying in 100 ms", exc)
-                    await trio.sleep(0.1)
+                    # Out of descriptors: make room, then back off (doubling, at most 1 s)
+                    # instead of spinning on a listener that stays readable.
+                    self._boundary.report(exc, client="-", where="accepting")
+                    self._shed_idle()
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, _ACCEPT_BACKOFF_MAX)
                     continue
                 raise
+            backoff = _ACCEPT_BACKOFF_MIN
+            try:
+                slots.acquire_nowait()
+            except trio.WouldBlock:
+                if not self._shed_idle():
+                    # Issue 15 fault 5: a prompt 503 rather than minutes in the listen queue.
+                    nursery.start_soon(self._refuse_busy, stream)
+                    continue
+                await slots.acquire()  # the shed connection gives its slot back at once
             nursery.start_soon(self._serve_accepted, stream, slots)
 
+    def _shed_idle(self) -> bool:
+        """Close the oldest idle connection (keep-alive between requests, quiet tunnel)."""
+        now = trio.current_time()
+        oldest: FlowRecord | None = None
+        for record in self._open:
+            if (
+                record.idle_since is not None
+                and now - record.idle_since >= _IDLE_TO_SHED
+                and (oldest is None or record.idle_since < (oldest.idle_since or now))
+            ):
+                oldest = record
+        if oldest is None:
+            return False
+        scope = self._open.pop(oldest)
+        oldest.reason = "shed_idle"
+        self.stats.shed_idle += 1
+        scope.cancel()
+        return True
+
+    async def _refuse_busy(self, stream: trio.SocketStream) -> None:
+        self.stats.refused_busy += 1
+        try:
+            with trio.move_on_after(1.0):
+                await send_simple(stream, 503, b"Service Unavailable")
+        finally:
+            await close(stream)
+
     async def _serve_accepted(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
+        client = "-"
         try:
             try:
                 peer = stream.socket.getpeername()
-                client = (str(peer[0]), int(peer[1]))
+                address = (str(peer[0]), int(peer[1]))
             except OSError:
                 await close(stream)
                 return
+            client = address[0]
             if self.config.proxy_protocol:
                 try:
-                    accepted, client = await read_proxy_header(self, stream, client)
+                    accepted, address = await read_proxy_header(self, stream, address)
                 except (ClientError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    log.debug("connection from %s:%s refused: %s", *client, exc)
+                    log.debug("connection from %s:%s refused: %s", *address, exc)
                     await close(stream)
                     return
-                await self.handle(accepted, client=client)
+                client = address[0]
+                await self.handle(accepted, client=address)
                 return
-            await self.handle(stream, client=client)
+            await self.handle(stream, client=address)
+        except Exception as exc:
+            # The error boundary (issue 15): nothing from one connection ends serve().
+            self._boundary.report(exc, client=client)
         finally:
             slots.release()
 
@@ -410,11 +477,19 @@ class Interceptor:
         self.stats.active += 1
         if self.stats.active == 1:
             self._all_done = trio.Event()
+        per_client = self._client_slots.try_acquire(client[0])
         try:
-            if destination is None:
-                await explicit(self, stream, client, conn)
-            else:
-                await transparent(self, stream, client, destination, conn)
+            with trio.CancelScope() as scope:
+                self._open[conn] = scope
+                if not per_client:
+                    conn.reason = "too_many_connections"
+                    self.stats.count_error(conn.reason)
+                    if destination is None:
+                        await send_simple(stream, 429, b"Too Many Requests")
+                elif destination is None:
+                    await explicit(self, stream, client, conn)
+                else:
+                    await transparent(self, stream, client, destination, conn)
         except* TlsMitmError as group:
             first = first_error(group)
             conn.reason = getattr(first, "reason", "error")
@@ -429,16 +504,28 @@ class Interceptor:
             )
             self.stats.count_error(conn.reason)
         except* Exception as group:
+            # The error boundary: one line per cause, never the client's bytes as a traceback.
             conn.reason = "internal_error"
             self.stats.count_error(conn.reason)
-            log.error("bug while handling %s", conn.client, exc_info=first_error(group))
+            self._boundary.report(first_error(group), client=conn.client)
         finally:
             conn.enter(FlowState.CLOSED)
-            await close(stream)
+            self._open.pop(conn, None)
+            if per_client:
+                self._client_slots.release(client[0])
+            try:
+                await close(stream)
+            except Exception as exc:
+                self._boundary.report(exc, client=conn.client, where="closing")
             self.stats.active -= 1
             if self.stats.active == 0:
                 self._all_done.set()
-            self._emit(conn)
+            try:
+                self._emit(conn)
+            except Exception as exc:
+                # Issue 15 fault 1: a record that cannot be built or written must not escape
+                # this finally and end serve().
+                self._boundary.report(exc, client=conn.client, where="logging")
 
     def _emit(self, conn: FlowRecord) -> None:
         self.decision_log.emit(conn.to_record())

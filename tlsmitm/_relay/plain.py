@@ -7,15 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .._edge import AbsoluteUrl, BadRequest, parse_absolute_url, via_names, via_value
 from .._errors import ClientError, UpstreamError
-from .._names import normalize_host
 from .error_origin import block_answer
 from .hooks import Block, FlowInfo, Hooks, Request
 from .plan import Decision, RelayKind
 from .relays import RelayJob, run_relays
 from .state import FlowRecord, FlowState
 from .streams import close, send_simple
-from .targets import split_http_url
 
 if TYPE_CHECKING:
     from .interceptor import Interceptor
@@ -27,28 +26,38 @@ async def plain_http(
     ix: Interceptor,
     stream: trio.abc.Stream,
     raw: bytes,
-    target: bytes,
+    url: AbsoluteUrl,
     conn: FlowRecord,
 ) -> None:
-    """Relay absolute-form ``http://`` requests (no TLS, no HSTS recording: RFC 6797 §8.1)."""
-    host, port, _ = split_http_url(target)
-    name = normalize_host(host)
+    """Relay absolute-form ``http://`` requests (no TLS, no HSTS recording: RFC 6797 §8.1).
+
+    Each request forwarded carries this proxy's ``Via`` member (RFC 9110 §7.6.3); a request
+    that already carries it went round a loop and is refused.
+    """
+    name, port = url.authority.host, url.authority.port
     conn.host, conn.port = name, port
     conn.enter(FlowState.PLAIN_HTTP)
     conn.decide(Decision.INTERCEPT, "plain_http")
     ix.stats.plain_http += 1
     try:
         upstream = await ix._upstreams.connect(name, port)
-    except UpstreamError:
-        await send_simple(stream, 502, b"Bad Gateway")
+    except UpstreamError as exc:
+        if exc.reason == "loop":
+            await send_simple(stream, 508, b"Loop Detected")
+        else:
+            await send_simple(stream, 502, b"Bad Gateway")
         raise
+    via = via_value(ix._loop.pseudonym).encode("ascii")
 
     def to_origin_form(request: Request) -> Request:
-        if not request.target.startswith(b"http://"):
-            return request
-        req_host, req_port, path = split_http_url(request.target)
-        if normalize_host(req_host) != name or req_port != port:
-            raise ClientError("one proxy connection, one origin", reason="origin_changed")
+        path = request.target
+        if not path.startswith(b"/"):
+            parsed = parse_absolute_url(request.target)
+            if parsed.authority != url.authority:
+                raise ClientError("one proxy connection, one origin", reason="origin_changed")
+            path = parsed.target
+        if ix._loop.seen_in(via_names([v for k, v in request.headers if k.lower() == b"via"])):
+            raise BadRequest("request already passed through this proxy", reason="loop")
         headers = tuple(
             (k, v)
             for k, v in request.headers
@@ -57,7 +66,7 @@ async def plain_http(
         return Request(
             method=request.method,
             target=path,
-            headers=headers,
+            headers=(*headers, (b"via", via)),
             http_version=request.http_version,
         )
 
@@ -70,6 +79,7 @@ async def plain_http(
         on_sts=None,
         answer_block=block_answer(ix, name, port),
         idle_timeout=ix.config.idle_timeout,
+        head_timeout=ix.config.head_timeout,
         should_stop=lambda: ix._draining,
         record=conn,
         to_upstream=raw,

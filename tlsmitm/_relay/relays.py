@@ -49,6 +49,7 @@ class RelayJob:
             when STS must not be recorded (RFC 6797 §8.1).
         answer_block: turns a hook's block into the redirect to the error origin.
         idle_timeout: seconds without progress before the relay gives up.
+        head_timeout: seconds from a request head's first byte to its end (total).
         should_stop: ``True`` once the interceptor shuts down (finish the exchange, then end).
         record: the connection's record; relays add the bytes they move.
         keep_upstream_alive: the upstream may be pooled after a clean end.
@@ -66,6 +67,7 @@ class RelayJob:
     idle_timeout: float
     should_stop: Callable[[], bool]
     record: FlowRecord
+    head_timeout: float = 10.0
     keep_upstream_alive: bool = False
     to_upstream: bytes = b""
     to_client: bytes = b""
@@ -100,6 +102,8 @@ async def run_h1(job: RelayJob) -> RelayOutcome:
         on_sts=job.on_sts,
         answer_block=job.answer_block,
         idle_timeout=job.idle_timeout,
+        head_timeout=job.head_timeout,
+        record=job.record,
         should_stop=job.should_stop,
         initial_client_data=job.to_upstream,
         keep_upstream_alive=job.keep_upstream_alive,

@@ -31,13 +31,14 @@ async def splice(
         await a.send_all(to_client)
         conn.bytes_down += len(to_client)
     last_activity = [trio.current_time()]
+    conn.idle_since = last_activity[0]  # a quiet tunnel may be shed near the connection cap
 
     async def pump(source: trio.abc.Stream, sink: trio.abc.Stream, up: bool) -> None:
         while True:
             data = await source.receive_some(RECEIVE)
             if not data:
                 break
-            last_activity[0] = trio.current_time()
+            last_activity[0] = conn.idle_since = trio.current_time()
             if up:
                 conn.bytes_up += len(data)
             else:

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Final
 
 from .._policy import ConnectionRecord
+from .._responder import client_identity
 from .plan import Decision, RelayKind, SpliceReason
 
 __all__ = ["TRANSITIONS", "FlowRecord", "FlowState"]
@@ -51,7 +52,7 @@ TRANSITIONS: Final[dict[FlowState, frozenset[FlowState]]] = {
 """The moves :meth:`FlowRecord.enter` allows (any state may also move to ``CLOSED``)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class FlowRecord:
     """What one connection has learned so far, for its decision-log record."""
 
@@ -68,6 +69,15 @@ class FlowRecord:
     bytes_up: int = 0
     bytes_down: int = 0
     upstream_pooled: bool = False  # the upstream connection outlives this one, in the pool
+    # trio.current_time() since when the connection waits for a client's next request or its
+    # tunnel is quiet; None while it is busy. The oldest idle one is shed first near the cap.
+    idle_since: float | None = None
+    user: str | None = None  # the authenticated proxy user, when proxy authentication is on
+
+    @property
+    def identity(self) -> str:
+        """Whom override grants of this connection are bound to (the user, else the address)."""
+        return client_identity(self.client.rpartition(":")[0], user=self.user)
 
     def enter(self, state: FlowState) -> None:
         """Move to ``state``.

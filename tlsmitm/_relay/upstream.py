@@ -66,9 +66,12 @@ class Upstreams:
         """Open a TCP connection to ``host:port`` (``resolve`` applied), within the timeout."""
         config = self._ix.config
         target = config.resolve.get(host, host)
+        loop = self._ix._loop
+        if loop.is_self(target, port):
+            raise UpstreamError(f"{host}:{port} is this proxy itself", reason="loop")
         try:
             with trio.fail_after(config.connect_timeout):
-                return await self._connector(target, port)
+                stream = await self._connector(target, port)
         except trio.TooSlowError as exc:
             raise UpstreamError(
                 f"connecting to {host}:{port} timed out", reason="connect_timeout"
@@ -77,6 +80,17 @@ class Upstreams:
             raise UpstreamError(
                 f"cannot connect to {host}:{port}: {exc}", reason="connect_failed"
             ) from exc
+        # A name that resolved to one of our own listening addresses (issue 15 fault 2).
+        peer = getattr(getattr(stream, "socket", None), "getpeername", None)
+        if peer is not None:
+            try:
+                address = peer()
+            except OSError:
+                address = None
+            if address is not None and loop.is_self(str(address[0]), int(address[1])):
+                await close(stream)
+                raise UpstreamError(f"{host}:{port} resolves to this proxy itself", reason="loop")
+        return stream
 
     async def probe(
         self, upstream_tcp: trio.abc.Stream, name: str, port: int, offer: Sequence[bytes]
