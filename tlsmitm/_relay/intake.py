@@ -46,7 +46,29 @@ async def explicit(
         await _explicit(ix, stream, client, conn)
     except BadRequest as exc:
         await send_simple(stream, exc.status, _REASONS.get(exc.status, b"Bad Request"))
+        await _linger(stream)
         raise
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Half-close, then read what the client is still sending for a moment before closing.
+
+    Closing a socket with unread input sends a reset, and a reset can destroy the error response
+    before the client read it (RFC 9112 §9.6: a server closes in stages). Bounded: 1 s, 64 KiB.
+    """
+    if not isinstance(stream, trio.abc.HalfCloseableStream):
+        return
+    with trio.move_on_after(1.0):
+        try:
+            await stream.send_eof()
+            drained = 0
+            while drained < HEAD_LIMIT:
+                data = await stream.receive_some(RECEIVE)
+                if not data:
+                    return
+                drained += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
 
 
 _REASONS = {
@@ -162,6 +184,7 @@ async def _read_head(ix: Interceptor, stream: trio.abc.Stream) -> tuple[bytes, b
     if buffer:
         # RFC 9110 §15.5.9: 408 for a head that did not arrive in time (issue 15 fault 6).
         await send_simple(stream, 408, b"Request Timeout")
+        await _linger(stream)
     raise ClientError(
         f"no complete request head within {ix.config.head_timeout} s", reason="head_timeout"
     )
