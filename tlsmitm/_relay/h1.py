@@ -199,9 +199,7 @@ class HttpRelay:
         # sending, or stops reading (backpressure that never ends), is dropped after
         # idle_timeout -- at the cost of an attribute store per I/O, not a scope per I/O.
         deadline = trio.current_time() + self.idle_timeout
-        if self._head_deadline is not None and self._head_deadline < deadline:
-            deadline = self._head_deadline
-        self._idle_scope.deadline = deadline
+        self._idle_scope.deadline = min(deadline, self._head_deadline or deadline)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -214,10 +212,7 @@ class HttpRelay:
         with trio.CancelScope() as self._idle_scope:
             self._touch()
             return await self._run()
-        if self._awaiting_request and self._head_deadline is not None:
-            raise ClientError(
-                f"request head not complete within {self.head_timeout} s", reason="head_timeout"
-            )
+        _raise_if_a_head_timed_out(self)
         if self._awaiting_request:
             return None  # an idle keep-alive connection: a clean end
         raise trio.TooSlowError(f"no progress for {self.idle_timeout} s")
@@ -528,6 +523,13 @@ def _await_request(relay: HttpRelay, awaiting: bool) -> None:
         relay.record.idle_since = trio.current_time() if awaiting else None
     if awaiting and relay._down.trailing_data[0]:
         _head_began(relay)  # pipelined bytes are here already: the next head has begun
+
+
+def _raise_if_a_head_timed_out(relay: HttpRelay) -> None:
+    if relay._awaiting_request and relay._head_deadline is not None:
+        raise ClientError(
+            f"request head not complete within {relay.head_timeout} s", reason="head_timeout"
+        )
 
 
 def _head_began(relay: HttpRelay) -> None:
