@@ -49,21 +49,17 @@ from .hooks import FlowInfo
 from .plan import (
     ConnectionPlan,
     Decision,
-    RelayKind,
-    SniffResult,
-    SpliceReason,
     UpstreamPlan,
     plan_connection,
     plan_upstream,
-    relay_after_sniff,
-    sniff,
 )
 from .pool import PooledUpstream, PoolKey
 from .relays import RELAYS, RelayJob, RelayOutcome, run_relays
+from .sniffing import first_bytes
 from .splice import splice
 from .state import FlowRecord, FlowState
 from .state_io import hsts_known
-from .streams import RECEIVE, close, close_all, peer_ip
+from .streams import close, close_all, peer_ip
 
 if TYPE_CHECKING:
     from .interceptor import Interceptor
@@ -385,7 +381,14 @@ class Flow:
         job = RelayJob(
             client=downstream,
             upstream=upstream,
-            flow=FlowInfo(client=conn.client, host=name, port=port, verified=plan.record_sts),
+            flow=FlowInfo(
+                client=conn.client,
+                host=name,
+                port=port,
+                verified=plan.record_sts,
+                client_protocol=plan.client_protocol or "http/1.1",
+                upstream_protocol=plan.upstream_protocol or "http/1.1",
+            ),
             hooks=ix.hooks,
             on_sts=on_sts if plan.record_sts else None,
             answer_block=block_answer(ix, name, port),
@@ -397,60 +400,14 @@ class Flow:
         )
         kind, reason = plan.relay, plan.splice_reason
         if plan.sniff:
-            first = await self._sniff(downstream, upstream)
+            first = await first_bytes(
+                downstream, upstream, idle_timeout=ix.config.idle_timeout, relays=RELAYS.available()
+            )
             if first is None:
                 return RelayOutcome()
-            kind, reason, to_upstream, to_client = first
-            job = replace(job, to_upstream=to_upstream, to_client=to_client)
+            kind, reason = first.relay, first.splice_reason
+            job = replace(job, to_upstream=first.from_client, to_client=first.from_server)
         return await run_relays(job, kind, reason, spliced=ix.stats.spliced)
-
-    async def _sniff(
-        self, downstream: TLSStream, upstream: TLSStream
-    ) -> tuple[RelayKind, SpliceReason | None, bytes, bytes] | None:
-        """No ALPN was negotiated: is this HTTP? Waits for the first bytes of either side.
-
-        An HTTP server never speaks first (RFC 9112 §2.1: the client sends a request), so bytes
-        from the server before any request mean a banner protocol (SMTP, IMAP, FTP). Returns
-        the relay, the splice reason, and the bytes read from the client and from the server;
-        ``None`` when a side closed before anything was said.
-        """
-        client_data = bytearray()
-        server_data = bytearray()
-        ended = [False, False]  # client, server
-        with trio.fail_after(self._ix.config.idle_timeout):
-            async with trio.open_nursery() as nursery:
-
-                async def from_client() -> None:
-                    while sniff(bytes(client_data)) is SniffResult.NEED_MORE:
-                        data = await downstream.receive_some(RECEIVE)
-                        if not data:
-                            ended[0] = True
-                            break
-                        client_data.extend(data)
-                    nursery.cancel_scope.cancel()
-
-                async def from_server() -> None:
-                    data = await upstream.receive_some(RECEIVE)
-                    server_data.extend(data)
-                    ended[1] = not data
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(from_client)
-                nursery.start_soon(from_server)
-        if server_data:
-            return (
-                RelayKind.SPLICE,
-                SpliceReason.SERVER_SPOKE_FIRST,
-                bytes(client_data),
-                bytes(server_data),
-            )
-        if ended[1] or (ended[0] and not client_data):
-            return None
-        result = sniff(bytes(client_data))
-        if result is SniffResult.NEED_MORE:  # the client stopped in the middle of a method
-            result = SniffResult.NOT_HTTP
-        kind, reason = relay_after_sniff(result, RELAYS.available())
-        return kind, reason, bytes(client_data), b""
 
     async def _save_client_cert_site(
         self,

@@ -33,7 +33,7 @@ import h11
 import trio
 
 from .._errors import ClientError, UpstreamError
-from .hooks import Block, FlowInfo, Headers, Hooks, Request, Response
+from .hooks import Block, BodyTap, FlowInfo, Headers, Hooks, Request, Response
 from .state import FlowRecord
 
 __all__ = ["BlockAnswer", "HttpRelay", "StsCallback", "Switched", "run_relay"]
@@ -155,6 +155,7 @@ class HttpRelay:
         self._ended_between_requests = False
         self._connection_bound_auth = False
         self.keep_alive_hint: float | None = None
+        self._bodies = BodyTap(self.hooks, self.flow)
         if self.initial_client_data:  # (receive_data(b"") would mean EOF to h11)
             self._down.receive_data(self.initial_client_data)
             self.counters.bytes_up += len(self.initial_client_data)
@@ -163,19 +164,10 @@ class HttpRelay:
 
     async def _next_event(self, conn: h11.Connection, stream: trio.abc.Stream, side: str) -> Any:
         while True:
-            event = self._parsed_event(conn, side)
+            event = _parsed_event(conn, side)
             if event is not h11.NEED_DATA:
                 return event
             await self._receive_into(conn, stream, side)
-
-    @staticmethod
-    def _parsed_event(conn: h11.Connection, side: str) -> Any:
-        """The next event already in ``conn``'s buffer, or ``h11.NEED_DATA`` (no I/O)."""
-        try:
-            return conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            error = ClientError if side == "client" else UpstreamError
-            raise error(f"malformed HTTP from {side}: {exc}", reason="bad_http") from exc
 
     async def _receive_into(self, conn: h11.Connection, stream: trio.abc.Stream, side: str) -> None:
         data = bytes(await stream.receive_some(_RECEIVE_SIZE))
@@ -318,12 +310,13 @@ class HttpRelay:
         await self.upstream.send_all(head)
         self._touch()
         if isinstance(first, h11.Data):
+            await self._bodies.request(request, bytes(first.data), end=False)
             await self._send(self._up, self.upstream, first)
         elif first is not h11.NEED_DATA:
             raise ClientError("client closed during the request", reason="client_gone")
         result: list[Switched | None] = [None]
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._forward_request_body)
+            nursery.start_soon(self._forward_request_body, request)
             result[0] = await self._forward_response(request, nursery.cancel_scope)
             if self._down.their_state is not h11.DONE:
                 # The origin answered before the request body was complete: stop reading it;
@@ -331,12 +324,14 @@ class HttpRelay:
                 nursery.cancel_scope.cancel()
         return result[0]
 
-    async def _forward_request_body(self) -> None:
+    async def _forward_request_body(self, request: Request) -> None:
         while self._down.their_state is h11.SEND_BODY:
             event = await self._next_event(self._down, self.client, "client")
             if isinstance(event, h11.Data):
+                await self._bodies.request(request, bytes(event.data), end=False)
                 await self._send(self._up, self.upstream, event)
             elif isinstance(event, h11.EndOfMessage):
+                await self._bodies.request(request, b"", end=True)
                 await self._send(self._up, self.upstream, event)
                 return
             elif isinstance(event, h11.ConnectionClosed):
@@ -403,7 +398,7 @@ class HttpRelay:
             head = await self._response_outcome(
                 outcome, response, request, buffered=b"", parsed=parsed
             )
-            await self._stream_response_body(head)
+            await self._stream_response_body(head, request, response)
             return
         buffered = bytearray()
         complete = False
@@ -426,11 +421,12 @@ class HttpRelay:
         head = await self._response_outcome(
             outcome, response, request, buffered=bytes(buffered), parsed=parsed
         )
+        await self._bodies.response(request, response, bytes(buffered), end=complete)
         if complete:
             await self.client.send_all(head + (self._down.send(h11.EndOfMessage()) or b""))
             self._touch()
         else:
-            await self._stream_response_body(head)
+            await self._stream_response_body(head, request, response)
 
     async def _response_outcome(
         self,
@@ -463,25 +459,14 @@ class HttpRelay:
         return data or b""
 
     async def _send_replaced(self, response: Response) -> None:
-        body = response.body or b""
-        headers = [
-            (k, v)
-            for k, v in response.headers
-            if k.lower() not in (b"content-length", b"transfer-encoding")
-        ]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await self._send(
-            self._down,
-            self.client,
-            h11.Response(status_code=response.status, reason=response.reason, headers=headers),
-        )
-        if body:
-            await self._send(self._down, self.client, h11.Data(data=body))
-        await self._send(self._down, self.client, h11.EndOfMessage())
+        for event in _replaced_events(response):
+            await self._send(self._down, self.client, event)
         # The origin's remaining body is not wanted; the connection cannot be reused.
         raise _Blocked
 
-    async def _stream_response_body(self, head: bytes) -> None:
+    async def _stream_response_body(
+        self, head: bytes, request: Request, response: Response
+    ) -> None:
         """Relay the rest of the response after ``head`` (the serialised start, not yet sent).
 
         What is already received goes out in one write (a small response is one TLS record:
@@ -489,13 +474,17 @@ class HttpRelay:
         """
         out = bytearray(head)
         while True:
-            event = self._parsed_event(self._up, "upstream")
+            event = _parsed_event(self._up, "upstream")
             if event is h11.NEED_DATA:
                 await self._flush(out)
                 await self._receive_into(self._up, self.upstream, "upstream")
                 continue
             if not isinstance(event, h11.Data | h11.EndOfMessage):
                 raise UpstreamError("origin closed during the response", reason="upstream_gone")
+            if isinstance(event, h11.Data):
+                await self._bodies.response(request, response, bytes(event.data), end=False)
+            else:
+                await self._bodies.response(request, response, b"", end=True)
             out += self._down.send(event) or b""
             if isinstance(event, h11.EndOfMessage):
                 await self._flush(out)
@@ -509,6 +498,28 @@ class HttpRelay:
             await self.client.send_all(out)
             self._touch()
             out.clear()
+
+
+def _parsed_event(conn: h11.Connection, side: str) -> Any:
+    """The next event already in ``conn``'s buffer, or ``h11.NEED_DATA`` (no I/O)."""
+    try:
+        return conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        error = ClientError if side == "client" else UpstreamError
+        raise error(f"malformed HTTP from {side}: {exc}", reason="bad_http") from exc
+
+
+def _replaced_events(response: Response) -> list[Any]:
+    """The h11 events of a response whose body a hook replaced (Content-Length recomputed)."""
+    body = response.body or b""
+    headers = [
+        (k, v)
+        for k, v in response.headers
+        if k.lower() not in (b"content-length", b"transfer-encoding")
+    ]
+    headers.append((b"content-length", str(len(body)).encode()))
+    head = h11.Response(status_code=response.status, reason=response.reason, headers=headers)
+    return [head, h11.Data(data=body), h11.EndOfMessage()] if body else [head, h11.EndOfMessage()]
 
 
 class _Blocked(Exception):

@@ -1,14 +1,29 @@
 """What the embedder sees of the traffic: flow information, messages, hooks, blocks.
 
 These types do not depend on the protocol that carried a message: every relay of decrypted
-traffic builds them and calls the same :class:`Hooks`.
+traffic (HTTP/1.1 today; HTTP/2 and WebSocket relays register with
+:mod:`tlsmitm._relay.relays`) builds them and calls the same :class:`Hooks`. Which protocol each
+side speaks is in :class:`FlowInfo`; a message's own version is ``http_version`` (``b"1.1"``,
+``b"1.0"``, ``b"2"``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Block", "FlowInfo", "Headers", "Hooks", "Request", "Response", "first_header"]
+from .._errors import TlsMitmError
+
+__all__ = [
+    "Block",
+    "BodyTap",
+    "FlowInfo",
+    "Headers",
+    "Hooks",
+    "Request",
+    "Response",
+    "first_header",
+    "overrides",
+]
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
@@ -30,13 +45,19 @@ class FlowInfo:
         client: ``"ip:port"`` of the downstream client.
         host: the normalised host name the client asked for.
         port: the upstream port.
-        verified: whether the upstream certificate verified without errors.
+        verified: whether the upstream certificate verified without errors (and was not
+            overridden): STS from this flow is recorded.
+        client_protocol: what the client side speaks: ``"http/1.1"`` or ``"h2"``.
+        upstream_protocol: what the upstream side speaks: ``"http/1.1"`` or ``"h2"``; the two
+            differ when a relay translates.
     """
 
     client: str
     host: str
     port: int
     verified: bool
+    client_protocol: str = "http/1.1"
+    upstream_protocol: str = "http/1.1"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,12 +105,16 @@ class Block:
 class Hooks:
     """Subclass and override to see, change or block what passes through.
 
-    Every method may be a coroutine; the defaults pass everything unchanged. A hook that raises
-    is logged and the connection is closed: content inspection fails closed.
+    The defaults pass everything unchanged. A hook that raises closes the connection: content
+    inspection fails closed. Heads are seen before anything of the message is forwarded; bodies
+    are seen streamed, chunk by chunk as they are forwarded (:meth:`on_request_body`,
+    :meth:`on_response_body`), whatever protocol carries them. A relay calls the body hooks only
+    when a subclass overrides them, so heads-only inspection costs nothing per chunk.
 
     Attributes:
         body_limit: bytes of response body to buffer for :meth:`on_response` (0: heads only).
-            Bodies larger than this are streamed and the hook sees ``truncated=True``.
+            Bodies larger than this are streamed and the hook sees ``truncated=True``; either
+            way every byte of the body also passes :meth:`on_response_body`.
     """
 
     body_limit: int = 0
@@ -103,3 +128,67 @@ class Hooks:
     ) -> Response | Block | None:
         """Called for each response head; return a new response, a :class:`Block`, or ``None``."""
         return None
+
+    async def on_request_body(
+        self, flow: FlowInfo, request: Request, chunk: bytes, *, end: bool
+    ) -> Block | None:
+        """Called with each chunk of a request body before it is forwarded upstream.
+
+        ``end`` is true on the last call (its ``chunk`` may be empty). Return a :class:`Block`
+        to stop the upload: the request head has already gone upstream, so both connections
+        are closed at once (decision-log reason ``blocked_in_body``) and the origin never sees
+        the rest of the body.
+        """
+        return None
+
+    async def on_response_body(
+        self, flow: FlowInfo, request: Request, response: Response, chunk: bytes, *, end: bool
+    ) -> Block | None:
+        """Called with each chunk of a response body before it is forwarded to the client.
+
+        ``end`` is true on the last call (its ``chunk`` may be empty). Return a :class:`Block`
+        to stop the download: the head has already gone to the client, so both connections are
+        closed at once and the client sees a truncated, failed response (reason
+        ``blocked_in_body``). To answer with a block page instead, decide in
+        :meth:`on_response` with ``body_limit`` set.
+        """
+        return None
+
+
+def overrides(hooks: Hooks, name: str) -> bool:
+    """Does ``hooks`` replace the default :class:`Hooks` method ``name`` (or delegate it)?"""
+    method = getattr(hooks, name)
+    return getattr(method, "__func__", method) is not getattr(Hooks, name)
+
+
+class BodyTap:
+    """Feeds body chunks to the embedder's body hooks, for any relay.
+
+    A hook costs an await per chunk, so the calls are made only when ``hooks`` overrides the
+    body methods. A :class:`Block` raises :class:`~tlsmitm.TlsMitmError` with reason
+    ``blocked_in_body``: the relay's caller closes both sides.
+    """
+
+    def __init__(self, hooks: Hooks, flow: FlowInfo) -> None:
+        self._hooks = hooks
+        self._flow = flow
+        self._requests = overrides(hooks, "on_request_body")
+        self._responses = overrides(hooks, "on_response_body")
+
+    async def request(self, request: Request, chunk: bytes, *, end: bool) -> None:
+        """Show ``chunk`` of ``request``'s body to the hooks, before it is forwarded."""
+        if self._requests:
+            outcome = await self._hooks.on_request_body(self._flow, request, chunk, end=end)
+            if isinstance(outcome, Block):
+                raise TlsMitmError("a hook blocked the request body", reason="blocked_in_body")
+
+    async def response(
+        self, request: Request, response: Response, chunk: bytes, *, end: bool
+    ) -> None:
+        """Show ``chunk`` of ``response``'s body to the hooks, before it is forwarded."""
+        if self._responses:
+            outcome = await self._hooks.on_response_body(
+                self._flow, request, response, chunk, end=end
+            )
+            if isinstance(outcome, Block):
+                raise TlsMitmError("a hook blocked the response body", reason="blocked_in_body")

@@ -10,7 +10,7 @@ import trio
 from .._edge import AbsoluteUrl, BadRequest, parse_absolute_url, via_names, via_value
 from .._errors import ClientError, UpstreamError
 from .error_origin import block_answer
-from .hooks import Block, FlowInfo, Hooks, Request
+from .hooks import Block, FlowInfo, Hooks, Request, Response
 from .plan import Decision, RelayKind
 from .relays import RelayJob, run_relays
 from .state import FlowRecord, FlowState
@@ -105,3 +105,13 @@ class _RewritingHooks(Hooks):
 
     async def on_response(self, flow: FlowInfo, request: Request, response: Any) -> Any:
         return await self._inner.on_response(flow, request, response)
+
+    async def on_request_body(
+        self, flow: FlowInfo, request: Request, chunk: bytes, *, end: bool
+    ) -> Block | None:
+        return await self._inner.on_request_body(flow, request, chunk, end=end)
+
+    async def on_response_body(
+        self, flow: FlowInfo, request: Request, response: Response, chunk: bytes, *, end: bool
+    ) -> Block | None:
+        return await self._inner.on_response_body(flow, request, response, chunk, end=end)
