@@ -240,6 +240,8 @@ def _start_tlsmitm(env: PeerEnv, *, label: str = "tlsmitm", pool: bool = True) -
             "-m",
             "tlsmitm",
             "serve",
+            "--workers",
+            "1",
             "--listen",
             "127.0.0.1:0",
             "--state-dir",

@@ -55,7 +55,7 @@ async def serve(
     """Start ``tlsmitm serve``; yields once it printed its banner; killed at the end if alive."""
     process = await trio.lowlevel.open_process(
         [
-            *(sys.executable, "-m", "tlsmitm", "serve"),
+            *(sys.executable, "-m", "tlsmitm", "serve", "--workers", "1"),
             *("--listen", listen, "--state-dir", str(state)),
             *args,
         ],

@@ -55,7 +55,7 @@ async def test_read_only_state_store_still_delivers_the_response_carrying_sts(
         async with serve_node(
             tmp_path,
             "proxy",
-            ["--state-dir", str(state), "--extra-roots", str(roots),
+            ["--state-dir", str(state), "--extra-roots", str(roots), "--workers", "1",
              "--resolve", f"{HOST}=127.0.0.1"],
         ) as node:  # fmt: skip
             # Reported at start: one line, at WARNING, saying read-only and what to do.

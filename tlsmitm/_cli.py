@@ -98,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # serve --workers re-runs it
     debug = bool(getattr(args, "debug", False))
     if debug:
         logging.getLogger("tlsmitm").setLevel(logging.DEBUG)

@@ -16,6 +16,7 @@ import socket
 import sys
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
+from typing import Any
 
 import trio
 from cryptography import x509
@@ -187,6 +188,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "redis://HOST:PORT/DB to share it between machines (default: SQLite in --state-dir)",
     )
     parser.add_argument("--keylog", type=Path, default=None, help="append TLS secrets here")
+    parser.add_argument(
+        "--workers",
+        type=_workers_count,
+        default=None,
+        metavar="N|auto",
+        help="worker processes sharing the port (SO_REUSEPORT) under a small supervisor; "
+        "default auto = the usable CPUs; 1 = one process, no supervisor",
+    )
+    parser.add_argument("--worker-of-supervisor", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--max-connections", type=int, default=10_000)
     parser.add_argument(
         "--upstream-pool-seconds",
@@ -212,6 +222,12 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error")
     )
+
+
+def _workers_count(text: str) -> int:
+    from ._workers import parse_workers
+
+    return parse_workers(text)
 
 
 def _network(text: str) -> IPv4Network | IPv6Network:
@@ -260,16 +276,21 @@ def build_interceptor(args: argparse.Namespace) -> object:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    from ._workers import state_lock
+
+    # Under the state directory's lock: workers (and supervisors) starting together on a fresh
+    # directory create one CA, not one each.
     try:
-        return Interceptor.from_state_dir(
-            state_dir,
-            extra_roots=extra_roots,
-            error_profile=getattr(args, "error_mode", "native"),
-            bypass=getattr(args, "bypass", []),
-            rules_file=getattr(args, "rules", None),
-            config=config,
-            state=getattr(args, "state", None),
-        )
+        with state_lock(state_dir):
+            return Interceptor.from_state_dir(
+                state_dir,
+                extra_roots=extra_roots,
+                error_profile=getattr(args, "error_mode", "native"),
+                bypass=getattr(args, "bypass", []),
+                rules_file=getattr(args, "rules", None),
+                config=config,
+                state=getattr(args, "state", None),
+            )
     except PermissionError as exc:
         raise ConfigurationError(
             f"cannot use the state directory {state_dir}: {exc.strerror} ({exc.filename}); "
@@ -330,31 +351,34 @@ async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
     Raises:
         ConfigurationError: the port is in use, needs privileges, or the address is not here.
     """
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            message = (
-                f"cannot listen on {where}: the port is already in use (another tlsmitm?); stop "
-                "that program or pick another port with --listen HOST:PORT"
-            )
-        elif exc.errno in (errno.EACCES, errno.EPERM):
-            message = (
-                f"cannot listen on {where}: permission denied (ports below 1024 need root or "
-                "CAP_NET_BIND_SERVICE); use a port of 1024 or more, or run it as the systemd "
-                "unit of `tlsmitm systemd-unit`"
-            )
-        elif exc.errno == errno.EADDRNOTAVAIL:
-            message = (
-                f"cannot listen on {where}: {host} is not an address of this machine; use one "
-                "of its addresses, 127.0.0.1, or 0.0.0.0 for all"
-            )
-        else:
-            message = f"cannot listen on {where}: {exc.strerror or exc}; check --listen"
-        raise ConfigurationError(message, reason="listen") from exc
-    except socket.gaierror as exc:  # pragma: no cover - parse_listen resolved the name already
-        raise ConfigurationError(f"cannot listen on {where}: {exc}", reason="listen") from exc
+        raise listen_error(exc, host, port) from exc
+
+
+def listen_error(exc: OSError, host: str, port: int) -> ConfigurationError:
+    """The one-line error for a failed ``bind``/``listen`` on ``host:port``."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        message = (
+            f"cannot listen on {where}: the port is already in use (another tlsmitm?); stop "
+            "that program or pick another port with --listen HOST:PORT"
+        )
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        message = (
+            f"cannot listen on {where}: permission denied (ports below 1024 need root or "
+            "CAP_NET_BIND_SERVICE); use a port of 1024 or more, or run it as the systemd "
+            "unit of `tlsmitm systemd-unit`"
+        )
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        message = (
+            f"cannot listen on {where}: {host} is not an address of this machine; use one "
+            "of its addresses, 127.0.0.1, or 0.0.0.0 for all"
+        )
+    else:
+        message = f"cannot listen on {where}: {exc.strerror or exc}; check --listen"
+    return ConfigurationError(message, reason="listen")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -367,6 +391,27 @@ def run(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         level="debug" if getattr(args, "debug", False) else args.log_level,
     )
+    from ._workers import bind_shared_port, reuse_port_listener, supervise, usable_cpus
+
+    worker_index = getattr(args, "worker_of_supervisor", None)  # "INDEX:SUPERVISOR_PID"
+    if worker_index is not None:
+        from ._workers import die_with_supervisor
+
+        die_with_supervisor(int(worker_index.split(":")[1]))
+    workers = args.workers if getattr(args, "workers", None) is not None else usable_cpus()
+    if workers > 1 and worker_index is None:
+        # The same checks and one-line errors as one process -- and the CA created once, here,
+        # before any worker starts.
+        first = build_interceptor(args)
+        close_store = getattr(getattr(getattr(first, "hsts", None), "store", None), "close", None)
+        if callable(close_store):
+            close_store()
+        host, port = args.listen
+        try:
+            holder = bind_shared_port(host, port)
+        except OSError as exc:
+            raise listen_error(exc, host, port) from exc
+        return supervise(args, workers, holder)
     interceptor = build_interceptor(args)
     assert isinstance(interceptor, Interceptor)
     if interceptor.state_problem:
@@ -380,7 +425,10 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            listeners = await open_listeners(host, port)
+            if worker_index is None:
+                listeners = await open_listeners(host, port)
+            else:  # one of the supervisor's workers: its own socket on the shared port
+                listeners = [reuse_port_listener(host, port)]
             async with trio.open_nursery() as nursery:
                 addresses = await nursery.start(interceptor.serve_listeners, listeners)
                 bound_host, bound_port = addresses[0][0], addresses[0][1]
@@ -397,15 +445,14 @@ def run(args: argparse.Namespace) -> int:
                     f"Try it (needs internet): curl --proxy {proxy} --cacert {root_pem} "
                     "https://example.com/"
                 )
-                print("Stop with Ctrl-C; SIGHUP reloads the bypass rules.", flush=True)
+                print(
+                    "Stop with Ctrl-C; SIGHUP reloads the bypass rules, the trust store and the "
+                    "preload list.",
+                    flush=True,
+                )
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        # Reload the bypass rule file; a broken file keeps the old rules.
-                        try:
-                            interceptor.policy.reload()
-                            print("tlsmitm: bypass rules reloaded", flush=True)
-                        except TlsMitmError as exc:
-                            print(f"tlsmitm: rules not reloaded: {exc}", file=sys.stderr)
+                        reload(interceptor, args)
                         continue
                     print("tlsmitm: shutting down (finishing open connections)", flush=True)
                     interceptor.shutdown()
@@ -413,3 +460,44 @@ def run(args: argparse.Namespace) -> int:
 
     trio.run(main)
     return 0
+
+
+def reload(interceptor: Any, args: argparse.Namespace) -> None:
+    """SIGHUP: re-read the rules, the trust store and the preload list; connections go on.
+
+    Each part is replaced only when its new version loads: a broken file keeps the old one and
+    says why.
+    """
+    from datetime import UTC, datetime
+
+    from ._verify import TrustConfig, UpstreamVerifier
+
+    try:
+        interceptor.policy.reload()
+        print("tlsmitm: bypass rules reloaded", flush=True)
+    except TlsMitmError as exc:
+        print(f"tlsmitm: rules not reloaded: {exc}", file=sys.stderr)
+    try:
+        extra_roots = [cert for path in args.extra_roots for cert in load_pem_certificates(path)]
+        trust = TrustConfig(
+            extra_roots=tuple(extra_roots), own_certificates=interceptor.ca.own_certificates()
+        )
+        interceptor.verifier = UpstreamVerifier(trust)  # new connections verify with it
+        print("tlsmitm: trust store reloaded", flush=True)
+        warning = _trust_store_warning(datetime.now(UTC))
+        if warning:
+            print(f"tlsmitm: warning: {warning}", file=sys.stderr)
+    except (TlsMitmError, argparse.ArgumentTypeError, ValueError) as exc:
+        print(f"tlsmitm: trust store not reloaded: {exc}", file=sys.stderr)
+    try:
+        if interceptor.hsts.reload_preload():
+            print("tlsmitm: HSTS preload list reloaded", flush=True)
+    except (TlsMitmError, ImportError) as exc:
+        print(f"tlsmitm: preload list not reloaded: {exc}", file=sys.stderr)
+
+
+def _trust_store_warning(now: Any) -> str | None:
+    from ._verify import trust_store_warning
+
+    warning: str | None = trust_store_warning(now)
+    return warning

@@ -618,6 +618,7 @@ class HstsStore:
         if type(max_entries) is not int or max_entries < 1:
             raise ValueError(f"max_entries must be a positive int, not {max_entries!r}")
         self._store: StateStore = MemoryStore() if store is None else store
+        self._bundled = preload is None
         self._preload = PreloadList.bundled() if preload is None else preload
         self._max_entries = max_entries
         # Evict before every `batch`-th write, down to max_entries - batch: between two
@@ -663,6 +664,28 @@ class HstsStore:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def reload_preload(self) -> bool:
+        """Re-read the ``hstspreload`` package's list (after an upgrade) if this store uses it.
+
+        Returns whether the list was re-read. A store built with its own list keeps it.
+
+        Raises:
+            ConfigurationError: the installed package cannot be read; the old list stays.
+        """
+        if not self._bundled:
+            return False
+        global _BUNDLED
+        import importlib
+
+        import hstspreload
+
+        importlib.reload(hstspreload)
+        fresh = PreloadList(_decode_hstspreload())
+        with _BUNDLED_LOCK:
+            _BUNDLED = fresh
+        self._preload = fresh
+        return True
 
     @property
     def preload(self) -> PreloadList:

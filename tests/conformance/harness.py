@@ -482,6 +482,8 @@ class TlsmitmServe:
             "-m",
             "tlsmitm",
             "serve",
+            "--workers",
+            "1",
             "--listen",
             "127.0.0.1:0",
             "--state-dir",

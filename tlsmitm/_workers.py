@@ -1,0 +1,290 @@
+"""``serve --workers N``: one worker process per core behind one port, and a small supervisor.
+
+Theory of operation
+-------------------
+
+trio runs one thread, so one ``serve`` process uses one core. With ``--workers N`` (default
+``auto``: the CPUs this process may use) the command becomes a supervisor:
+
+1. **The CA is created once, before any worker starts**: the supervisor builds the interceptor
+   once (the same checks and errors as one process), under an exclusive lock on
+   ``<state dir>/.lock`` (``flock``), so workers -- and several supervisors or single processes
+   started together on a fresh state directory -- share one root and one issuing intermediate.
+   Workers open the same directory under the same lock and find the CA there.
+2. **One port, many listening sockets.** The supervisor binds (but never listens on) a socket with
+   ``SO_REUSEPORT`` to learn the port (``--listen HOST:0`` picks one) and to hold it; each worker
+   binds its own ``SO_REUSEPORT`` socket to that port and listens. The kernel spreads new
+   connections over the listening sockets; a worker that dies takes only its own queue with it.
+3. **Workers are the ordinary single-process ``serve``** (``--workers 1``) started with a hidden
+   ``--worker-of-supervisor`` flag, so the embedding API and every option are unchanged. Each
+   prints its banner on a pipe; the supervisor prints its own once every worker is listening, then
+   relays what workers print.
+4. **Supervision.** A worker that exits unasked is restarted after a backoff (1 s, doubling to
+   30 s; back to 1 s once a worker has run for a minute), and each restart is logged. SIGTERM and
+   SIGINT are forwarded (each worker stops accepting and finishes its connections), and the
+   supervisor exits when all have. SIGHUP is forwarded: each worker reloads its rules, trust store
+   and preload list, without dropping a connection.
+
+State the workers share lives in the state directory's SQLite file (WAL mode, several processes)
+or in Redis (``--state``); see ``docs/state.rst``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import trio
+
+__all__ = [
+    "bind_shared_port",
+    "die_with_supervisor",
+    "parse_workers",
+    "reuse_port_listener",
+    "state_lock",
+    "supervise",
+]
+
+log = logging.getLogger("tlsmitm.workers")
+
+_BACKOFF_FIRST = 1.0
+_BACKOFF_MAX = 30.0
+_STABLE_AFTER = 60.0  # a worker up this long resets the backoff
+_BANNER_END = b"Stop with Ctrl-C"
+
+
+def die_with_supervisor(supervisor_pid: int) -> None:
+    """In a worker: be sent SIGTERM when the supervisor dies, however it dies (Linux
+    ``PR_SET_PDEATHSIG``), so that no worker outlives it; exit now if it is already gone."""
+    import ctypes
+    import ctypes.util
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != supervisor_pid:
+        raise SystemExit(0)  # the supervisor died before the signal was armed
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def parse_workers(text: str) -> int:
+    """``auto`` -> the usable CPUs; ``N`` -> N (1 to 256)."""
+    if text == "auto":
+        return usable_cpus()
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"--workers takes auto or a number 1-256, not {text!r}")
+    return int(text)
+
+
+@contextlib.contextmanager
+def state_lock(state_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``state_dir/.lock`` (created ``0700``/``0600`` as needed)."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def bind_shared_port(host: str, port: int) -> socket.socket:
+    """A socket bound (not listening) to ``host:port`` with ``SO_REUSEPORT``: it learns the port
+    (``port`` 0 picks one) and holds it for the workers' listening sockets."""
+    return _bind_reuse_port(host, port)
+
+
+def _bind_reuse_port(host: str, port: int) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def reuse_port_listener(host: str, port: int, backlog: int = 1024) -> trio.SocketListener:
+    """A listening socket on ``host:port`` that other workers' sockets share (``SO_REUSEPORT``)."""
+    sock = _bind_reuse_port(host, port)
+    sock.listen(backlog)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+def _worker_argv(argv: Sequence[str], host: str, port: int, index: int) -> list[str]:
+    """The worker's command line: the supervisor's, with one worker, a fixed port, a flag."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--workers", "--listen"):
+            skip = True
+            continue
+        if arg.startswith(("--workers=", "--listen=")):
+            continue
+        out.append(arg)
+    shown = f"[{host}]" if ":" in host else host
+    return [
+        sys.executable,
+        "-m",
+        "tlsmitm",
+        *out,
+        "--workers",
+        "1",
+        "--listen",
+        f"{shown}:{port}",
+        "--worker-of-supervisor",
+        f"{index}:{os.getpid()}",
+    ]
+
+
+class _Worker:
+    def __init__(self, index: int, argv: list[str]) -> None:
+        self.index = index
+        self.argv = argv
+        self.process: trio.Process | None = None
+        self.backoff = _BACKOFF_FIRST
+        self.restarts = 0
+
+
+class Supervisor:
+    """Starts, watches and stops the workers (see the module's theory of operation)."""
+
+    def __init__(self, argv: Sequence[str], host: str, port: int, workers: int) -> None:
+        self.workers = [
+            _Worker(index, _worker_argv(argv, host, port, index)) for index in range(workers)
+        ]
+        self.stopping = False
+
+    async def _run_worker(
+        self,
+        worker: _Worker,
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        first = True
+        while not self.stopping:
+            started = trio.current_time()
+            process = await trio.lowlevel.open_process(
+                worker.argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+            )
+            worker.process = process
+            assert process.stdout is not None
+            banner: list[str] | None = []
+            pending = b""
+            try:
+                async with process.stdout:
+                    while True:
+                        chunk = await process.stdout.receive_some(4096)
+                        if not chunk:
+                            break
+                        pending += chunk
+                        *lines, pending = pending.split(b"\n")
+                        for raw in lines:
+                            line = raw.decode("utf-8", "replace")
+                            if banner is not None:
+                                banner.append(line)
+                                if _BANNER_END in raw:
+                                    if first:
+                                        first = False
+                                        task_status.started(banner)
+                                    else:
+                                        log.warning("worker %d is listening again", worker.index)
+                                    banner = None
+                                continue
+                            print(line, flush=True)  # reloads, shutdown notes
+            except BaseException:
+                if process.returncode is None:
+                    process.terminate()  # the worker drains, like on SIGTERM
+                raise
+            finally:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(60):
+                        await process.wait()
+                    if process.returncode is None:
+                        process.kill()
+                    code = await process.wait()
+            if self.stopping:
+                return
+            if first:
+                raise RuntimeError(
+                    f"worker {worker.index} exited with code {code} before listening"
+                )
+            if trio.current_time() - started >= _STABLE_AFTER:
+                worker.backoff = _BACKOFF_FIRST
+            worker.restarts += 1
+            log.warning(
+                "worker %d (pid %d) exited with code %s; restarting it in %.0f s (restart %d)",
+                worker.index,
+                process.pid,
+                code,
+                worker.backoff,
+                worker.restarts,
+            )
+            await trio.sleep(worker.backoff)
+            worker.backoff = min(worker.backoff * 2, _BACKOFF_MAX)
+
+    def signal_all(self, signum: int) -> None:
+        for worker in self.workers:
+            process = worker.process
+            if process is not None and process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signum)
+
+    async def run(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                banners = [await nursery.start(self._run_worker, w) for w in self.workers]
+                pids = ", ".join(str(w.process.pid) for w in self.workers if w.process)
+                print(f"tlsmitm: {len(self.workers)} workers (pids {pids})")
+                print("\n".join(banners[0]), flush=True)
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        self.signal_all(signal.SIGHUP)
+                        continue
+                    print("tlsmitm: shutting down (workers finish open connections)", flush=True)
+                    self.stopping = True
+                    self.signal_all(signal.SIGTERM)
+                    break
+                # The worker tasks return as their processes exit.
+
+
+def supervise(args: argparse.Namespace, workers: int, holder: socket.socket) -> int:
+    """Run ``serve`` as ``workers`` processes on the port ``holder`` holds; returns when they
+    have all stopped (0), or 2 when a worker could not start."""
+    host = args.listen[0]
+    bound_port = int(holder.getsockname()[1])
+    supervisor = Supervisor(args.argv, host, bound_port, workers)
+    try:
+        trio.run(supervisor.run)
+    except (RuntimeError, BaseExceptionGroup) as exc:
+        failures = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
+        print(f"tlsmitm: {'; '.join(map(str, failures))}", file=sys.stderr)
+        return 2
+    finally:
+        holder.close()
+    return 0
