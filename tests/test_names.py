@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tlsmitm._errors import CertError
 from tlsmitm._names import (
+    HostName,
     InvalidHostName,
     ip_address_of,
     is_ip_literal,
@@ -115,6 +118,36 @@ def test_arbitrary_text_never_raises_anything_else(text: str) -> None:
         return
     assert result == result.lower()
     assert not result.endswith(".") or result == ""
+
+
+def test_a_host_name_is_normalised_once_and_then_passes_unchanged() -> None:
+    name = HostName("WWW.Bücher.EXAMPLE.")
+    assert isinstance(name, str)
+    assert isinstance(name, HostName)
+    assert name == "www.xn--bcher-kva.example"
+    assert hash(name) == hash("www.xn--bcher-kva.example")
+    # What the policy, verifier, forge, HSTS store and responder call returns it as it is.
+    assert normalize_host(name) is name
+    assert HostName(name) is name
+    assert try_normalize_host(name) is name
+    assert type(normalize_host(b"Example.COM")) is HostName
+    assert type(normalize_host("[2001:DB8::1]")) is HostName
+    assert normalize_host("[2001:DB8::1]") == "2001:db8::1"
+    with pytest.raises(InvalidHostName):
+        HostName("a..b")
+    assert pickle.loads(pickle.dumps(name)) == name
+    assert {name: 1}["www.xn--bcher-kva.example"] == 1
+
+
+@given(st.lists(_label, min_size=2, max_size=4))
+@settings(max_examples=100, deadline=None)
+def test_host_names_from_any_spelling_are_the_same_value(labels: list[str]) -> None:
+    name = ".".join(labels)
+    if all(label.isdigit() for label in labels):
+        return
+    plain, shouted = HostName(name), HostName(name.upper() + ".")
+    assert plain == shouted
+    assert normalize_host(shouted) is shouted
 
 
 def test_cert_error_overridability_follows_firefox() -> None:

@@ -16,6 +16,7 @@ from pki import Hierarchy, good_hierarchy
 from test_relay import HOST, https_via_proxy, settle, start_origin, start_proxy
 
 from tlsmitm import Block, FlowInfo, Hooks, Request, Response
+from tlsmitm._names import HostName
 from tlsmitm._relay.hooks import overrides
 
 pytestmark = pytest.mark.e2e
@@ -117,6 +118,7 @@ async def test_bodies_stream_through_the_hooks_both_ways(
     assert hooks.buffered[b"/size/50000"] == expected_small
     assert hooks.buffered[b"/chunked/600000"] is None
     flow = hooks.flows[0]
+    assert type(flow.host) is HostName  # normalised once, at the edge, and passed along
     assert (flow.client_protocol, flow.upstream_protocol, flow.verified) == (
         "http/1.1",
         "http/1.1",

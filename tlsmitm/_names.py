@@ -12,6 +12,11 @@ rule -- goes through :func:`normalize_host` first, so that the same host is alwa
   those in the URL layer before a name reaches a proxy.
 * Percent signs, NULs, spaces and other characters outside letters, digits, ``-`` and ``_`` are
   malformed; nothing is unescaped (matrix N-19..N-25 are the URL layer's job).
+
+The result is a :class:`HostName`: a ``str`` that is known to be normalised. The relay builds one
+once, at the edge (CONNECT target, SNI, transparent destination, ``Host``), and every later
+:func:`normalize_host` -- in the policy, verifier, forge, HSTS store, responder and stores --
+returns it unchanged at the cost of one ``isinstance`` check.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import idna
 from ._errors import ClientError
 
 __all__ = [
+    "HostName",
     "InvalidHostName",
     "ip_address_of",
     "is_ip_literal",
@@ -43,6 +49,26 @@ class InvalidHostName(ClientError, ValueError):
 
     def __init__(self, name: object, why: str) -> None:
         super().__init__(f"invalid host name {name!r}: {why}", reason="invalid_host")
+
+
+class HostName(str):
+    """A host name or IP literal in canonical form (see the module docs); it *is* a ``str``.
+
+    ``HostName(value)`` normalises ``value`` (``str`` or ``bytes``) and raises
+    :class:`InvalidHostName` when it cannot; a ``HostName`` given to it, or to
+    :func:`normalize_host`, comes back as it is. Equal to, hashed like and usable anywhere as the
+    plain string.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, name: str | bytes) -> HostName:
+        return normalize_host(name)
+
+
+def _host_name(text: str) -> HostName:
+    """Wrap text that is already canonical (only this module calls it)."""
+    return str.__new__(HostName, text)
 
 
 def _as_text(name: str | bytes) -> str:
@@ -109,27 +135,28 @@ def _normalize_label(label: str, name: object) -> str:
     return result
 
 
-def normalize_host(name: str | bytes) -> str:
-    """Return the canonical form of a host name or IP literal.
+def normalize_host(name: str | bytes) -> HostName:
+    """Return the canonical form of a host name or IP literal, as a :class:`HostName`.
 
-    Results are cached (bounded, least recently used first out): the connection's CONNECT
-    host, its SNI name, the policy, the HSTS store, the forge and the verifier each normalise
-    the same name, and a name is pure data. Failures are not cached.
+    A :class:`HostName` is returned unchanged (it was normalised at the edge). Other results
+    are cached (bounded, least recently used first out). Failures are not cached.
 
     Raises:
         InvalidHostName: the name is empty or malformed.
     """
+    if type(name) is HostName:
+        return name
     if not isinstance(name, str | bytes):  # (a bytearray or memoryview is not hashable)
         name = bytes(name)
-    return _normalize_host(name)
+    return _normalize_host(str(name) if isinstance(name, str) else name)
 
 
 @functools.lru_cache(maxsize=_CACHED_NAMES)
-def _normalize_host(name: str | bytes) -> str:
+def _normalize_host(name: str | bytes) -> HostName:
     text = _as_text(name)
     address = ip_address_of(text)
     if address is not None:
-        return str(address)  # ipaddress prints IPv6 in RFC 5952 form
+        return _host_name(str(address))  # ipaddress prints IPv6 in RFC 5952 form
     if text.endswith("."):
         text = text[:-1]  # one trailing dot: absolute == relative
     if not text:
@@ -143,10 +170,10 @@ def _normalize_host(name: str | bytes) -> str:
     result = ".".join(labels)
     if len(result) > _MAX_NAME:
         raise InvalidHostName(name, "longer than 253 octets")
-    return result
+    return _host_name(result)
 
 
-def try_normalize_host(name: str | bytes) -> str | None:
+def try_normalize_host(name: str | bytes) -> HostName | None:
     """:func:`normalize_host`, returning ``None`` instead of raising."""
     try:
         return normalize_host(name)

@@ -168,7 +168,7 @@ class Flow:
             conn.host = plan.tls_name
             key = PoolKey(
                 client_ip=client[0],
-                host=name,
+                host=plan.host,
                 port=port,
                 tls_name=plan.tls_name,
                 alpn_offer=plan.alpn_offer,

@@ -36,7 +36,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from .._forge import IssuerKind
-from .._names import is_ip_literal, normalize_host
+from .._names import HostName, is_ip_literal, normalize_host
 from .._responder import Action, ActionKind
 
 __all__ = [
@@ -113,10 +113,10 @@ class UpstreamPlan:
         client_speaks_http: whether the client can be shown a page (``ErrorResponder.plan``).
     """
 
-    host: str
+    host: HostName
     port: int
-    tls_name: str
-    sni: str | None
+    tls_name: HostName
+    sni: HostName | None
     alpn_offer: tuple[bytes, ...]
     client_alpn: tuple[bytes, ...]
     client_speaks_http: bool
@@ -208,14 +208,15 @@ def plan_upstream(
     Raises:
         InvalidHostName: the SNI name is not a valid host name.
     """
-    tls_name = normalize_host(server_name) if server_name else host
+    dialled = normalize_host(host)  # (free for a HostName from the edge)
+    tls_name = normalize_host(server_name) if server_name else dialled
     offered = tuple(client_alpn)
     if RelayKind.H2 in relays and any(p in _RELAYABLE for p in offered):
         offer = _RELAYABLE
     else:
         offer = tuple(p for p in offered if p in _RELAYABLE)
     return UpstreamPlan(
-        host=host,
+        host=dialled,
         port=port,
         tls_name=tls_name,
         sni=None if is_ip_literal(tls_name) else tls_name,

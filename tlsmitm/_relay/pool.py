@@ -28,6 +28,7 @@ import select
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from .._names import HostName
 from .._tls import TLSStream
 from .._verify import Verdict
 
@@ -49,9 +50,9 @@ class PoolKey:
     """
 
     client_ip: str
-    host: str
+    host: HostName
     port: int
-    tls_name: str
+    tls_name: HostName
     alpn_offer: tuple[bytes, ...]
 
     @property
