@@ -2,7 +2,8 @@
 
 Routes: ``/`` (hello), ``/size/N`` (N bytes, Content-Length), ``/chunked/N`` (N bytes chunked),
 ``/echo`` (POST: the body back), ``/hsts`` (with Strict-Transport-Security), ``/eicar`` (the
-EICAR test string), ``/ws`` (101 then a raw echo), ``/headers`` (the request headers as text),
+EICAR test string), ``/ws`` (101 to the protocol asked for, then a raw echo), ``/headers`` (the
+request headers as text),
 ``/slow`` (answers after 0.3 s), ``/keep-alive/N`` (hello, announcing ``Keep-Alive: timeout=N``).
 """
 
@@ -87,13 +88,14 @@ async def serve_http(stream: trio.abc.Stream, stats: OriginStats) -> None:
         stats.headers.append([(bytes(k), bytes(v)) for k, v in request.headers])
         target = bytes(request.target)
         headers: list[tuple[bytes, bytes]] = [(b"content-type", b"text/plain")]
-        if target == b"/ws" and any(k == b"upgrade" for k, _ in request.headers):
+        upgrade = next((v for k, v in request.headers if k == b"upgrade"), None)
+        if target == b"/ws" and upgrade is not None:
             await send_events(
                 conn,
                 stream,
                 h11.InformationalResponse(
                     status_code=101,
-                    headers=[(b"upgrade", b"websocket"), (b"connection", b"upgrade")],
+                    headers=[(b"upgrade", bytes(upgrade)), (b"connection", b"upgrade")],
                 ),
             )
             pending, _ = conn.trailing_data

@@ -416,13 +416,29 @@ def test_relay_after_sniff_and_after_an_upgrade() -> None:
     )
     assert relay_after_sniff(SniffResult.H2_PREFACE, WITH_H2) == (RelayKind.H2, None)
     ws = BASIC | {RelayKind.WEBSOCKET}
-    assert relay_after_upgrade(b"WebSocket", ws) == (RelayKind.WEBSOCKET, None)
-    assert relay_after_upgrade(b"websocket", BASIC) == (
+    request = ((b"Upgrade", b"websocket"), (b"Sec-WebSocket-Extensions", b"permessage-deflate"))
+
+    def response(upgrade: bytes, *extensions: bytes) -> tuple[tuple[bytes, bytes], ...]:
+        return ((b"Upgrade", upgrade), *((b"Sec-WebSocket-Extensions", e) for e in extensions))
+
+    assert relay_after_upgrade(request, response(b"WebSocket"), ws) == (RelayKind.WEBSOCKET, None)
+    deflate = response(b"websocket", b"permessage-deflate; server_no_context_takeover")
+    assert relay_after_upgrade(request, deflate, ws) == (RelayKind.WEBSOCKET, None)
+    assert relay_after_upgrade(request, response(b"websocket"), BASIC) == (
         RelayKind.SPLICE,
         SpliceReason.UPGRADE_WITHOUT_RELAY,
     )
-    assert relay_after_upgrade(b"h2c", ws) == (RelayKind.SPLICE, SpliceReason.UPGRADE_WITHOUT_RELAY)
-    assert relay_after_upgrade(None, ws)[0] is RelayKind.SPLICE
+    assert relay_after_upgrade(request, response(b"h2c"), ws) == (
+        RelayKind.SPLICE,
+        SpliceReason.UPGRADE_WITHOUT_RELAY,
+    )
+    assert relay_after_upgrade(request, (), ws)[0] is RelayKind.SPLICE
+    # RFC 6455 §9: an extension tlsmitm does not know changes what the frames mean.
+    unknown = response(b"websocket", b"x-webkit-deflate-frame")
+    assert relay_after_upgrade(request, unknown, ws) == (
+        RelayKind.SPLICE,
+        SpliceReason.WEBSOCKET_EXTENSION,
+    )
 
 
 # -- flow states --------------------------------------------------------------------------------

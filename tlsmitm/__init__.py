@@ -44,6 +44,7 @@ from ._verify import (
     certifi_bundle_age,
     trust_store_warning,
 )
+from ._websocket import DropMessage, WebSocketClose, WebSocketMessage
 
 if TYPE_CHECKING:
     from ._redis_store import RedisStore
@@ -111,6 +112,7 @@ __all__ = [
     "ConnectionRecord",
     "Decision",
     "DecisionLog",
+    "DropMessage",
     "ErrorResponder",
     "Fetcher",
     "FlowInfo",
@@ -148,6 +150,8 @@ __all__ = [
     "UpstreamError",
     "UpstreamVerifier",
     "Verdict",
+    "WebSocketClose",
+    "WebSocketMessage",
     "__version__",
     "certifi_bundle_age",
     "format_record",

@@ -166,6 +166,11 @@ class WebSocketUpgrade:
     unsupported: str | None = None
     deflate: DeflateParams | None = None
 
+    @property
+    def unsupported_protocol(self) -> bool:
+        """Whether the upgrade is to something other than WebSocket."""
+        return self.unsupported is not None and self.unsupported.endswith("is not WebSocket")
+
 
 def _header_values(headers: Headers, name: bytes) -> list[bytes]:
     return [value for key, value in headers if key.lower() == name]

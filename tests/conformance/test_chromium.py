@@ -317,7 +317,8 @@ def test_a_page_with_subresources_a_form_a_websocket_and_a_download(lab: Lab) ->
         assert posted[-1].target == "/submit"
         assert posted[-1].body == b"q=hello+world"
 
-        # A WebSocket through the CONNECT tunnel (101, then raw frames both ways).
+        # A WebSocket through the CONNECT tunnel: after the 101, its messages go through the
+        # WebSocket relay (the hook's side of it: test_chromium_websocket.py).
         echoed = page.evaluate(
             """url => new Promise(resolve => {
                 const ws = new WebSocket(url);

@@ -395,6 +395,7 @@ class Flow:
             idle_timeout=ix.config.idle_timeout,
             head_timeout=ix.config.head_timeout,
             should_stop=lambda: ix._draining,
+            websocket_max_message=ix.config.websocket_max_message,
             record=conn,
             keep_upstream_alive=plan.poolable,
         )

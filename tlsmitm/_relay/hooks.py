@@ -12,15 +12,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._errors import TlsMitmError
+from .._websocket import DropMessage, WebSocketClose, WebSocketMessage
 
 __all__ = [
     "Block",
     "BodyTap",
+    "DropMessage",
     "FlowInfo",
     "Headers",
     "Hooks",
     "Request",
     "Response",
+    "WebSocketClose",
+    "WebSocketMessage",
     "first_header",
     "overrides",
 ]
@@ -47,9 +51,10 @@ class FlowInfo:
         port: the upstream port.
         verified: whether the upstream certificate verified without errors (and was not
             overridden): STS from this flow is recorded.
-        client_protocol: what the client side speaks: ``"http/1.1"`` or ``"h2"``.
+        client_protocol: what the client side speaks: ``"http/1.1"`` or ``"h2"``
+            (``"websocket"`` for WebSocket messages, after a ``101``).
         upstream_protocol: what the upstream side speaks: ``"http/1.1"`` or ``"h2"``; the two
-            differ when a relay translates.
+            differ when a relay translates (``"websocket"`` for WebSocket messages).
     """
 
     client: str
@@ -151,6 +156,17 @@ class Hooks:
         closed at once and the client sees a truncated, failed response (reason
         ``blocked_in_body``). To answer with a block page instead, decide in
         :meth:`on_response` with ``body_limit`` set.
+        """
+        return None
+
+    async def on_websocket_message(
+        self, flow: FlowInfo, message: WebSocketMessage
+    ) -> WebSocketMessage | DropMessage | WebSocketClose | None:
+        """Called for each whole WebSocket message, either way, reassembled and decompressed.
+
+        Return ``None`` to pass it, a :class:`WebSocketMessage` to send instead (text or binary;
+        same ``from_client``), :class:`DropMessage` to leave it out, or :class:`WebSocketClose`
+        to close the WebSocket on both sides.
         """
         return None
 

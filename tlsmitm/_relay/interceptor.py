@@ -35,6 +35,7 @@ from .._store import StateStore
 from .._store_cache import CachedStore
 from .._tls import keylog_file_writer
 from .._verify import UpstreamVerifier, Verdict
+from .._websocket import DEFAULT_MAX_MESSAGE
 from .downstream import Downstream
 from .guard import ClientSlots, ErrorBoundary, LoopGuard
 from .hooks import Hooks
@@ -98,6 +99,8 @@ class InterceptorConfig:
             TCP load balancer; its client address is the one used for logs, rules and grants.
         trusted_balancers: the networks whose connections may carry that header; with
             ``proxy_protocol`` on, a connection from anywhere else is refused (closed).
+        websocket_max_message: the largest WebSocket message relayed, in bytes after
+            reassembly and decompression; a larger one closes the WebSocket with 1009.
     """
 
     head_timeout: float = 10.0
@@ -118,6 +121,7 @@ class InterceptorConfig:
     upstream_pool_per_host: int = 8
     proxy_protocol: bool = False
     trusted_balancers: tuple[IPv4Network | IPv6Network, ...] = ()
+    websocket_max_message: int = DEFAULT_MAX_MESSAGE
 
     def __post_init__(self) -> None:
         for name in ("head_timeout", "connect_timeout", "handshake_timeout", "idle_timeout"):
@@ -131,6 +135,8 @@ class InterceptorConfig:
             raise ValueError("upstream_pool_seconds and upstream_pool_size must not be negative")
         if self.upstream_pool_per_host < 1:
             raise ValueError("upstream_pool_per_host must be at least 1")
+        if self.websocket_max_message < 1:
+            raise ValueError("websocket_max_message must be at least 1 byte")
         if self.proxy_protocol and not self.trusted_balancers:
             raise ValueError(
                 "proxy_protocol needs trusted_balancers: the networks of the load balancers "

@@ -10,7 +10,7 @@ import trio
 from .._edge import AbsoluteUrl, BadRequest, parse_absolute_url, via_names, via_value
 from .._errors import ClientError, UpstreamError
 from .error_origin import block_answer
-from .hooks import Block, FlowInfo, Hooks, Request, Response
+from .hooks import Block, FlowInfo, Hooks, Request, Response, WebSocketMessage
 from .plan import Decision, RelayKind
 from .relays import RelayJob, run_relays
 from .state import FlowRecord, FlowState
@@ -81,6 +81,7 @@ async def plain_http(
         idle_timeout=ix.config.idle_timeout,
         head_timeout=ix.config.head_timeout,
         should_stop=lambda: ix._draining,
+        websocket_max_message=ix.config.websocket_max_message,
         record=conn,
         to_upstream=raw,
     )
@@ -115,3 +116,6 @@ class _RewritingHooks(Hooks):
         self, flow: FlowInfo, request: Request, response: Response, chunk: bytes, *, end: bool
     ) -> Block | None:
         return await self._inner.on_response_body(flow, request, response, chunk, end=end)
+
+    async def on_websocket_message(self, flow: FlowInfo, message: WebSocketMessage) -> Any:
+        return await self._inner.on_websocket_message(flow, message)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from .._forge import IssuerKind
 from .._names import HostName, is_ip_literal, normalize_host
 from .._responder import Action, ActionKind
+from .._websocket import Headers, negotiated_upgrade
 
 __all__ = [
     "ConnectionPlan",
@@ -95,6 +96,7 @@ class SpliceReason(enum.StrEnum):
     SERVER_SPOKE_FIRST = "server_spoke_first"  # no ALPN, a banner protocol (SMTP, IMAP, FTP)
     H2_WITHOUT_ALPN = "h2_without_alpn"  # an HTTP/2 preface with no h2 relay registered
     UPGRADE_WITHOUT_RELAY = "upgrade_without_relay"  # after 101, nothing can parse the protocol
+    WEBSOCKET_EXTENSION = "websocket_extension"  # a WebSocket extension tlsmitm cannot parse
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -364,17 +366,22 @@ def sniff(data: bytes) -> SniffResult:
 
 
 def relay_after_upgrade(
-    upgrade: bytes | None, relays: Collection[RelayKind]
+    request_headers: Headers, response_headers: Headers, relays: Collection[RelayKind]
 ) -> tuple[RelayKind, SpliceReason | None]:
-    """Which relay takes over after ``101 Switching Protocols`` to ``upgrade``.
+    """Which relay takes over after ``101 Switching Protocols``.
 
-    A WebSocket (RFC 6455 §4.2.2) goes to the WebSocket relay when one is registered; anything
-    else, or a WebSocket without a relay, is spliced (``UPGRADE_WITHOUT_RELAY``).
+    A WebSocket (RFC 6455 §4.2.2) goes to the WebSocket relay when one is registered and the
+    101 accepted nothing it cannot parse (:func:`~tlsmitm._websocket.negotiated_upgrade`: an
+    extension other than permessage-deflate changes what frames mean, RFC 6455 §9) --
+    ``WEBSOCKET_EXTENSION`` otherwise; anything else, or a WebSocket without a relay, is spliced
+    (``UPGRADE_WITHOUT_RELAY``).
     """
-    websocket = upgrade is not None and upgrade.strip().lower() == b"websocket"
-    if websocket and RelayKind.WEBSOCKET in relays:
-        return RelayKind.WEBSOCKET, None
-    return RelayKind.SPLICE, SpliceReason.UPGRADE_WITHOUT_RELAY
+    upgrade = negotiated_upgrade(request_headers, response_headers)
+    if RelayKind.WEBSOCKET not in relays or upgrade.unsupported_protocol:
+        return RelayKind.SPLICE, SpliceReason.UPGRADE_WITHOUT_RELAY
+    if upgrade.unsupported is not None:
+        return RelayKind.SPLICE, SpliceReason.WEBSOCKET_EXTENSION
+    return RelayKind.WEBSOCKET, None
 
 
 def relay_after_sniff(

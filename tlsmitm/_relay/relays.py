@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import trio
 
+from .._websocket import DEFAULT_MAX_MESSAGE
 from .h1 import BlockAnswer, HttpRelay, StsCallback, Switched, run_relay
 from .hooks import FlowInfo, Hooks
 from .plan import RelayKind, SpliceReason, relay_after_upgrade
@@ -56,6 +57,7 @@ class RelayJob:
         to_upstream: bytes already read from the client, not yet relayed.
         to_client: bytes already read from the origin, not yet relayed.
         upgrade: the exchange that ended with ``101`` (for the WebSocket relay).
+        websocket_max_message: the largest WebSocket message, after reassembly and inflation.
     """
 
     client: trio.abc.Stream
@@ -72,6 +74,7 @@ class RelayJob:
     to_upstream: bytes = b""
     to_client: bytes = b""
     upgrade: Switched | None = None
+    websocket_max_message: int = DEFAULT_MAX_MESSAGE
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -194,8 +197,11 @@ async def run_relays(
         switched = outcome.switched
         if switched is None:
             return outcome
-        upgrade = switched.response.header(b"upgrade") if switched.response else None
-        kind, splice_reason = relay_after_upgrade(upgrade, RELAYS.available())
+        kind, splice_reason = relay_after_upgrade(
+            switched.request.headers if switched.request else (),
+            switched.response.headers if switched.response else (),
+            RELAYS.available(),
+        )
         job = replace(
             job,
             to_upstream=switched.to_upstream,

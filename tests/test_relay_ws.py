@@ -29,14 +29,14 @@ from wsproto.events import (
 )
 from wsproto.extensions import PerMessageDeflate
 
-from tlsmitm._http import FlowInfo
+from tlsmitm._relay.hooks import FlowInfo
+from tlsmitm._relay.ws import WebSocketCounters, WebSocketRelay
 from tlsmitm._websocket import (
     DropMessage,
     WebSocketClose,
     WebSocketMessage,
     negotiated_upgrade,
 )
-from tlsmitm._wsrelay import WebSocketCounters, WebSocketRelay
 
 FLOW = FlowInfo(client="127.0.0.1:5000", host="ws.example.test", port=443, verified=True)
 Verdict = WebSocketMessage | DropMessage | WebSocketClose | None

@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import trio
 from wsproto.utilities import LocalProtocolError
 
-from ._http import FlowInfo
-from ._websocket import (
+from .._websocket import (
     DEFAULT_MAX_MESSAGE,
     CloseIn,
     DropMessage,
@@ -53,9 +52,13 @@ from ._websocket import (
     WebSocketClose,
     WebSocketMessage,
     WebSocketUpgrade,
+    negotiated_upgrade,
 )
+from .hooks import FlowInfo
+from .plan import RelayKind
+from .relays import RELAYS, RelayJob, RelayOutcome
 
-__all__ = ["MessageHook", "WebSocketCounters", "WebSocketRelay"]
+__all__ = ["MessageHook", "WebSocketCounters", "WebSocketRelay", "run_websocket"]
 
 log = logging.getLogger("tlsmitm.websocket")
 
@@ -310,3 +313,43 @@ class WebSocketRelay:
 
 def _close_frame(code: int, reason: str) -> Callable[[Endpoint], bytes]:
     return lambda endpoint: endpoint.send_close(code, reason)
+
+
+async def run_websocket(job: RelayJob) -> RelayOutcome:
+    """The WebSocket relay as :data:`~tlsmitm._relay.relays.RELAYS` runs it after a ``101``.
+
+    The plan sends only upgrades that :func:`~tlsmitm._websocket.negotiated_upgrade` accepts
+    here (:func:`~tlsmitm._relay.plan.relay_after_upgrade`). The upstream is never pooled after
+    a WebSocket.
+    """
+    switched = job.upgrade
+    if switched is None or switched.request is None or switched.response is None:
+        raise ValueError("the WebSocket relay runs only after a 101 exchange")
+    relay = WebSocketRelay(
+        client=job.client,
+        upstream=job.upstream,
+        upgrade=negotiated_upgrade(switched.request.headers, switched.response.headers),
+        flow=replace(job.flow, client_protocol="websocket", upstream_protocol="websocket"),
+        hooks=job.hooks,
+        from_client=job.to_upstream,
+        from_upstream=job.to_client,
+        max_message=job.websocket_max_message,
+        idle_timeout=job.idle_timeout,
+    )
+    try:
+        counters = await relay.run()
+    finally:
+        job.record.bytes_up += relay.counters.bytes_up
+        job.record.bytes_down += relay.counters.bytes_down
+    log.debug(
+        "websocket %s:%d ended: %d messages up, %d down, close %s",
+        job.flow.host,
+        job.flow.port,
+        counters.messages_up,
+        counters.messages_down,
+        counters.close_code,
+    )
+    return RelayOutcome()
+
+
+RELAYS.register(RelayKind.WEBSOCKET, run_websocket)

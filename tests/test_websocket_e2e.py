@@ -1,0 +1,213 @@
+"""WebSocket messages through the real proxy: real TLS and sockets, third-party client and server.
+
+The origin is a ``websockets`` server over TLS on 127.0.0.1 (an echo that notes what it
+received); the client is a ``websockets`` client that reaches it through tlsmitm with CONNECT,
+trusting only tlsmitm's root. Neither end is tlsmitm's own code, so the frames, the
+permessage-deflate negotiation and the close handshakes are the ones real peers produce.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+from origin import server_ssl_context
+from pki import Hierarchy, good_hierarchy
+from test_relay import HOST, settle, start_proxy
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+from websockets.sync.server import Server, ServerConnection, serve
+
+from tlsmitm import DropMessage, FlowInfo, Hooks, WebSocketClose, WebSocketMessage
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class WsOrigin:
+    port: int
+    received: list[str | bytes] = field(default_factory=list)
+    extensions: list[str | None] = field(default_factory=list)
+    close_codes: list[int | None] = field(default_factory=list)
+
+
+@pytest.fixture
+def hierarchy() -> Hierarchy:
+    return good_hierarchy(HOST)
+
+
+@pytest.fixture
+def ws_origin(tmp_path: Path, hierarchy: Hierarchy) -> Iterator[WsOrigin]:
+    """An echo origin: ``echo:`` + each message, same type; "close please" closes with 4002."""
+    state = WsOrigin(port=0)
+
+    def handler(ws: ServerConnection) -> None:
+        state.extensions.append(
+            ws.response.headers.get("Sec-WebSocket-Extensions") if ws.response else None
+        )
+        try:
+            for message in ws:
+                state.received.append(message)
+                if message == "close please":
+                    ws.close(4002, "origin says bye")
+                    break
+                ws.send("echo:" + message if isinstance(message, str) else b"echo:" + message)
+        except ConnectionClosed:
+            pass
+        state.close_codes.append(ws.close_code)
+
+    context = server_ssl_context(hierarchy.leaf, tmp_path)
+    server: Server = serve(handler, "127.0.0.1", 0, ssl=context, max_size=2**24)
+    state.port = server.socket.getsockname()[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+
+async def origin_closed(origin: WsOrigin) -> None:
+    """Wait (bounded) until the origin's handler has seen its connection end."""
+    with trio.fail_after(10):
+        while not origin.close_codes:
+            await trio.sleep(0.01)
+
+
+class Inspector(Hooks):
+    """Sees every message; replaces, drops and closes on cue."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[FlowInfo, WebSocketMessage]] = []
+
+    async def on_websocket_message(
+        self, flow: FlowInfo, message: WebSocketMessage
+    ) -> WebSocketMessage | DropMessage | WebSocketClose | None:
+        self.seen.append((flow, message))
+        if message.data == "replace me":
+            return WebSocketMessage(from_client=True, data="replaced by the hook")
+        if message.data == b"drop me":
+            return DropMessage()
+        if message.data == "EICAR":
+            return WebSocketClose(code=4001, reason="blocked by the hook")
+        return None
+
+
+def _client(
+    setup_port: int, origin: WsOrigin, root_pem: Path, compression: str | None
+) -> ClientConnection:
+    context = ssl.create_default_context(cafile=str(root_pem))
+    context.set_alpn_protocols(["http/1.1"])  # as browsers do
+    return connect(
+        f"wss://{HOST}:{origin.port}/chat",
+        ssl=context,
+        proxy=f"http://127.0.0.1:{setup_port}",
+        compression=compression,
+        max_size=2**24,
+        open_timeout=20,
+        close_timeout=10,
+        ping_interval=None,
+    )
+
+
+@pytest.mark.parametrize("compression", [None, "deflate"])
+async def test_messages_are_inspected_replaced_dropped_and_closed(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    hierarchy: Hierarchy,
+    ws_origin: WsOrigin,
+    compression: str | None,
+) -> None:
+    hooks = Inspector()
+    setup = await start_proxy(nursery, tmp_path, hierarchy, hooks=hooks)
+    big = "0123456789abcdef" * 65536  # 1 MiB of text, very compressible
+
+    def talk() -> tuple[str | None, int | None, str | None]:
+        with _client(setup.proxy_port, ws_origin, setup.root_pem, compression) as ws:
+            agreed = ws.response.headers.get("Sec-WebSocket-Extensions") if ws.response else None
+            ws.send("hello")
+            assert ws.recv(timeout=20) == "echo:hello"
+            ws.send(b"\x00binary\xff")
+            assert ws.recv(timeout=20) == b"echo:\x00binary\xff"
+            ws.send("replace me")
+            assert ws.recv(timeout=20) == "echo:replaced by the hook"
+            ws.send(b"drop me")
+            ws.send("after the drop")
+            assert ws.recv(timeout=20) == "echo:after the drop"
+            ws.send(big)
+            assert ws.recv(timeout=20) == "echo:" + big
+            ws.send("EICAR")
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=20)
+            return agreed, ws.close_code, ws.close_reason
+
+    agreed, code, reason = await trio.to_thread.run_sync(talk)
+    assert (code, reason) == (4001, "blocked by the hook")
+    # Each hop carried what the two ends agreed (RFC 7692: permessage-deflate, or nothing).
+    if compression is None:
+        assert agreed is None
+        assert ws_origin.extensions == [None]
+    else:
+        assert agreed is not None
+        assert agreed.startswith("permessage-deflate")
+        assert ws_origin.extensions == [agreed]
+    # The origin got the replacement, never the dropped message nor the blocked one.
+    assert ws_origin.received == [
+        "hello",
+        b"\x00binary\xff",
+        "replaced by the hook",
+        "after the drop",
+        big,
+    ]
+    await settle(setup)
+    await origin_closed(ws_origin)
+    assert ws_origin.close_codes == [4001]
+    # The hook saw every message decoded, both ways, with the flow it travelled on.
+    assert [(m.from_client, m.data) for _, m in hooks.seen] == [
+        (True, "hello"),
+        (False, "echo:hello"),
+        (True, b"\x00binary\xff"),
+        (False, b"echo:\x00binary\xff"),
+        (True, "replace me"),
+        (False, "echo:replaced by the hook"),
+        (True, b"drop me"),
+        (True, "after the drop"),
+        (False, "echo:after the drop"),
+        (True, big),
+        (False, "echo:" + big),
+        (True, "EICAR"),
+    ]
+    assert {
+        (f.host, f.verified, f.client_protocol, f.upstream_protocol) for f, _ in hooks.seen
+    } == {(HOST, True, "websocket", "websocket")}
+    record = setup.records[-1]
+    assert record.relay == "websocket"
+    assert record.splice is None
+    if compression == "deflate":
+        assert record.bytes_up < len(big) // 10  # compressed on the wire, decoded for the hook
+
+
+async def test_the_origin_closing_reaches_the_client_with_its_code(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy, ws_origin: WsOrigin
+) -> None:
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+
+    def talk() -> tuple[int | None, str | None]:
+        with _client(setup.proxy_port, ws_origin, setup.root_pem, "deflate") as ws:
+            assert ws.ping(b"are you there").wait(timeout=20)  # the origin's pong, relayed
+            ws.send("close please")
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=20)
+            return ws.close_code, ws.close_reason
+
+    assert await trio.to_thread.run_sync(talk) == (4002, "origin says bye")
+    await settle(setup)
+    await origin_closed(ws_origin)
+    assert ws_origin.close_codes == [4002]
