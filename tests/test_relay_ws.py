@@ -141,7 +141,7 @@ async def session(
     hooks: RecordingHooks | None = None,
     from_client: bytes = b"",
     from_upstream: bytes = b"",
-    client_prefix: Callable[[WSConnection], bytes] | None = None,
+    stopping: trio.Event | None = None,
     **options: float,
 ) -> AsyncIterator[Session]:
     client_ws, origin_ws, request, response = _handshake(*deflate)
@@ -159,6 +159,7 @@ async def session(
         from_client=from_client,
         from_upstream=from_upstream,
         max_message=int(options.pop("max_message", 1 << 20)),
+        stopping=stopping,
         **options,
     )
     done = trio.Event()
@@ -396,3 +397,41 @@ async def test_idle_connections_are_closed_with_1001(
         assert closing.reason == "idle timeout"
         assert trio.current_time() - start >= 59.9
         await s.origin.expect_close(1001)
+
+
+async def test_shutting_down_closes_both_sides_with_1001() -> None:
+    stopping = trio.Event()
+    async with session(stopping=stopping) as s:
+        await s.client.send(TextMessage(data="hi"))
+        assert await s.origin.message() == "hi"
+        stopping.set()
+        closing = await s.client.expect_close(1001)
+        assert closing.reason == "proxy shutting down"
+        await s.origin.expect_close(1001)
+
+
+async def test_a_slow_reader_holds_its_writer_back() -> None:
+    """Backpressure: while the client reads nothing, the relay stops reading the origin."""
+    client_ws, origin_ws, request, response = _handshake([], [])
+    client_end, proxy_client = trio.testing.lockstep_stream_pair()  # no buffer at all
+    proxy_upstream, origin_end = trio.testing.memory_stream_pair()
+    relay = WebSocketRelay(
+        client=proxy_client,
+        upstream=proxy_upstream,
+        upgrade=negotiated_upgrade(request, response),
+        flow=FLOW,
+        hooks=RecordingHooks(),
+    )
+    origin = Peer(origin_end, origin_ws)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay.run)
+        for _ in range(50):
+            await origin.send(BytesMessage(data=b"x" * 10_000))
+        await trio.testing.wait_all_tasks_blocked()
+        # One message is being written to the client, none queued behind it in the relay.
+        assert relay.counters.messages_down == 1
+        client = Peer(client_end, client_ws)
+        for _ in range(50):
+            assert await client.message() == b"x" * 10_000
+        assert relay.counters.messages_down == 50
+        nursery.cancel_scope.cancel()

@@ -313,3 +313,24 @@ def test_deflate_interoperates_with_wsproto(deflate: DeflateParams) -> None:
             assert frame[0] & 0x40  # RSV1: compressed (RFC 7692 §6)
             peer.receive_data(frame)
             assert [e.data for e in peer.events()] == [text]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    we_are_client=st.booleans(),
+    deflate=_deflate(),
+    chunks=st.lists(st.binary(max_size=200), max_size=8),
+)
+def test_any_bytes_end_in_items_or_one_failure_never_an_exception(
+    we_are_client: bool, deflate: DeflateParams | None, chunks: list[bytes]
+) -> None:
+    """Hostile input of any shape: the hop reports it, it never raises (RFC 6455 §7.1.7)."""
+    hop = Endpoint(we_are_client=we_are_client, deflate=deflate, max_message=1000)
+    received = [item for chunk in chunks for item in hop.receive(chunk)]
+    failures = [item for item in received if isinstance(item, Failure)]
+    assert len(failures) <= 1
+    if failures:
+        assert received[-1] == failures[0]
+        assert failures[0].code in (1002, 1007, 1009)
+        assert hop.receive(b"\x81\x00") == []
+        assert hop.send_close(failures[0].code, failures[0].reason)

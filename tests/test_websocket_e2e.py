@@ -211,3 +211,35 @@ async def test_the_origin_closing_reaches_the_client_with_its_code(
     await settle(setup)
     await origin_closed(ws_origin)
     assert ws_origin.close_codes == [4002]
+
+
+async def test_shutdown_closes_open_websockets_with_1001(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy, ws_origin: WsOrigin
+) -> None:
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+    connected = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def talk() -> tuple[int | None, str | None]:
+        with _client(setup.proxy_port, ws_origin, setup.root_pem, "deflate") as ws:
+            ws.send("hello")
+            assert ws.recv(timeout=20) == "echo:hello"
+            trio.from_thread.run_sync(connected.set, trio_token=token)
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=20)  # nothing comes but the Close
+            return ws.close_code, ws.close_reason
+
+    async with trio.open_nursery() as inner:
+        results: list[tuple[int | None, str | None]] = []
+
+        async def run_client() -> None:
+            results.append(await trio.to_thread.run_sync(talk))
+
+        inner.start_soon(run_client)
+        with trio.fail_after(20):
+            await connected.wait()
+        setup.interceptor.shutdown()
+    # RFC 6455 §7.4.1: 1001, going away -- not a dropped connection (1006).
+    assert results == [(1001, "proxy shutting down")]
+    await origin_closed(ws_origin)
+    assert ws_origin.close_codes == [1001]

@@ -396,6 +396,7 @@ class Flow:
             head_timeout=ix.config.head_timeout,
             should_stop=lambda: ix._draining,
             websocket_max_message=ix.config.websocket_max_message,
+            stopping=ix._stopping,
             record=conn,
             keep_upstream_alive=plan.poolable,
         )

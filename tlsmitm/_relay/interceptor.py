@@ -251,6 +251,8 @@ class Interceptor:
         #: Why the state store cannot be written, if it cannot (``from_state_dir`` checks).
         self.state_problem: str | None = None
         self._draining = False
+        #: Set by :meth:`shutdown`, for relays that wait rather than poll (WebSocket: 1001).
+        self._stopping = trio.Event()
         self._boundary = ErrorBoundary(log)
         self._loop = LoopGuard()
         self._client_slots = ClientSlots(self.config.max_connections_per_client)
@@ -376,6 +378,7 @@ class Interceptor:
     def shutdown(self) -> None:
         """Stop accepting; in-flight connections finish (within ``shutdown_grace``)."""
         self._draining = True
+        self._stopping.set()
         if self._accept_scope is not None:
             self._accept_scope.cancel()
 

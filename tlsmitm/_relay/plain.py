@@ -82,6 +82,7 @@ async def plain_http(
         head_timeout=ix.config.head_timeout,
         should_stop=lambda: ix._draining,
         websocket_max_message=ix.config.websocket_max_message,
+        stopping=ix._stopping,
         record=conn,
         to_upstream=raw,
     )

@@ -52,6 +52,8 @@ class RelayJob:
         idle_timeout: seconds without progress before the relay gives up.
         head_timeout: seconds from a request head's first byte to its end (total).
         should_stop: ``True`` once the interceptor shuts down (finish the exchange, then end).
+        stopping: set when the interceptor shuts down, for relays that wait for it instead of
+            polling ``should_stop`` (a WebSocket is closed with 1001 at once).
         record: the connection's record; relays add the bytes they move.
         keep_upstream_alive: the upstream may be pooled after a clean end.
         to_upstream: bytes already read from the client, not yet relayed.
@@ -75,6 +77,7 @@ class RelayJob:
     to_client: bytes = b""
     upgrade: Switched | None = None
     websocket_max_message: int = DEFAULT_MAX_MESSAGE
+    stopping: trio.Event | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -24,8 +24,8 @@ Control frames (RFC 6455 §5.5):
 
 Once the first Close is sent or received, both handshakes get ``close_timeout`` seconds to
 finish; whatever has not by then is answered (a received Close still gets its Close back) and
-the relay ends. No bytes either way for ``idle_timeout`` closes both hops with 1001. The caller
-closes the streams afterwards.
+the relay ends. No bytes either way for ``idle_timeout``, or the interceptor shutting down,
+closes both hops with 1001. The caller closes the streams afterwards.
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ class WebSocketRelay:
             sending hop with 1009.
         idle_timeout: seconds without a byte either way before both hops are closed with 1001.
         close_timeout: seconds the close handshakes get once one has started.
+        stopping: when set (the interceptor shuts down), both hops are closed with 1001.
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class WebSocketRelay:
         max_message: int = DEFAULT_MAX_MESSAGE,
         idle_timeout: float = 300.0,
         close_timeout: float = 10.0,
+        stopping: trio.Event | None = None,
     ) -> None:
         if upgrade.unsupported is not None:
             raise ValueError(f"this upgrade cannot be relayed by message: {upgrade.unsupported}")
@@ -153,6 +155,7 @@ class WebSocketRelay:
         self._hooks = hooks
         self._idle_timeout = idle_timeout
         self._close_timeout = close_timeout
+        self._stopping = stopping
         self._last_activity = 0.0
         self._closing = False
         self._scope = trio.CancelScope()
@@ -172,6 +175,8 @@ class WebSocketRelay:
                 nursery.start_soon(self._pump, self._client, self._upstream)
                 nursery.start_soon(self._pump, self._upstream, self._client)
                 nursery.start_soon(self._watch_idle)
+                if self._stopping is not None:
+                    nursery.start_soon(self._watch_stopping, self._stopping)
         return self.counters
 
     # -- reading -------------------------------------------------------------------------------
@@ -302,6 +307,11 @@ class WebSocketRelay:
                     await self._send(hop, _close_frame(code, ""))
         self._scope.cancel()
 
+    async def _watch_stopping(self, stopping: trio.Event) -> None:
+        await stopping.wait()
+        # RFC 6455 §7.4.1: 1001, "a server going down".
+        await self._close_both(_GOING_AWAY, "proxy shutting down")
+
     async def _watch_idle(self) -> None:
         while not self._closing:
             deadline = self._last_activity + self._idle_timeout
@@ -335,6 +345,7 @@ async def run_websocket(job: RelayJob) -> RelayOutcome:
         from_upstream=job.to_client,
         max_message=job.websocket_max_message,
         idle_timeout=job.idle_timeout,
+        stopping=job.stopping,
     )
     try:
         counters = await relay.run()
