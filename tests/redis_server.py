@@ -22,9 +22,10 @@ def free_port() -> int:
 class RedisServer:
     """One ``redis-server`` process; :meth:`stop` and :meth:`start` simulate an outage."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, config: Path | None = None) -> None:
         self.binary = require_tool("redis-server")
         self.directory = directory
+        self.config = config
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -37,10 +38,10 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 self.binary,
+                *([str(self.config)] if self.config else []),
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
+                *([] if self.config else ["--save", "", "--appendonly", "no"]),
                 "--dir", str(self.directory),
                 "--daemonize", "no",
             ],

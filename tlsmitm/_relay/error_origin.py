@@ -8,6 +8,7 @@ come from :class:`~tlsmitm.ErrorResponder`.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import h11
@@ -34,12 +35,15 @@ def block_answer(ix: Interceptor, host: str, port: int) -> BlockAnswer:
 
     async def answer(block: Block, target: bytes) -> tuple[int, bytes, Headers, bytes]:
         ix.stats.blocked += 1
-        response = ix.responder.block(
-            host=host,
-            title=block.title,
-            explanation=block.explanation,
-            now=ix.clock(),
-            port=port,
+        response = await trio.to_thread.run_sync(  # the page goes to the shared state store
+            functools.partial(
+                ix.responder.block,
+                host=host,
+                title=block.title,
+                explanation=block.explanation,
+                now=ix.clock(),
+                port=port,
+            )
         )
         return response.status, response.reason, response.headers, response.body
 
@@ -64,8 +68,16 @@ async def redirect_to_error(
             break
     if not isinstance(event, h11.Request):
         return
-    response = ix.responder.redirect_for(
-        action, request_target=bytes(event.target), port=port, now=ix.clock(), client=client
+    # The page is written to the shared state store: in a thread, never on the event loop.
+    response = await trio.to_thread.run_sync(
+        functools.partial(
+            ix.responder.redirect_for,
+            action,
+            request_target=bytes(event.target),
+            port=port,
+            now=ix.clock(),
+            client=client,
+        )
     )
     await send_response(
         parser, downstream, response.status, response.reason, response.headers, response.body
@@ -121,15 +133,19 @@ async def _serve_requests(ix: Interceptor, stream: trio.abc.Stream, client: str)
                     return
         if idle.cancelled_caught or request is None:
             return
-        response = ix.responder.handle(
-            HttpRequest(
-                method=bytes(request.method),
-                target=bytes(request.target),
-                headers=tuple((bytes(k), bytes(v)) for k, v in request.headers),
-                body=bytes(body),
-            ),
-            now=ix.clock(),
-            client=client,
+        # Pages, nonces and grants live in the shared state store: answered in a thread.
+        response = await trio.to_thread.run_sync(
+            functools.partial(
+                ix.responder.handle,
+                HttpRequest(
+                    method=bytes(request.method),
+                    target=bytes(request.target),
+                    headers=tuple((bytes(k), bytes(v)) for k, v in request.headers),
+                    body=bytes(body),
+                ),
+                now=ix.clock(),
+                client=client,
+            )
         )
         await send_response(
             parser, stream, response.status, response.reason, response.headers, response.body
