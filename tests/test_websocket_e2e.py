@@ -8,6 +8,8 @@ permessage-deflate negotiation and the close handshakes are the ones real peers 
 
 from __future__ import annotations
 
+import os
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -18,12 +20,19 @@ import pytest
 import trio
 from origin import server_ssl_context
 from pki import Hierarchy, good_hierarchy
-from test_relay import HOST, settle, start_proxy
+from test_relay import HOST, connect_line, settle, start_proxy
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 from websockets.sync.server import Server, ServerConnection, serve
 
-from tlsmitm import DropMessage, FlowInfo, Hooks, WebSocketClose, WebSocketMessage
+from tlsmitm import (
+    DropMessage,
+    FlowInfo,
+    Hooks,
+    InterceptorConfig,
+    WebSocketClose,
+    WebSocketMessage,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -243,3 +252,84 @@ async def test_shutdown_closes_open_websockets_with_1001(
     assert results == [(1001, "proxy shutting down")]
     await origin_closed(ws_origin)
     assert ws_origin.close_codes == [1001]
+
+
+def _raw_websocket(setup_port: int, origin: WsOrigin, root_pem: Path) -> ssl.SSLSocket:
+    """A hand-made WebSocket client through the proxy, free to send anything after the 101."""
+    raw = socket.create_connection(("127.0.0.1", setup_port), timeout=20)
+    raw.sendall(connect_line(HOST, origin.port))
+    assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+    context = ssl.create_default_context(cafile=str(root_pem))
+    context.set_alpn_protocols(["http/1.1"])
+    tls = context.wrap_socket(raw, server_hostname=HOST)
+    tls.sendall(
+        f"GET /chat HTTP/1.1\r\nHost: {HOST}:{origin.port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += tls.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return tls
+
+
+def _read_close(tls: ssl.SSLSocket) -> int:
+    """The status code of the Close frame the proxy sends, then the end of the stream."""
+    data = b""
+    while len(data) < 4:
+        chunk = tls.recv(4096)
+        assert chunk, data
+        data += chunk
+    assert data[0] == 0x88, data  # FIN + Close, unmasked from a server (RFC 6455 §5.1)
+    code = int.from_bytes(data[2:4], "big")
+    while tls.recv(4096):  # then the proxy closes the connection
+        pass
+    return code
+
+
+async def test_hostile_clients_get_clean_closes_and_leave_nothing_behind(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy, ws_origin: WsOrigin
+) -> None:
+    config = InterceptorConfig(resolve={HOST: "127.0.0.1"}, websocket_max_message=65536)
+    setup = await start_proxy(nursery, tmp_path, hierarchy, config=config)
+    await trio.to_thread.run_sync(  # warm up: contexts and caches, before counting descriptors
+        lambda: _read_close_after(setup.proxy_port, ws_origin, setup.root_pem, b"")
+    )
+    await settle(setup)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    mask = b"\x00\x00\x00\x00"
+    cases = [
+        (b"\x81\x05hello", 1002),  # unmasked client frame (RFC 6455 §5.1)
+        (b"\x81\x82" + mask + b"\xff\xfe", 1007),  # text that is not UTF-8 (RFC 6455 §8.1)
+        (b"\x82\xff" + (200_000).to_bytes(8, "big") + mask + b"\0" * 70_000, 1009),
+        (b"\x83\x80" + mask, 1002),  # a reserved opcode
+    ]
+    for frame, code in cases:
+        got = await trio.to_thread.run_sync(
+            _read_close_after, setup.proxy_port, ws_origin, setup.root_pem, frame
+        )
+        assert got == code, frame[:2]
+    # A client that vanishes mid-frame: the origin gets 1001 ("going away").
+    tls = await trio.to_thread.run_sync(_raw_websocket, setup.proxy_port, ws_origin, setup.root_pem)
+    tls.sendall(b"\x81\xfe\x01\x00" + mask + b"half")
+    tls.close()
+    await settle(setup)
+    with trio.fail_after(10):
+        while len(ws_origin.close_codes) < len(cases) + 2:
+            await trio.sleep(0.01)
+    assert ws_origin.close_codes[1:] == [1001] * (len(cases) + 1)
+    assert ws_origin.received == []  # nothing hostile reached the origin
+    assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
+
+
+def _read_close_after(port: int, origin: WsOrigin, root_pem: Path, frame: bytes) -> int:
+    tls = _raw_websocket(port, origin, root_pem)
+    try:
+        if not frame:  # a clean close: masked Close 1000
+            tls.sendall(b"\x88\x82\x00\x00\x00\x00\x03\xe8")
+        else:
+            tls.sendall(frame)
+        return _read_close(tls)
+    finally:
+        tls.close()
