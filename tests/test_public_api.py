@@ -9,6 +9,18 @@ import sys
 import tlsmitm
 
 EXPECTED = {
+    "ClamdScanner",
+    "Clean",
+    "DecodeLimits",
+    "FailureMode",
+    "IcapScanner",
+    "Infected",
+    "Replaced",
+    "ScanContext",
+    "ScanFailed",
+    "ScanSettings",
+    "ScanVerdict",
+    "Scanner",
     "MAX_STS_AGE",
     "Action",
     "ActionKind",
@@ -109,6 +121,7 @@ def test_pure_modules_import_without_trio() -> None:
         "import sys; sys.modules['trio'] = None\n"
         "import tlsmitm._ca, tlsmitm._forge, tlsmitm._verify, tlsmitm._hsts, "
         "tlsmitm._responder, tlsmitm._policy, tlsmitm._clienthello, tlsmitm._names\n"
+        "import tlsmitm._scan._icap, tlsmitm._scan._decode, tlsmitm._scan._model\n"
         "print('ok')\n"
     )
     result = subprocess.run(

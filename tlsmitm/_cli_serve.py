@@ -16,13 +16,16 @@ import socket
 import sys
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from cryptography import x509
 
 from ._cli import UsageError, default_state_dir
 from ._errors import ConfigurationError, TlsMitmError
+
+if TYPE_CHECKING:
+    from ._scan import ScanSettings
 
 __all__ = ["parse_bypass", "parse_listen", "parse_resolve", "register"]
 
@@ -206,6 +209,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="keep a clean, verified, idle upstream connection this long for the same client's "
         "next connection to the same server (default 4; 0 turns pooling off)",
     )
+    add_scan_arguments(parser)
     add_logging_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -228,6 +232,92 @@ def _workers_count(text: str) -> int:
     from ._workers import parse_workers
 
     return parse_workers(text)
+
+
+def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
+    """The content-scanning options (``docs/scanning.rst``)."""
+    from ._scan import parse_size
+
+    def size(text: str) -> int:
+        try:
+            return parse_size(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    def seconds(text: str) -> float:
+        value = _non_negative_seconds(text)
+        if value == 0:
+            raise argparse.ArgumentTypeError("must be more than 0 seconds")
+        return value
+
+    group = parser.add_argument_group("content scanning")
+    group.add_argument(
+        "--scan",
+        type=_scan_url,
+        action="append",
+        default=[],
+        metavar="URL",
+        help="hold every response body until this scanner has answered: "
+        "icap://HOST:PORT/SERVICE (RESPMOD/REQMOD), clamd:///PATH/clamd.sock or "
+        "clamd://HOST:PORT (INSTREAM); may be repeated (blocked when any finds something)",
+    )
+    group.add_argument(
+        "--scan-failure",
+        choices=("open", "closed"),
+        default="closed",
+        help="when a scanner cannot give a verdict (down, timeout, error, too large): block "
+        "(closed, default) or deliver unscanned and log it (open)",
+    )
+    group.add_argument(
+        "--scan-max-bytes",
+        type=size,
+        default=64 * 1024 * 1024,
+        metavar="N",
+        help="decoded bytes of a body sent to the scanners (default 64M); a larger body is "
+        "handled by --scan-failure",
+    )
+    group.add_argument(
+        "--scan-requests",
+        action="store_true",
+        help="also scan request bodies (uploads), through REQMOD or clamd",
+    )
+    group.add_argument(
+        "--scan-timeout",
+        type=seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds a scan may take, from the body's first byte (default 60); "
+        "then it counts as failed",
+    )
+
+
+def build_scan_settings(args: argparse.Namespace) -> ScanSettings | None:
+    """The :class:`~tlsmitm._scan.ScanSettings` of the ``--scan*`` options, or ``None``."""
+    urls: list[str] = getattr(args, "scan", [])
+    if not urls:
+        return None
+    from ._scan import DecodeLimits, FailureMode, ScanSettings, scanner_from_url
+
+    max_bytes: int = args.scan_max_bytes
+    return ScanSettings(
+        scanners=tuple(scanner_from_url(url) for url in urls),
+        failure=FailureMode(args.scan_failure),
+        max_bytes=max_bytes,
+        timeout=args.scan_timeout,
+        scan_requests=args.scan_requests,
+        decode_limits=DecodeLimits(max_decoded=max_bytes),
+    )
+
+
+def _scan_url(text: str) -> str:
+    """A ``--scan`` URL, checked when parsed (the scanner itself is made later)."""
+    from ._scan import scanner_from_url
+
+    try:
+        scanner_from_url(text)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--scan {text!r}: ")) from None
+    return text
 
 
 def _network(text: str) -> IPv4Network | IPv6Network:
@@ -273,6 +363,7 @@ def build_interceptor(args: argparse.Namespace) -> object:
             upstream_pool_seconds=getattr(args, "upstream_pool_seconds", 4.0),
             proxy_protocol=getattr(args, "proxy_protocol", False),
             trusted_balancers=tuple(getattr(args, "trusted_balancers", ())),
+            scan=build_scan_settings(args),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -381,6 +472,29 @@ def listen_error(exc: OSError, host: str, port: int) -> ConfigurationError:
     return ConfigurationError(message, reason="listen")
 
 
+async def open_scanners(interceptor: object) -> None:
+    """Ask every scanner for its parameters (ICAP OPTIONS, clamd PING/VERSION); one that does
+    not answer is reported, and bodies meet ``--scan-failure`` until it does."""
+    from ._relay import Interceptor
+
+    assert isinstance(interceptor, Interceptor)
+    settings = interceptor.config.scan
+    if settings is None:
+        return
+    for scanner in settings.scanners:
+        try:
+            with trio.fail_after(settings.timeout):
+                await scanner.open()
+        except (TlsMitmError, trio.TooSlowError) as exc:
+            print(
+                f"tlsmitm: warning: scanner {scanner.name} is not answering ({exc}); "
+                f"bodies are handled by --scan-failure {settings.failure.value} until it does",
+                file=sys.stderr,
+            )
+        else:
+            print(f"Scanning with {scanner.name}", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     """Start the proxy; returns when it was stopped by SIGINT or SIGTERM."""
     from ._ca import ROOT_CERT_FILE
@@ -424,6 +538,16 @@ def run(args: argparse.Namespace) -> int:
     host, port = args.listen
 
     async def main() -> None:
+        try:
+            await open_scanners(interceptor)
+            await serve_until_signal()
+        finally:
+            scan = interceptor.config.scan
+            with trio.CancelScope(shield=True):
+                for scanner in scan.scanners if scan is not None else ():
+                    await scanner.aclose()
+
+    async def serve_until_signal() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             if worker_index is None:
                 listeners = await open_listeners(host, port)

@@ -55,6 +55,7 @@ from .plan import (
 )
 from .pool import PooledUpstream, PoolKey
 from .relays import RELAYS, RelayJob, RelayOutcome, run_relays
+from .scanning import note_scan
 from .sniffing import first_bytes
 from .splice import splice
 from .state import FlowRecord, FlowState
@@ -399,6 +400,8 @@ class Flow:
             stopping=ix._stopping,
             record=conn,
             keep_upstream_alive=plan.poolable,
+            scan=ix.config.scan,
+            on_scan=functools.partial(note_scan, ix.stats, conn),
         )
         kind, reason = plan.relay, plan.splice_reason
         if plan.sniff:

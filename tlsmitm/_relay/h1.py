@@ -33,7 +33,10 @@ import h11
 import trio
 
 from .._errors import ClientError, UpstreamError
+from .._scan import ScanSettings
+from .h1_scan import exchange_scanned_request, scanned_response
 from .hooks import Block, BodyTap, FlowInfo, Headers, Hooks, Request, Response
+from .scanning import ScanCallback, log_decision, response_has_body
 from .state import FlowRecord
 
 __all__ = ["BlockAnswer", "HttpRelay", "StsCallback", "Switched", "run_relay"]
@@ -130,6 +133,8 @@ class HttpRelay:
         keep_upstream_alive: the upstream connection may be reused by another client connection
             (:mod:`tlsmitm._pool`): a client's ``Connection: close`` is then applied to its own
             hop only, as RFC 9110 §7.6.1 has a proxy do, and not forwarded upstream.
+        scan: the content scanners: bodies are held until they answer (:mod:`.h1_scan`).
+        on_scan: called with the report of every scanned body (the default logs it).
     """
 
     client: trio.abc.Stream
@@ -145,6 +150,8 @@ class HttpRelay:
     initial_client_data: bytes = b""
     keep_upstream_alive: bool = False
     counters: _Counters = field(default_factory=_Counters)
+    scan: ScanSettings | None = None
+    on_scan: ScanCallback = log_decision
 
     def __post_init__(self) -> None:
         self._down = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_INCOMPLETE_EVENT)
@@ -296,11 +303,13 @@ class HttpRelay:
             # its own version); h11 keeps the client's HTTP/1.0 semantics on the client's side.
             headers = stripped if stripped is not None else list(request.headers)
             event = h11.Request(method=request.method, target=request.target, headers=headers)
-        head = self._up.send(event) or b""
         try:
             first = self._down.next_event()  # no I/O: is the request already complete?
         except h11.RemoteProtocolError as exc:
             raise ClientError(f"malformed HTTP from client: {exc}", reason="bad_http") from exc
+        if self.scan and self.scan.scan_requests and not isinstance(first, h11.EndOfMessage):
+            return await exchange_scanned_request(self, request, event, first)
+        head = self._up.send(event) or b""
         if isinstance(first, h11.EndOfMessage):
             # Most requests have no body (GET, HEAD...): head and end go out in one write, and
             # no second task is needed to pump a body.
@@ -392,6 +401,9 @@ class HttpRelay:
             self.keep_alive_hint = _keep_alive_timeout(keep_alive)
         if self.on_sts is not None and sts:
             self.on_sts(sts)
+        if self.scan is not None and response_has_body(request.method, response.status):
+            await scanned_response(self, request, response, parsed)
+            return
         limit = self.hooks.body_limit
         if limit <= 0:
             outcome = await self.hooks.on_response(self.flow, request, response)

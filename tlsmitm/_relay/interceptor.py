@@ -31,6 +31,7 @@ from .._hsts import HstsStore
 from .._names import normalize_host
 from .._policy import DecisionLog, InterceptPolicy
 from .._responder import Action, ErrorResponder, shared_token_key
+from .._scan import ScanSettings
 from .._store import StateStore
 from .._store_cache import CachedStore
 from .._tls import keylog_file_writer
@@ -101,6 +102,8 @@ class InterceptorConfig:
             ``proxy_protocol`` on, a connection from anywhere else is refused (closed).
         websocket_max_message: the largest WebSocket message relayed, in bytes after
             reassembly and decompression; a larger one closes the WebSocket with 1009.
+        scan: content scanners (ICAP, clamd...) and how they are used; ``None`` scans nothing.
+            Bodies are held until every scanner answers (see ``docs/scanning.rst``).
     """
 
     head_timeout: float = 10.0
@@ -122,6 +125,7 @@ class InterceptorConfig:
     proxy_protocol: bool = False
     trusted_balancers: tuple[IPv4Network | IPv6Network, ...] = ()
     websocket_max_message: int = DEFAULT_MAX_MESSAGE
+    scan: ScanSettings | None = None
 
     def __post_init__(self) -> None:
         for name in ("head_timeout", "connect_timeout", "handshake_timeout", "idle_timeout"):
@@ -163,6 +167,9 @@ class InterceptorStats:
     refused_busy: int = 0  # answered 503: every connection slot was taken
     shed_idle: int = 0  # idle keep-alive connections and tunnels closed to make room
     ech_offered: int = 0  # ClientHellos with encrypted_client_hello (answered for the public name)
+    scanned: int = 0  # bodies that went to the content scanners
+    scan_blocked: int = 0  # of which blocked (a threat, or a failure under --scan-failure closed)
+    scan_unscanned: int = 0  # of which delivered unscanned (--scan-failure open)
     errors: dict[str, int] = field(default_factory=dict)
     spliced: dict[str, int] = field(default_factory=dict)  # decrypted bytes spliced, by reason
     cert_errors: dict[str, int] = field(default_factory=dict)

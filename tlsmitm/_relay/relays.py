@@ -19,10 +19,12 @@ from dataclasses import dataclass, replace
 
 import trio
 
+from .._scan import ScanSettings
 from .._websocket import DEFAULT_MAX_MESSAGE
 from .h1 import BlockAnswer, HttpRelay, StsCallback, Switched, run_relay
 from .hooks import FlowInfo, Hooks
 from .plan import RelayKind, SpliceReason, relay_after_upgrade
+from .scanning import ScanCallback, log_decision
 from .splice import splice
 from .state import FlowRecord
 
@@ -60,6 +62,9 @@ class RelayJob:
         to_client: bytes already read from the origin, not yet relayed.
         upgrade: the exchange that ended with ``101`` (for the WebSocket relay).
         websocket_max_message: the largest WebSocket message, after reassembly and inflation.
+        scan: the content scanners; a relay of HTTP holds every body until they answer
+            (:mod:`.scanning`), ``None`` when nothing is scanned.
+        on_scan: called with the report of every scanned body.
     """
 
     client: trio.abc.Stream
@@ -78,6 +83,8 @@ class RelayJob:
     upgrade: Switched | None = None
     websocket_max_message: int = DEFAULT_MAX_MESSAGE
     stopping: trio.Event | None = None
+    scan: ScanSettings | None = None
+    on_scan: ScanCallback = log_decision
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,6 +120,8 @@ async def run_h1(job: RelayJob) -> RelayOutcome:
         should_stop=job.should_stop,
         initial_client_data=job.to_upstream,
         keep_upstream_alive=job.keep_upstream_alive,
+        scan=job.scan,
+        on_scan=job.on_scan,
     )
     try:
         switched = await run_relay(relay)
