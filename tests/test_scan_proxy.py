@@ -57,6 +57,7 @@ def gzip_bomb() -> bytes:
 
 
 CLEAN = b"An ordinary page.\n" * 60
+CLEAN_GZ = gzip.compress(CLEAN, mtime=0)
 
 
 def routes() -> dict[bytes, tuple[list[tuple[bytes, bytes]], Callable[[], bytes]]]:
@@ -68,7 +69,7 @@ def routes() -> dict[bytes, tuple[list[tuple[bytes, bytes]], Callable[[], bytes]
             [*octets, (b"content-encoding", b"gzip")],
             lambda: gzip.compress(b"a readme first\n" + EICAR),
         ),
-        b"/clean.gz": ([*octets, (b"content-encoding", b"gzip")], lambda: gzip.compress(CLEAN)),
+        b"/clean.gz": ([*octets, (b"content-encoding", b"gzip")], lambda: CLEAN_GZ),
         b"/big-clean": (octets, big_clean),
         b"/big-eicar": (octets, big_eicar),
         b"/bomb": ([*octets, (b"content-encoding", b"gzip")], gzip_bomb),
@@ -259,7 +260,7 @@ async def test_clean_delivered_threats_blocked_with_their_name(
     clean = await fetch(proxy, origin, "/clean", tmp_path)
     assert (clean.status, clean.body) == (200, CLEAN)
     encoded = await fetch(proxy, origin, "/clean.gz", tmp_path)
-    assert (encoded.status, encoded.body) == (200, gzip.compress(CLEAN))  # still encoded
+    assert (encoded.status, encoded.body) == (200, CLEAN_GZ)  # still encoded
 
     for path in ("/eicar", "/eicar.gz"):
         blocked = await fetch(proxy, origin, path, tmp_path)
@@ -452,6 +453,6 @@ async def test_body_hooks_see_held_bodies_once_delivered_and_never_blocked_ones(
     assert (await fetch(proxy, origin, "/upload", tmp_path, upload=b"notes" * 100)).status == 200
     assert (await fetch(proxy, origin, "/eicar", tmp_path)).status == 303
     # The bytes as delivered (still gzip), each body ended once; the blocked one never shown.
-    assert hooks.responses == {b"/clean.gz": bytearray(gzip.compress(CLEAN)), b"/upload": b"stored"}
+    assert hooks.responses == {b"/clean.gz": bytearray(CLEAN_GZ), b"/upload": b"stored"}
     assert hooks.uploads == b"notes" * 100
     assert hooks.ends == 3
