@@ -42,6 +42,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import secrets
 import stat
 import threading
@@ -61,6 +62,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from . import _der
 from ._errors import ConfigurationError
 from ._names import InvalidHostName, ip_address_of, is_same_or_subdomain, normalize_host
+from ._pkcs11 import TokenAccess, TokenKey, is_pkcs11_uri, open_token_key
 
 try:
     import fcntl
@@ -72,6 +74,7 @@ __all__ = [
     "CertificateAuthority",
     "IssuerKind",
     "KeyFileStatus",
+    "NodeIntermediate",
     "Passphrase",
     "PrivateKey",
     "generate_key",
@@ -79,6 +82,7 @@ __all__ = [
 ]
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 Passphrase = bytes | Callable[[], bytes]
 
 #: Key types a CA or a leaf may use. BR §6.1.5: RSA >= 2048 bits, ECDSA on P-256 or P-384.
@@ -91,6 +95,7 @@ ROOT_CERT_FILE = "root.pem"
 ROOT_KEY_FILE = "root.key"
 ERROR_CERT_FILE = "error-ca.pem"
 ERROR_KEY_FILE = "error-ca.key"
+CHAIN_FILE = "chain.pem"
 LOCK_FILE = ".lock"
 DEFAULT_ORGANIZATION = "tlsmitm"
 PASSPHRASE_ENV = "TLSMITM_CA_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
@@ -131,6 +136,7 @@ class KeyFileStatus:
         encrypted: whether the file is passphrase-encrypted (``None`` when absent).
         mode: the file's permission bits (``None`` when absent).
         owner_uid: the file's owner (``None`` when absent or on Windows).
+        token_uri: the PKCS#11 URI when the key is in a token (``present`` is then false).
     """
 
     role: str
@@ -139,6 +145,24 @@ class KeyFileStatus:
     encrypted: bool | None = None
     mode: int | None = None
     owner_uid: int | None = None
+    token_uri: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeIntermediate:
+    """An intermediate the installation's root issued for one node (see ``ca.rst``).
+
+    Attributes:
+        name: the node's name (lower-case letters, digits and hyphens).
+        certificate: the intermediate.
+        issued: when it was issued.
+        revoked: when it was revoked (listed in the CRL), or ``None``.
+    """
+
+    name: str
+    certificate: x509.Certificate
+    issued: dt.datetime
+    revoked: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,8 +193,9 @@ class _Snapshot:
     generation: int
     error: _Signer
     retired: tuple[_Retired, ...]
-    crl: x509.CertificateRevocationList
+    crl: x509.CertificateRevocationList | None  # None: imported (the issuer's PKI revokes)
     crl_number: int
+    nodes: tuple[NodeIntermediate, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,18 +315,20 @@ def _ca_certificate(
     *,
     subject: x509.Name,
     issuer: x509.Name,
-    public_key: PrivateKey,
+    public_key: PrivateKey | PublicKey,
     signing_key: PrivateKey,
     not_before: dt.datetime,
     not_after: dt.datetime,
     path_length: int,
     excluded: Sequence[str],
 ) -> x509.Certificate:
+    if isinstance(public_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        public_key = public_key.public_key()
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer)
-        .public_key(public_key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())  # BR §7.1: >= 64 bits from a CSPRNG
         .not_valid_before(not_before)
         .not_valid_after(not_after)
@@ -326,9 +353,7 @@ def _ca_certificate(
         # RFC 5280 §4.2.1.12 as applied to CAs by Windows, NSS and OpenSSL: a CA carrying only
         # serverAuth cannot vouch for code signing, S/MIME or client certificates.
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(public_key.public_key()), critical=False
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()),
             critical=False,
@@ -356,6 +381,8 @@ def _new_intermediate(
     generation: int,
     excluded: Sequence[str],
     now: dt.datetime,
+    key: PrivateKey | None = None,
+    common_name: str | None = None,
 ) -> tuple[x509.Certificate, PrivateKey]:
     not_after = min(now + INTERMEDIATE_LIFETIME, root.not_valid_after_utc)
     if not_after <= now + dt.timedelta(days=1):
@@ -364,12 +391,13 @@ def _new_intermediate(
             "must be created (python -m tlsmitm ca init with a new --state-dir) and trusted",
             reason="ca_expired",
         )
-    key = generate_key(key_type)
+    if key is None:
+        key = generate_key(key_type)
     certificate = _ca_certificate(
         subject=_subject(
             organization,
             installation_id,
-            f"tlsmitm intermediate CA {installation_id} G{generation}",
+            common_name or f"tlsmitm intermediate CA {installation_id} G{generation}",
         ),
         issuer=root.subject,
         public_key=key,
@@ -382,6 +410,26 @@ def _new_intermediate(
     return certificate, key
 
 
+def _new_error_ca(
+    key_type: str, organization: str, installation_id: str, now: dt.datetime
+) -> tuple[x509.Certificate, PrivateKey]:
+    error_key = generate_key(key_type)
+    error_subject = _subject(
+        organization, installation_id, f"tlsmitm error CA {installation_id} (never trusted)"
+    )
+    error = _ca_certificate(
+        subject=error_subject,
+        issuer=error_subject,
+        public_key=error_key,
+        signing_key=error_key,
+        not_before=now - CA_BACKDATE,
+        not_after=now + ERROR_CA_LIFETIME,
+        path_length=0,
+        excluded=(),
+    )
+    return error, error_key
+
+
 def _sign_crl(
     *,
     root: x509.Certificate,
@@ -389,6 +437,7 @@ def _sign_crl(
     retired: Sequence[_Retired],
     number: int,
     now: dt.datetime,
+    nodes: Sequence[NodeIntermediate] = (),
 ) -> x509.CertificateRevocationList:
     builder = (
         x509.CertificateRevocationListBuilder()
@@ -410,7 +459,221 @@ def _sign_crl(
             .add_extension(x509.CRLReason(entry.reason), critical=False)  # RFC 5280 §5.3.1
             .build()
         )
+    for node in nodes:
+        if node.revoked is None:
+            continue
+        # A node's intermediate is revoked because that node may be compromised.
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(node.certificate.serial_number)
+            .revocation_date(node.revoked)
+            .add_extension(x509.CRLReason(x509.ReasonFlags.ca_compromise), critical=False)
+            .build()
+        )
     return builder.sign(root_key, signature_hash(root_key))
+
+
+# --------------------------------------------------------------------------------------------
+# an intermediate issued elsewhere: the organisation's root, or this installation's for a node
+
+#: A node's name: lower-case letters, digits and inner hyphens, at most 32 characters.
+_NODE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?")
+
+
+def _describe(certificate: x509.Certificate) -> str:
+    return certificate.subject.rfc4514_string() or f"serial {certificate.serial_number:x}"
+
+
+def _refuse_import(message: str) -> NoReturn:
+    raise ConfigurationError(message, reason="import_refused")
+
+
+def _check_issuing_key(key: PrivateKey | PublicKey | x509.Certificate, what: str) -> None:
+    """BR §6.1.5 key types only: ECDSA P-256 or P-384, RSA of 2048 bits or more."""
+    public = (
+        key if isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey) else key.public_key()
+    )
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        if public.curve.name in ("secp256r1", "secp384r1"):
+            return
+    elif isinstance(public, rsa.RSAPublicKey) and public.key_size >= 2048:
+        return
+    _refuse_import(
+        f"{what} has a key tlsmitm does not sign with (use ECDSA P-256/P-384 or RSA >= 2048)"
+    )
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _ordered_chain(
+    intermediate: x509.Certificate, others: Sequence[x509.Certificate]
+) -> tuple[tuple[x509.Certificate, ...], x509.Certificate]:
+    """``(certificates between intermediate and root, root)``; refuses gaps and strays."""
+    path: list[x509.Certificate] = []
+    pool = [cert for cert in others if cert != intermediate]
+    current = intermediate
+    while True:
+        parent = next((cert for cert in pool if _issued_by(current, cert)), None)
+        if parent is None:
+            _refuse_import(
+                f"the chain of {_describe(intermediate)} stops at {_describe(current)}: give the "
+                "certificates up to the organisation's (self-signed) root with --chain"
+            )
+        pool.remove(parent)
+        if _issued_by(parent, parent):
+            if pool:
+                _refuse_import(
+                    f"{_describe(pool[0])} is not on the chain from {_describe(intermediate)} to "
+                    "its root; leave it out"
+                )
+            return tuple(path), parent
+        path.append(parent)
+        current = parent
+
+
+def inspect_intermediate(certificate: x509.Certificate, *, now: dt.datetime) -> tuple[str, ...]:
+    """What an intermediate could do beyond signing TLS server leaves, as warnings.
+
+    An intermediate without an extendedKeyUsage extension, or with more than serverAuth, can
+    sign code-signing, e-mail or client certificates that every machine trusting its root
+    accepts; one without name constraints can vouch for every name. Neither is refused (it is
+    the organisation's CA), both are said.
+    """
+    out = []
+    try:
+        usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        out.append(
+            "the intermediate has no extendedKeyUsage: besides TLS server certificates it can "
+            "sign code-signing, e-mail and client certificates that your machines trust; ask "
+            "your PKI for one restricted to serverAuth"
+        )
+    else:
+        others = sorted(
+            getattr(oid, "_name", oid.dotted_string)
+            for oid in usages
+            if oid != ExtendedKeyUsageOID.SERVER_AUTH
+        )
+        if others:
+            out.append(
+                "the intermediate's extendedKeyUsage also allows "
+                f"{', '.join(others)}: it can sign more than TLS server certificates; ask your "
+                "PKI for one restricted to serverAuth"
+            )
+    try:
+        certificate.extensions.get_extension_for_class(x509.NameConstraints)
+    except x509.ExtensionNotFound:
+        out.append(
+            "the intermediate has no name constraints: it can vouch for any name; consider one "
+            "that excludes what the proxy must never intercept"
+        )
+    if certificate.not_valid_after_utc - now < dt.timedelta(days=60):
+        out.append(
+            f"the intermediate expires on {certificate.not_valid_after_utc:%Y-%m-%d}; import its "
+            "successor before then"
+        )
+    return tuple(out)
+
+
+def check_imported_intermediate(
+    certificates: Sequence[x509.Certificate],
+    public_key: PrivateKey | x509.Certificate,
+    *,
+    now: dt.datetime,
+) -> tuple[x509.Certificate, tuple[x509.Certificate, ...], x509.Certificate, tuple[str, ...]]:
+    """Check an intermediate (``certificates[0]``) and its chain before tlsmitm signs with it.
+
+    Args:
+        certificates: the intermediate, then the rest of its chain up to and including the
+            self-signed root, in any order.
+        public_key: the intermediate's private key (or anything with ``public_key()``).
+        now: the current time.
+
+    Returns:
+        ``(intermediate, chain between it and the root, root, warnings)``.
+
+    Raises:
+        ConfigurationError: ``import_refused`` with a one-line reason.
+    """
+    now = _utc_now_param(now)
+    if not certificates:
+        _refuse_import("no certificate to import")
+    intermediate = certificates[0]
+    name = _describe(intermediate)
+    if _issued_by(intermediate, intermediate):
+        _refuse_import(
+            f"{name} is self-signed (a root): import an intermediate issued by it, and give the "
+            "root with --chain"
+        )
+    try:
+        constraints = intermediate.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.value.ca:
+        _refuse_import(
+            f"{name} is not a CA certificate (RFC 5280 §4.2.1.9: basicConstraints CA:TRUE)"
+        )
+    try:
+        usage = intermediate.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is None or not usage.key_cert_sign:
+        _refuse_import(
+            f"{name} may not sign certificates (RFC 5280 §4.2.1.3: keyUsage keyCertSign)"
+        )
+    try:
+        usages = intermediate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usages = None
+    if usages is not None and not {
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
+    } & set(usages):
+        _refuse_import(
+            f"{name} does not allow serverAuth (RFC 5280 §4.2.1.12): clients would refuse every "
+            "leaf it signs"
+        )
+    chain, root = _ordered_chain(intermediate, certificates[1:])
+    for certificate in (intermediate, *chain, root):
+        if certificate.not_valid_after_utc <= now:
+            _refuse_import(
+                f"{_describe(certificate)} expired on {certificate.not_valid_after_utc:%Y-%m-%d}"
+            )
+        if certificate.not_valid_before_utc > now:
+            _refuse_import(
+                f"{_describe(certificate)} is not valid before "
+                f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+            )
+    _check_issuing_key(intermediate, name)
+    if _spki(public_key) != _spki(intermediate):
+        _refuse_import(f"the key does not belong to {name} (their public keys differ)")
+    return intermediate, chain, root, inspect_intermediate(intermediate, now=now)
+
+
+def _excluded_by(certificates: Sequence[x509.Certificate]) -> list[str]:
+    """The excluded subtrees of ``certificates``' name constraints that tlsmitm can express."""
+    out: list[str] = []
+    for certificate in certificates:
+        try:
+            constraints = certificate.extensions.get_extension_for_class(x509.NameConstraints)
+        except x509.ExtensionNotFound:
+            continue
+        for general in constraints.value.excluded_subtrees or ():
+            value = general.value
+            text = value.lstrip(".") if isinstance(value, str) else str(value)
+            try:
+                canonical = _canonical_exclusion(text)
+            except ConfigurationError:
+                continue
+            if canonical not in out:
+                out.append(canonical)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -757,6 +1020,10 @@ def _crl_file(number: int) -> str:
     return f"crl-{number}.der"
 
 
+def _node_file(index: int) -> str:
+    return f"node-{index}.pem"
+
+
 def _iso(when: dt.datetime) -> str:
     return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -833,6 +1100,8 @@ class CertificateAuthority:
         name_constraints_excluded: Sequence[str] = (),
         organization: str = DEFAULT_ORGANIZATION,
         now: dt.datetime,
+        intermediate_key: str | None = None,
+        token: TokenAccess | None = None,
     ) -> CertificateAuthority:
         """Generate a new CA in ``state_dir/ca/``.
 
@@ -844,10 +1113,14 @@ class CertificateAuthority:
                 in CIDR form that the CA must never be able to vouch for.
             organization: the subject's O attribute (the product's name).
             now: the current time.
+            intermediate_key: a PKCS#11 URI (RFC 7512): the intermediate's key is that key in
+                a token, which never leaves it; no intermediate key file is written.
+            token: how to reach the token (module, PIN) for ``intermediate_key``.
 
         Raises:
             ConfigurationError: ``state_exists`` if a CA (complete or not) is already there;
-                ``key_type``, ``name_constraint``, ``passphrase`` for bad arguments.
+                ``key_type``, ``name_constraint``, ``passphrase`` for bad arguments; a
+                ``pkcs11_*`` reason when the token key cannot be used.
         """
         now = _utc_now_param(now)
         state_dir = Path(state_dir)
@@ -857,6 +1130,7 @@ class CertificateAuthority:
         secret = _resolve_passphrase(passphrase)
         ca_dir = state_dir / CA_SUBDIR
         _refuse_existing(ca_dir)  # before touching anything, even a directory's mode
+        token_key = open_token_key(intermediate_key, token) if intermediate_key else None
         with _io_errors(f"cannot create the CA in {ca_dir}"), contextlib.ExitStack() as stack:
             if not state_dir.exists():
                 _make_private_dir(state_dir)
@@ -865,7 +1139,11 @@ class CertificateAuthority:
             stack.enter_context(_exclusive(ca_dir))
             _refuse_existing(ca_dir)  # another process may have been quicker
             metadata, snapshot, root_key = cls._generate(
-                key_type=key_type, excluded=excluded, organization=organization, now=now
+                key_type=key_type,
+                excluded=excluded,
+                organization=organization,
+                now=now,
+                intermediate_key=token_key,
             )
             root_key_pem = (
                 _encrypt_private_key(root_key, secret, iterations=PBKDF2_ITERATIONS)
@@ -876,10 +1154,12 @@ class CertificateAuthority:
             pem = serialization.Encoding.PEM
             _write_atomic(ca_dir, ROOT_KEY_FILE, root_key_pem)
             _write_atomic(ca_dir, ROOT_CERT_FILE, snapshot.root.public_bytes(pem))
-            _write_atomic(ca_dir, key_file, _plain_private_key(snapshot.intermediate.key))
+            if token_key is None:
+                _write_atomic(ca_dir, key_file, _plain_private_key(snapshot.intermediate.key))
             _write_atomic(ca_dir, cert_file, snapshot.intermediate.certificate.public_bytes(pem))
             _write_atomic(ca_dir, ERROR_KEY_FILE, _plain_private_key(snapshot.error.key))
             _write_atomic(ca_dir, ERROR_CERT_FILE, snapshot.error.certificate.public_bytes(pem))
+            assert snapshot.crl is not None  # a generated CA always has one
             _write_atomic(
                 ca_dir,
                 _crl_file(snapshot.crl_number),
@@ -895,6 +1175,107 @@ class CertificateAuthority:
         return ca
 
     @classmethod
+    def import_intermediate(
+        cls,
+        state_dir: Path,
+        *,
+        certificates: Sequence[x509.Certificate],
+        key: PrivateKey | str,
+        now: dt.datetime,
+        token: TokenAccess | None = None,
+        key_type: str = "ec256",
+        organization: str = DEFAULT_ORGANIZATION,
+    ) -> CertificateAuthority:
+        """Set up ``state_dir/ca/`` around an intermediate issued by another root.
+
+        That root is the organisation's (its machines already trust it), or this
+        installation's on another machine (:meth:`issue_node_intermediate`). The intermediate
+        is checked first (:func:`check_imported_intermediate`: CA:TRUE, keyCertSign, valid
+        now, serverAuth allowed, key matches, chain complete up to the root); the served chain
+        is the intermediate and the certificates between it and the root. The error CA is
+        generated here (``key_type``). There is no CRL and no rotation: the issuer does both.
+
+        Args:
+            state_dir: the installation's state directory.
+            certificates: the intermediate first, then its chain up to and including the root.
+            key: the intermediate's private key, or a PKCS#11 URI of it in a token.
+            now: the current time.
+            token: how to reach the token for a URI ``key``.
+            key_type: the error CA's key type.
+            organization: the error CA's O attribute.
+
+        Raises:
+            ConfigurationError: ``import_refused`` (one line saying why), ``state_exists``,
+                ``pkcs11_*``, ``key_type``.
+        """
+        now = _utc_now_param(now)
+        state_dir = Path(state_dir)
+        _check_key_type(key_type)
+        organization = _check_organization(organization)
+        ca_dir = state_dir / CA_SUBDIR
+        _refuse_existing(ca_dir)
+        signing_key = open_token_key(key, token) if isinstance(key, str) else key
+        intermediate, chain, root, _ = check_imported_intermediate(
+            certificates, signing_key, now=now
+        )
+        installation_id = hashlib.sha256(_spki(intermediate)).hexdigest()[:16]
+        error, error_key = _new_error_ca(key_type, organization, installation_id, now)
+        snapshot = _Snapshot(
+            root=root,
+            intermediate=_Signer(
+                kind=IssuerKind.TRUSTED,
+                certificate=intermediate,
+                key=signing_key,
+                chain=(intermediate, *chain),
+                fingerprint=_fingerprint(intermediate),
+            ),
+            generation=1,
+            error=_Signer(
+                kind=IssuerKind.ERROR,
+                certificate=error,
+                key=error_key,
+                chain=(),
+                fingerprint=_fingerprint(error),
+            ),
+            retired=(),
+            crl=None,
+            crl_number=0,
+        )
+        metadata: dict[str, Any] = {
+            "format": FORMAT_VERSION,
+            "software": "tlsmitm",
+            "origin": "imported",
+            "installation_id": installation_id,
+            "created": _iso(now),
+            "key_type": key_type,
+            "organization": organization,
+            "name_constraints_excluded": _excluded_by((intermediate, *chain, root)),
+        }
+        cls._fill_metadata(metadata, snapshot)
+        pem = serialization.Encoding.PEM
+        with _io_errors(f"cannot create the CA in {ca_dir}"), contextlib.ExitStack() as stack:
+            if not state_dir.exists():
+                _make_private_dir(state_dir)
+            _make_private_dir(ca_dir)
+            _check_state_dir(state_dir, ca_dir)
+            stack.enter_context(_exclusive(ca_dir))
+            _refuse_existing(ca_dir)
+            cert_file, key_file = _intermediate_files(1)
+            _write_atomic(ca_dir, ROOT_CERT_FILE, root.public_bytes(pem))
+            _write_atomic(ca_dir, cert_file, intermediate.public_bytes(pem))
+            if chain:
+                _write_atomic(ca_dir, CHAIN_FILE, b"".join(c.public_bytes(pem) for c in chain))
+            if not isinstance(signing_key, TokenKey):
+                _write_atomic(ca_dir, key_file, _plain_private_key(signing_key))
+            _write_atomic(ca_dir, ERROR_KEY_FILE, _plain_private_key(error_key))
+            _write_atomic(ca_dir, ERROR_CERT_FILE, error.public_bytes(pem))
+            encoded = cls._encode_metadata(metadata)
+            _write_atomic(ca_dir, METADATA_FILE, encoded)  # the commit point: written last
+        ca = cls(_snapshot=snapshot, _state_dir=state_dir, _metadata=metadata)
+        ca._metadata_digest = hashlib.sha256(encoded).digest()
+        return ca
+
+    @classmethod
     def load_or_create(
         cls,
         state_dir: Path,
@@ -904,11 +1285,15 @@ class CertificateAuthority:
         name_constraints_excluded: Sequence[str] = (),
         organization: str = DEFAULT_ORGANIZATION,
         now: dt.datetime,
+        intermediate_key: str | None = None,
+        token: TokenAccess | None = None,
     ) -> CertificateAuthority:
         """Load the CA in ``state_dir``, or create it there if there is none at all.
 
         A damaged or half-written CA is reported (:class:`ConfigurationError`), never replaced.
         ``key_type``, ``name_constraints_excluded`` and ``organization`` apply only to creation.
+        With ``intermediate_key`` (a PKCS#11 URI) an existing CA must already sign with that
+        token key (``key_mismatch`` otherwise: run ``ca rotate --ca-key URI``).
         """
         state_dir = Path(state_dir)
         if not _ca_files(state_dir / CA_SUBDIR):
@@ -920,6 +1305,8 @@ class CertificateAuthority:
                     name_constraints_excluded=name_constraints_excluded,
                     organization=organization,
                     now=now,
+                    intermediate_key=intermediate_key,
+                    token=token,
                 )
             except ConfigurationError as exc:
                 # Another process created it meanwhile ("state_exists"), or is creating it right
@@ -928,15 +1315,25 @@ class CertificateAuthority:
                 # a genuinely half-written one.
                 if exc.reason not in ("state_exists", "state_incomplete"):
                     raise
-        return cls.load(state_dir, passphrase=passphrase)
+        ca = cls.load(state_dir, passphrase=passphrase, token=token)
+        if intermediate_key is not None:
+            ca.require_token_key(intermediate_key, token)
+        return ca
 
     @classmethod
-    def load(cls, state_dir: Path, *, passphrase: Passphrase | None = None) -> CertificateAuthority:
+    def load(
+        cls,
+        state_dir: Path,
+        *,
+        passphrase: Passphrase | None = None,
+        token: TokenAccess | None = None,
+    ) -> CertificateAuthority:
         """Load the CA in ``state_dir``, checking every file; nothing on disk is changed.
 
         When the root key is encrypted and ``passphrase`` is given, the passphrase is checked
         now (and remembered, as given, for a later rotation or CRL refresh); without it the CA
-        still works, it just cannot rotate or re-sign its CRL.
+        still works, it just cannot rotate or re-sign its CRL. ``token`` says how to reach the
+        PKCS#11 token of an intermediate key kept in one.
 
         Raises:
             ConfigurationError: with ``reason`` one of ``state_missing``, ``state_incomplete``,
@@ -954,11 +1351,15 @@ class CertificateAuthority:
             )
         _check_state_dir(state_dir, ca_dir)
         with _io_errors(f"cannot read the CA in {ca_dir}"), _shared(ca_dir):
-            return cls._load_locked(state_dir, ca_dir, passphrase)
+            return cls._load_locked(state_dir, ca_dir, passphrase, token)
 
     @classmethod
     def _load_locked(
-        cls, state_dir: Path, ca_dir: Path, passphrase: Passphrase | None
+        cls,
+        state_dir: Path,
+        ca_dir: Path,
+        passphrase: Passphrase | None,
+        token: TokenAccess | None,
     ) -> CertificateAuthority:
         present = _ca_files(ca_dir)  # again: a creation may have finished meanwhile
         if METADATA_FILE not in present:
@@ -970,7 +1371,7 @@ class CertificateAuthority:
             )
         encoded = _read_state_file(ca_dir / METADATA_FILE, secret=False, what="the CA metadata")
         metadata = cls._decode_metadata(encoded, ca_dir / METADATA_FILE)
-        snapshot = cls._load_snapshot(ca_dir, metadata)
+        snapshot = cls._load_snapshot(ca_dir, metadata, token)
         root_key_path = ca_dir / ROOT_KEY_FILE
         if root_key_path.exists():
             data = _read_state_file(root_key_path, secret=True, what="the root CA key file")
@@ -1002,6 +1403,29 @@ class CertificateAuthority:
     def error_ca_certificate(self) -> x509.Certificate:
         """The never-trusted CA for leaves that must make a client show its own warning."""
         return self._snapshot.error.certificate
+
+    @property
+    def imported(self) -> bool:
+        """Whether the intermediate was imported (issued by a root whose key tlsmitm lacks)."""
+        return self._metadata.get("origin") == "imported"
+
+    @property
+    def intermediate_chain(self) -> tuple[x509.Certificate, ...]:
+        """What follows every trusted leaf in the TLS handshake: the intermediate, then (when
+        imported) the chain up to, not including, the root (RFC 8446 §4.4.2 lets the trust
+        anchor be omitted)."""
+        return self._snapshot.intermediate.chain
+
+    @property
+    def intermediate_key_uri(self) -> str | None:
+        """The PKCS#11 URI of the intermediate's key when it is in a token, else ``None``."""
+        key = self._snapshot.intermediate.key
+        return str(key.uri) if isinstance(key, TokenKey) else None
+
+    @property
+    def node_intermediates(self) -> tuple[NodeIntermediate, ...]:
+        """Every intermediate issued for a node, revoked or not, oldest first."""
+        return self._snapshot.nodes
 
     @property
     def retired_intermediates(self) -> tuple[x509.Certificate, ...]:
@@ -1039,23 +1463,31 @@ class CertificateAuthority:
         return tuple(self._metadata["name_constraints_excluded"])
 
     @property
-    def stored_crl(self) -> x509.CertificateRevocationList:
-        """The CRL as last signed (no refresh; :meth:`crl` re-signs one that is due)."""
+    def stored_crl(self) -> x509.CertificateRevocationList | None:
+        """The CRL as last signed (no refresh; :meth:`crl` re-signs one that is due); ``None``
+        for an imported intermediate (its issuer publishes the CRL)."""
         return self._snapshot.crl
 
     @property
     def crl_number(self) -> int:
-        """The stored CRL's number (RFC 5280 §5.2.3), +1 at every rotation or refresh."""
+        """The stored CRL's number (RFC 5280 §5.2.3), +1 at every rotation, refresh or node
+        revocation; 0 for an imported intermediate."""
         return self._snapshot.crl_number
 
     def own_certificates(self) -> tuple[x509.Certificate, ...]:
-        """Every CA certificate of this installation: root, intermediates (current and
-        retired), error CA. An upstream presenting one of them is refused (``OWN_CA``)."""
+        """Every CA certificate of this installation: root, intermediates (current, retired
+        and nodes'), error CA. An upstream presenting one of them is refused (``OWN_CA``).
+
+        With an imported intermediate only it and the error CA: the organisation's root and
+        chain legitimately issue its own servers' certificates."""
         snapshot = self._snapshot
+        if self.imported:
+            return (snapshot.intermediate.certificate, snapshot.error.certificate)
         return (
             snapshot.root,
             snapshot.intermediate.certificate,
             *(entry.certificate for entry in snapshot.retired),
+            *(node.certificate for node in snapshot.nodes),
             snapshot.error.certificate,
         )
 
@@ -1103,6 +1535,12 @@ class CertificateAuthority:
             ("error-ca", ERROR_KEY_FILE),
         ):
             path = ca_dir / name
+            key = self._snapshot.intermediate.key
+            if role == "intermediate" and isinstance(key, TokenKey):
+                out.append(
+                    KeyFileStatus(role=role, path=path, present=False, token_uri=str(key.uri))
+                )
+                continue
             try:
                 st = os.stat(path)
                 with open(path, "rb") as handle:
@@ -1140,17 +1578,24 @@ class CertificateAuthority:
         """
         now = _utc_now_param(now)
         snapshot = self._snapshot
-        next_update = snapshot.crl.next_update_utc
+        if snapshot.crl is None:
+            raise ConfigurationError(
+                "this CA's intermediate was imported: the CA that issued it (your organisation's "
+                "PKI) publishes the CRL for it; tlsmitm has none",
+                reason="crl_unavailable",
+            )
+        stored = snapshot.crl
+        next_update = stored.next_update_utc
         assert next_update is not None  # every CRL tlsmitm signs has one
         if now < next_update - CRL_REFRESH_MARGIN:
-            return snapshot.crl
+            return stored
         with self._lock, self._writing():
             snapshot = self._snapshot
             try:
                 root_key = self._root_key(passphrase, None)
             except ConfigurationError as exc:
                 if now < next_update:
-                    return snapshot.crl
+                    return stored
                 raise ConfigurationError(
                     f"the CRL expired on {next_update:%Y-%m-%d} and cannot be re-signed: {exc}",
                     reason="crl_stale",
@@ -1161,6 +1606,7 @@ class CertificateAuthority:
                 retired=snapshot.retired,
                 number=snapshot.crl_number + 1,
                 now=now,
+                nodes=snapshot.nodes,
             )
             del root_key
             self._commit(
@@ -1185,6 +1631,8 @@ class CertificateAuthority:
         passphrase: Passphrase | None = None,
         root_key_file: Path | None = None,
         compromised: bool = False,
+        intermediate_key: str | None = None,
+        token: TokenAccess | None = None,
     ) -> None:
         """Replace the intermediate; the root (what clients trust) stays the same.
 
@@ -1198,12 +1646,26 @@ class CertificateAuthority:
             passphrase: for an encrypted root key (else the one the CA was loaded with).
             root_key_file: where the root key is when it was moved off the state directory.
             compromised: the old intermediate's key may have leaked.
+            intermediate_key: a PKCS#11 URI: the new intermediate is for that token key (the
+                way to move the issuing key into a token). Required when the current one is
+                in a token: tlsmitm does not move a key out of a token.
+            token: how to reach the token (module, PIN).
 
         Raises:
             ConfigurationError: ``root_key_unavailable``, ``passphrase``, ``key_mismatch``,
-                ``state_changed`` (another process changed the CA since it was loaded).
+                ``state_changed`` (another process changed the CA since it was loaded),
+                ``imported`` (an imported intermediate is replaced by its issuer),
+                ``token_key`` (the current key is in a token and no URI was given).
         """
         now = _utc_now_param(now)
+        self._refuse_imported("rotate")
+        if intermediate_key is None and isinstance(self._snapshot.intermediate.key, TokenKey):
+            raise ConfigurationError(
+                "the intermediate key is in a PKCS#11 token; say which token key the new "
+                "intermediate is for: ca rotate --ca-key 'pkcs11:...'",
+                reason="token_key",
+            )
+        token_key = open_token_key(intermediate_key, token) if intermediate_key else None
         with self._lock, self._writing():
             snapshot = self._snapshot
             root_key = self._root_key(passphrase, root_key_file)
@@ -1217,6 +1679,7 @@ class CertificateAuthority:
                 generation=generation,
                 excluded=self.name_constraints_excluded,
                 now=now,
+                key=token_key,
             )
             reason = x509.ReasonFlags.ca_compromise if compromised else x509.ReasonFlags.superseded
             retired = (
@@ -1234,6 +1697,7 @@ class CertificateAuthority:
                 retired=retired,
                 number=snapshot.crl_number + 1,
                 now=now,
+                nodes=snapshot.nodes,
             )
             del root_key
             signer = _Signer(
@@ -1244,6 +1708,12 @@ class CertificateAuthority:
                 fingerprint=_fingerprint(certificate),
             )
             cert_file, key_file = _intermediate_files(generation)
+            new_files = {
+                cert_file: certificate.public_bytes(serialization.Encoding.PEM),
+                _crl_file(snapshot.crl_number + 1): crl.public_bytes(serialization.Encoding.DER),
+            }
+            if token_key is None:
+                new_files[key_file] = _plain_private_key(key)
             self._commit(
                 replace={
                     "intermediate": signer,
@@ -1252,17 +1722,187 @@ class CertificateAuthority:
                     "crl": crl,
                     "crl_number": snapshot.crl_number + 1,
                 },
-                new_files={
-                    key_file: _plain_private_key(key),
-                    cert_file: certificate.public_bytes(serialization.Encoding.PEM),
-                    _crl_file(snapshot.crl_number + 1): crl.public_bytes(
-                        serialization.Encoding.DER
-                    ),
-                },
+                new_files=new_files,
                 old_files=[
                     _intermediate_files(snapshot.generation)[1],
                     _crl_file(snapshot.crl_number),
                 ],
+            )
+
+    # -- node intermediates ----------------------------------------------------------------------
+
+    def issue_node_intermediate(
+        self,
+        node: str,
+        *,
+        now: dt.datetime,
+        passphrase: Passphrase | None = None,
+        root_key_file: Path | None = None,
+        public_key: PublicKey | None = None,
+    ) -> tuple[NodeIntermediate, PrivateKey | None]:
+        """Issue an intermediate for one node of a multi-node installation, signed by the root.
+
+        Each node signs its leaves with its own intermediate, so a compromised node is revoked
+        alone (:meth:`revoke_node_intermediate`) while every client keeps trusting the same
+        root. The node imports the result with ``ca init --import-intermediate``.
+
+        Args:
+            node: the node's name (``[a-z0-9-]``, at most 32 characters), unique among the
+                intermediates not revoked.
+            now: the current time.
+            passphrase: for an encrypted root key.
+            root_key_file: the root key, when it was moved offline.
+            public_key: the node's public key (its private key stays where it is, e.g. in the
+                node's token); without it a key of the CA's key type is generated and returned.
+
+        Returns:
+            The node intermediate and its new private key (``None`` with ``public_key``).
+
+        Raises:
+            ConfigurationError: ``node_name``, ``node_exists``, ``imported``,
+                ``root_key_unavailable``, ``passphrase``, ``state_changed``.
+        """
+        now = _utc_now_param(now)
+        self._refuse_imported("issue node intermediates")
+        if not isinstance(node, str) or _NODE_NAME.fullmatch(node) is None:
+            raise ConfigurationError(
+                f"node name {node!r}: use 1 to 32 lower-case letters, digits and inner hyphens",
+                reason="node_name",
+            )
+        if public_key is not None:
+            _check_issuing_key(public_key, "the node's public key")
+        with self._lock, self._writing():
+            snapshot = self._snapshot
+            for existing in snapshot.nodes:
+                if existing.name == node and existing.revoked is None:
+                    raise ConfigurationError(
+                        f"node {node} already has an intermediate (serial "
+                        f"{existing.certificate.serial_number:x}); revoke it first: python -m "
+                        f"tlsmitm ca revoke-node-intermediate {node}",
+                        reason="node_exists",
+                    )
+            root_key = self._root_key(passphrase, root_key_file)
+            root = snapshot.root
+            not_after = min(now + INTERMEDIATE_LIFETIME, root.not_valid_after_utc)
+            if not_after <= now + dt.timedelta(days=1):
+                raise ConfigurationError(
+                    f"the root certificate expires on {root.not_valid_after_utc:%Y-%m-%d}; a "
+                    "new CA must be created and trusted",
+                    reason="ca_expired",
+                )
+            key = generate_key(self.key_type) if public_key is None else None
+            subject_key = key if key is not None else public_key
+            assert subject_key is not None
+            certificate = _ca_certificate(
+                subject=_subject(
+                    str(self._metadata["organization"]),
+                    self.installation_id,
+                    f"tlsmitm node {node} {self.installation_id}",
+                ),
+                issuer=root.subject,
+                public_key=subject_key,
+                signing_key=root_key,
+                not_before=max(now - CA_BACKDATE, root.not_valid_before_utc),
+                not_after=not_after,
+                path_length=0,
+                excluded=self.name_constraints_excluded,
+            )
+            del root_key
+            issued = NodeIntermediate(name=node, certificate=certificate, issued=now)
+            self._commit(
+                replace={"nodes": (*snapshot.nodes, issued)},
+                new_files={
+                    _node_file(len(snapshot.nodes) + 1): certificate.public_bytes(
+                        serialization.Encoding.PEM
+                    )
+                },
+                old_files=[],
+            )
+        return issued, key
+
+    def revoke_node_intermediate(
+        self,
+        node: str,
+        *,
+        now: dt.datetime,
+        passphrase: Passphrase | None = None,
+        root_key_file: Path | None = None,
+    ) -> NodeIntermediate:
+        """Revoke ``node``'s intermediate: list it in a new CRL (reason cACompromise).
+
+        The root and every other node's intermediate stay as they are.
+
+        Raises:
+            ConfigurationError: ``node_unknown`` (no such node with an intermediate in force),
+                ``imported``, ``root_key_unavailable``, ``passphrase``, ``state_changed``.
+        """
+        now = _utc_now_param(now)
+        self._refuse_imported("revoke node intermediates")
+        with self._lock, self._writing():
+            snapshot = self._snapshot
+            target = next((n for n in snapshot.nodes if n.name == node and n.revoked is None), None)
+            if target is None:
+                raise ConfigurationError(
+                    f"no node named {node!r} has an intermediate in force (see: python -m "
+                    "tlsmitm ca show)",
+                    reason="node_unknown",
+                )
+            root_key = self._root_key(passphrase, root_key_file)
+            revoked = NodeIntermediate(
+                name=target.name, certificate=target.certificate, issued=target.issued, revoked=now
+            )
+            nodes = tuple(revoked if n is target else n for n in snapshot.nodes)
+            number = snapshot.crl_number + 1
+            crl = _sign_crl(
+                root=snapshot.root,
+                root_key=root_key,
+                retired=snapshot.retired,
+                number=number,
+                now=now,
+                nodes=nodes,
+            )
+            del root_key
+            self._commit(
+                replace={"nodes": nodes, "crl": crl, "crl_number": number},
+                new_files={_crl_file(number): crl.public_bytes(serialization.Encoding.DER)},
+                old_files=[_crl_file(snapshot.crl_number)],
+            )
+        return revoked
+
+    def require_token_key(self, uri: str, token: TokenAccess | None = None) -> None:
+        """Make sure the intermediate's key is the token key ``uri`` names.
+
+        Raises:
+            ConfigurationError: ``key_mismatch`` with the command that moves the key into the
+                token; a ``pkcs11_*`` reason when the token key cannot be opened.
+        """
+        current = self._snapshot.intermediate.key
+        if isinstance(current, TokenKey) and str(current.uri) == uri:
+            return
+        other = open_token_key(uri, token)
+        try:
+            same = _spki(other) == _spki(current)
+        finally:
+            other.close()
+        if not same:
+            where = (
+                f"the token key {current.uri}"
+                if isinstance(current, TokenKey)
+                else "a key file in the state directory"
+            )
+            raise ConfigurationError(
+                f"the CA in {self.ca_dir} signs with {where}, not with {uri}; to move the "
+                f"issuing key into the token run: python -m tlsmitm ca rotate --ca-key '{uri}'",
+                reason="key_mismatch",
+            )
+
+    def _refuse_imported(self, what: str) -> None:
+        if self.imported:
+            raise ConfigurationError(
+                f"this CA's intermediate was imported (issued by {_describe(self.root_certificate)}"
+                f"): tlsmitm cannot {what} without that root's key; ask its holder, then import "
+                "the new intermediate into a new state directory",
+                reason="imported",
             )
 
     # -- for CertForge ---------------------------------------------------------------------------
@@ -1289,7 +1929,13 @@ class CertificateAuthority:
 
     @classmethod
     def _generate(
-        cls, *, key_type: str, excluded: list[str], organization: str, now: dt.datetime
+        cls,
+        *,
+        key_type: str,
+        excluded: list[str],
+        organization: str,
+        now: dt.datetime,
+        intermediate_key: PrivateKey | None = None,
     ) -> tuple[dict[str, Any], _Snapshot, PrivateKey]:
         root_key = generate_key(key_type)
         installation_id = hashlib.sha256(_spki(root_key)).hexdigest()[:16]
@@ -1313,21 +1959,9 @@ class CertificateAuthority:
             generation=1,
             excluded=excluded,
             now=now,
+            key=intermediate_key,
         )
-        error_key = generate_key(key_type)
-        error_subject = _subject(
-            organization, installation_id, f"tlsmitm error CA {installation_id} (never trusted)"
-        )
-        error = _ca_certificate(
-            subject=error_subject,
-            issuer=error_subject,
-            public_key=error_key,
-            signing_key=error_key,
-            not_before=now - CA_BACKDATE,
-            not_after=now + ERROR_CA_LIFETIME,
-            path_length=0,
-            excluded=(),
-        )
+        error, error_key = _new_error_ca(key_type, organization, installation_id, now)
         crl = _sign_crl(root=root, root_key=root_key, retired=(), number=1, now=now)
         snapshot = _Snapshot(
             root=root,
@@ -1365,10 +1999,27 @@ class CertificateAuthority:
     @staticmethod
     def _fill_metadata(metadata: dict[str, Any], snapshot: _Snapshot) -> None:
         metadata["root_sha256"] = _fingerprint(snapshot.root).hex()
-        metadata["intermediate"] = {
+        intermediate: dict[str, Any] = {
             "generation": snapshot.generation,
             "sha256": snapshot.intermediate.fingerprint.hex(),
         }
+        key = snapshot.intermediate.key
+        if isinstance(key, TokenKey):
+            intermediate["key"] = str(key.uri)  # never a PIN: parse_uri refuses pin-value
+        if metadata.get("origin") == "imported":
+            intermediate["chain_sha256"] = [
+                _fingerprint(cert).hex() for cert in snapshot.intermediate.chain[1:]
+            ]
+        metadata["intermediate"] = intermediate
+        metadata["nodes"] = [
+            {
+                "name": node.name,
+                "sha256": _fingerprint(node.certificate).hex(),
+                "issued": _iso(node.issued),
+                "revoked": _iso(node.revoked) if node.revoked is not None else None,
+            }
+            for node in snapshot.nodes
+        ]
         metadata["retired"] = [
             {
                 "generation": entry.generation,
@@ -1379,12 +2030,16 @@ class CertificateAuthority:
             for entry in snapshot.retired
         ]
         metadata["error_ca_sha256"] = snapshot.error.fingerprint.hex()
-        metadata["crl"] = {
-            "number": snapshot.crl_number,
-            "sha256": hashlib.sha256(
-                snapshot.crl.public_bytes(serialization.Encoding.DER)
-            ).hexdigest(),
-        }
+        metadata["crl"] = (
+            None
+            if snapshot.crl is None
+            else {
+                "number": snapshot.crl_number,
+                "sha256": hashlib.sha256(
+                    snapshot.crl.public_bytes(serialization.Encoding.DER)
+                ).hexdigest(),
+            }
+        )
 
     @staticmethod
     def _encode_metadata(metadata: dict[str, Any]) -> bytes:
@@ -1412,13 +2067,29 @@ class CertificateAuthority:
             )
         try:
             generation = metadata["intermediate"]["generation"]
-            number = metadata["crl"]["number"]
+            imported = metadata.get("origin", "generated") == "imported"
+            crl = metadata["crl"]
+            number = 1 if imported else crl["number"]
+            key_uri = metadata["intermediate"].get("key")
+            chain = metadata["intermediate"].get("chain_sha256", [])
+            nodes = metadata.get("nodes", [])
             checks = [
+                metadata.get("origin", "generated") in ("generated", "imported"),
+                crl is None if imported else isinstance(crl["sha256"], str),
+                key_uri is None or (isinstance(key_uri, str) and is_pkcs11_uri(key_uri)),
+                isinstance(chain, list) and all(isinstance(c, str) for c in chain),
+                isinstance(nodes, list) and not (imported and nodes),
+                all(
+                    isinstance(n["name"], str)
+                    and _NODE_NAME.fullmatch(n["name"]) is not None
+                    and isinstance(n["sha256"], str)
+                    and (n["revoked"] is None or isinstance(n["revoked"], str))
+                    for n in nodes
+                ),
                 isinstance(metadata["installation_id"], str),
                 isinstance(metadata["root_sha256"], str),
                 isinstance(metadata["error_ca_sha256"], str),
                 isinstance(metadata["intermediate"]["sha256"], str),
-                isinstance(metadata["crl"]["sha256"], str),
                 all(isinstance(e["sha256"], str) for e in metadata["retired"]),
                 metadata["key_type"] in KEY_TYPES,
                 isinstance(metadata["organization"], str),
@@ -1432,6 +2103,10 @@ class CertificateAuthority:
             ]
             for entry in metadata["retired"]:
                 _parse_iso(entry["retired"])
+            for node in nodes:
+                _parse_iso(node["issued"])
+                if node["revoked"] is not None:
+                    _parse_iso(node["revoked"])
             for name in metadata["name_constraints_excluded"]:
                 if _canonical_exclusion(name) != name:
                     checks.append(False)
@@ -1476,7 +2151,27 @@ class CertificateAuthority:
         return key
 
     @classmethod
-    def _load_snapshot(cls, ca_dir: Path, metadata: dict[str, Any]) -> _Snapshot:
+    def _load_chain(cls, ca_dir: Path, expected: list[str]) -> tuple[x509.Certificate, ...]:
+        if not expected:
+            return ()
+        data = _read_state_file(ca_dir / CHAIN_FILE, secret=False, what="the imported chain")
+        try:
+            chain = tuple(x509.load_pem_x509_certificates(data))
+        except ValueError:
+            chain = ()
+        if [_fingerprint(cert).hex() for cert in chain] != expected:
+            raise ConfigurationError(
+                f"the imported chain {ca_dir / CHAIN_FILE} is damaged or was replaced; import "
+                "the intermediate again into a new state directory",
+                reason="state_corrupt",
+            )
+        return chain
+
+    @classmethod
+    def _load_snapshot(
+        cls, ca_dir: Path, metadata: dict[str, Any], token: TokenAccess | None
+    ) -> _Snapshot:
+        imported = metadata.get("origin") == "imported"
         root = cls._load_certificate(
             ca_dir / ROOT_CERT_FILE, metadata["root_sha256"], "the root certificate"
         )
@@ -1485,20 +2180,73 @@ class CertificateAuthority:
         intermediate = cls._load_certificate(
             ca_dir / cert_file, metadata["intermediate"]["sha256"], "the intermediate certificate"
         )
-        intermediate_key = cls._load_private_key(ca_dir / key_file, intermediate, "intermediate")
+        chain = cls._load_chain(ca_dir, metadata["intermediate"].get("chain_sha256", []))
+        key_uri = metadata["intermediate"].get("key")
+        intermediate_key: PrivateKey
+        if key_uri is not None:
+            intermediate_key = open_token_key(key_uri, token)
+            cls._check_pair(intermediate_key, intermediate, Path(key_uri), "intermediate")
+        else:
+            intermediate_key = cls._load_private_key(
+                ca_dir / key_file, intermediate, "intermediate"
+            )
         error = cls._load_certificate(
             ca_dir / ERROR_CERT_FILE, metadata["error_ca_sha256"], "the error CA certificate"
         )
         error_key = cls._load_private_key(ca_dir / ERROR_KEY_FILE, error, "error CA")
-        try:
-            intermediate.verify_directly_issued_by(root)
-            error.verify_directly_issued_by(error)
-        except (ValueError, TypeError, InvalidSignature):
+        links = list(zip((intermediate, *chain), (*chain, root), strict=True))
+        if not all(_issued_by(child, parent) for child, parent in links) or not _issued_by(
+            error, error
+        ):
             raise ConfigurationError(
                 f"the certificates in {ca_dir} do not chain (intermediate not signed by the root, "
                 "or a damaged error CA); restore them from a backup",
                 reason="state_corrupt",
-            ) from None
+            )
+        nodes = []
+        for index, entry in enumerate(metadata.get("nodes", []), start=1):
+            certificate = cls._load_certificate(
+                ca_dir / _node_file(index), entry["sha256"], "a node intermediate certificate"
+            )
+            if not _issued_by(certificate, root):
+                raise ConfigurationError(
+                    f"the node intermediate {ca_dir / _node_file(index)} is not signed by the "
+                    "root; restore it from a backup",
+                    reason="state_corrupt",
+                )
+            revoked = entry["revoked"]
+            nodes.append(
+                NodeIntermediate(
+                    name=entry["name"],
+                    certificate=certificate,
+                    issued=_parse_iso(entry["issued"]),
+                    revoked=_parse_iso(revoked) if revoked is not None else None,
+                )
+            )
+        signer = _Signer(
+            kind=IssuerKind.TRUSTED,
+            certificate=intermediate,
+            key=intermediate_key,
+            chain=(intermediate, *chain),
+            fingerprint=_fingerprint(intermediate),
+        )
+        error_signer = _Signer(
+            kind=IssuerKind.ERROR,
+            certificate=error,
+            key=error_key,
+            chain=(),
+            fingerprint=_fingerprint(error),
+        )
+        if imported:
+            return _Snapshot(
+                root=root,
+                intermediate=signer,
+                generation=generation,
+                error=error_signer,
+                retired=(),
+                crl=None,
+                crl_number=0,
+            )
         retired = tuple(
             _Retired(
                 certificate=cls._load_certificate(
@@ -1528,24 +2276,13 @@ class CertificateAuthority:
             )
         return _Snapshot(
             root=root,
-            intermediate=_Signer(
-                kind=IssuerKind.TRUSTED,
-                certificate=intermediate,
-                key=intermediate_key,
-                chain=(intermediate,),
-                fingerprint=_fingerprint(intermediate),
-            ),
+            intermediate=signer,
             generation=generation,
-            error=_Signer(
-                kind=IssuerKind.ERROR,
-                certificate=error,
-                key=error_key,
-                chain=(),
-                fingerprint=_fingerprint(error),
-            ),
+            error=error_signer,
             retired=retired,
             crl=crl,
             crl_number=number,
+            nodes=tuple(nodes),
         )
 
     def _root_key(self, passphrase: Passphrase | None, root_key_file: Path | None) -> PrivateKey:

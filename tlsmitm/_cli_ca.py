@@ -1,10 +1,11 @@
-"""``python -m tlsmitm ca init|export|show|rotate``: manage the interception CA.
+"""``python -m tlsmitm ca init|export|show|rotate|issue-node-intermediate|…``: manage the CA.
 
 Every action takes ``--state-dir`` (default: ``$XDG_DATA_HOME/tlsmitm``, else
 ``~/.local/share/tlsmitm``; ``TLSMITM_STATE_DIR`` overrides both). Passphrases never come from the
 command line itself (it is visible to other users in ``ps``): ``--passphrase-file``,
 ``--passphrase-env`` (default variable ``TLSMITM_CA_PASSPHRASE``, read when set) or
-``--ask-passphrase``.
+``--ask-passphrase``. A PKCS#11 token's PIN likewise: ``--pin-file``, ``--pin-env`` (default
+variable ``TLSMITM_PKCS11_PIN``) or the URI's ``pin-source``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ._ca import (
@@ -26,12 +27,34 @@ from ._ca import (
     CertificateAuthority,
     KeyFileStatus,
     Passphrase,
+    PrivateKey,
+    _io_errors,
+    _is_encrypted_pem,
+    _parse_private_key,
+    _plain_private_key,
+    _write_atomic,
+    inspect_intermediate,
     passphrase_from_env,
 )
 from ._cli import default_state_dir
 from ._errors import ConfigurationError
+from ._pkcs11 import (
+    PIN_ENV,
+    TokenAccess,
+    is_pkcs11_uri,
+    open_token_key,
+    pin_from_env,
+    pin_from_file,
+)
 
-__all__ = ["register", "trust_instructions"]
+__all__ = [
+    "add_ca_source_arguments",
+    "add_token_arguments",
+    "ca_for_serve",
+    "register",
+    "token_access",
+    "trust_instructions",
+]
 
 _DOCS = "docs/trust.rst in the tlsmitm documentation"
 
@@ -67,12 +90,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     source.add_argument(
         "--ask-passphrase", action="store_true", help="prompt for the root key passphrase"
     )
+    token = argparse.ArgumentParser(add_help=False)
+    add_token_arguments(token)
     parser.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS, help="see ACTION -h")
     actions = parser.add_subparsers(dest="ca_action", metavar="ACTION", required=True)
 
     init = actions.add_parser(
         "init",
-        parents=[common, secret],
+        parents=[common, secret, token],
         help="create the CA (nothing happens if it exists)",
         description="Create the CA and print how to trust its root. With a passphrase the root "
         "key is stored encrypted. An existing CA is left untouched.",
@@ -87,11 +112,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "addresses in CIDR; may be repeated",
     )
     init.add_argument("--organization", default="tlsmitm", help="the O= of the CA subjects")
+    add_ca_source_arguments(init)
     init.set_defaults(func=_init)
 
     export = actions.add_parser(
         "export",
-        parents=[common, secret],
+        parents=[common, secret, token],
         help="write the root certificate (or the CRL) to stdout",
         description="Write the root certificate to stdout as PEM (or DER with --der), or the "
         "CRL as DER with --crl. The error CA is never exported.",
@@ -102,14 +128,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     show = actions.add_parser(
         "show",
-        parents=[common],
+        parents=[common, token],
         help="describe the CA: subjects, validity, fingerprints, key protection",
     )
     show.set_defaults(func=_show)
 
     rotate = actions.add_parser(
         "rotate",
-        parents=[common, secret],
+        parents=[common, secret, token],
         help="replace the intermediate (the trusted root stays the same)",
         description="Replace the online intermediate; the old one is revoked in the CRL. Needs "
         "the root key once. Restart running proxies afterwards.",
@@ -122,7 +148,198 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="the old intermediate key may have leaked (CRL reason cACompromise)",
     )
+    rotate.add_argument(
+        "--ca-key",
+        metavar="PKCS11-URI",
+        help="the new intermediate is for this key in a PKCS#11 token (RFC 7512 URI); required "
+        "when the current key is in a token",
+    )
     rotate.set_defaults(func=_rotate)
+
+    issue = actions.add_parser(
+        "issue-node-intermediate",
+        parents=[common, secret, token],
+        help="issue one node's own intermediate, signed by the root",
+        description="Issue an intermediate for one node of a multi-node installation, signed by "
+        "this installation's root. Writes OUT/NODE.pem (the intermediate, then the root) and "
+        "OUT/NODE.key (0600; not with --key). On the node: ca init --import-intermediate "
+        "NODE.pem NODE.key. A compromised node is revoked alone with revoke-node-intermediate.",
+    )
+    issue.add_argument("node", metavar="NODE", help="the node's name ([a-z0-9-], <= 32)")
+    issue.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="where to write NODE.pem/.key"
+    )
+    issue.add_argument(
+        "--key",
+        metavar="PKCS11-URI",
+        help="certify this token key (the node's own token) instead of generating a key",
+    )
+    issue.add_argument(
+        "--root-key", type=Path, metavar="PATH", help="the root key, when it was moved offline"
+    )
+    issue.set_defaults(func=_issue_node)
+
+    revoke = actions.add_parser(
+        "revoke-node-intermediate",
+        parents=[common, secret],
+        help="revoke one node's intermediate (listed in a new CRL)",
+        description="Revoke a node's intermediate: a new CRL signed by the root lists it (reason "
+        "cACompromise). The root and the other nodes are unaffected. Distribute the CRL (ca "
+        "export --crl).",
+    )
+    revoke.add_argument("node", metavar="NODE")
+    revoke.add_argument(
+        "--root-key", type=Path, metavar="PATH", help="the root key, when it was moved offline"
+    )
+    revoke.set_defaults(func=_revoke_node)
+
+
+def add_token_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--pkcs11-module``, ``--pin-file``, ``--pin-env``: how to reach a PKCS#11 token."""
+    parser.add_argument(
+        "--pkcs11-module",
+        type=Path,
+        metavar="PATH",
+        help="the PKCS#11 module (library) of the token (default: from the URI's module-path or "
+        "module-name, or the only module registered with p11-kit)",
+    )
+    pin = parser.add_mutually_exclusive_group()
+    pin.add_argument(
+        "--pin-file", type=Path, metavar="PATH", help="read the token's user PIN from PATH"
+    )
+    pin.add_argument(
+        "--pin-env",
+        metavar="VAR",
+        help=f"read the token's user PIN from the environment variable VAR (default: {PIN_ENV})",
+    )
+
+
+def add_ca_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--import-intermediate CERT KEY``, ``--chain``, ``--ca-key`` (``ca init``, ``serve``)."""
+    parser.add_argument(
+        "--import-intermediate",
+        nargs=2,
+        metavar=("CERT", "KEY"),
+        help="sign leaves with this intermediate issued by your organisation's root (or by this "
+        "installation's root for a node); CERT may hold its chain up to the root; KEY is a PEM "
+        "file or a PKCS#11 URI",
+    )
+    parser.add_argument(
+        "--chain",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PEM",
+        help="more certificates of the imported intermediate's chain, up to and including the "
+        "root; may be repeated",
+    )
+    parser.add_argument(
+        "--ca-key",
+        metavar="PKCS11-URI",
+        help="keep the issuing (intermediate) key in a PKCS#11 token, e.g. "
+        "'pkcs11:token=tlsmitm;object=issuing?module-name=softhsm2' (RFC 7512)",
+    )
+
+
+def token_access(args: argparse.Namespace) -> TokenAccess:
+    """The :class:`~tlsmitm._pkcs11.TokenAccess` that ``add_token_arguments`` options describe."""
+    pin_file: Path | None = getattr(args, "pin_file", None)
+    pin_env: str | None = getattr(args, "pin_env", None)
+    pin = None
+    if pin_file is not None:
+        pin = pin_from_file(pin_file)
+    elif pin_env is not None:
+        pin = pin_from_env(pin_env)
+    return TokenAccess(module=getattr(args, "pkcs11_module", None), pin=pin)
+
+
+def _read_certificates(path: Path) -> list[x509.Certificate]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read {path}: {exc.strerror}", reason="import_refused"
+        ) from None
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        try:
+            return [x509.load_der_x509_certificate(data)]
+        except ValueError:
+            raise ConfigurationError(
+                f"{path} holds no PEM or DER certificate", reason="import_refused"
+            ) from None
+
+
+def import_from_args(args: argparse.Namespace, state_dir: Path) -> CertificateAuthority:
+    """Import ``--import-intermediate CERT KEY`` (and ``--chain``) into ``state_dir``."""
+    cert_path, key_text = args.import_intermediate
+    certificates = _read_certificates(Path(cert_path))
+    for path in args.chain:
+        certificates += _read_certificates(path)
+    key: PrivateKey | str = (
+        key_text if is_pkcs11_uri(key_text) else load_key_file(Path(key_text), _passphrase(args))
+    )
+    return CertificateAuthority.import_intermediate(
+        state_dir,
+        certificates=certificates,
+        key=key,
+        now=_now(),
+        token=token_access(args),
+    )
+
+
+def ca_for_serve(args: argparse.Namespace, state_dir: Path) -> CertificateAuthority | None:
+    """The CA ``serve``'s CA options describe, or ``None`` for the default (load or create).
+
+    ``--import-intermediate`` imports into a state directory without a CA, and otherwise
+    requires the one there to be that same intermediate; ``--ca-key`` creates a CA around the
+    token key, or requires the existing one to sign with it.
+    """
+    options = ("import_intermediate", "ca_key", "pin_file", "pin_env", "pkcs11_module")
+    if not any(getattr(args, name, None) for name in options):
+        return None
+    if getattr(args, "chain", None) and not args.import_intermediate:
+        raise ConfigurationError("--chain goes with --import-intermediate", reason="usage")
+    token = token_access(args)
+    if args.import_intermediate:
+        if args.ca_key:
+            raise ConfigurationError(
+                "give the token key as --import-intermediate CERT 'pkcs11:...', not with --ca-key",
+                reason="usage",
+            )
+        try:
+            ca = CertificateAuthority.load(state_dir, token=token)
+        except ConfigurationError as exc:
+            if exc.reason != "state_missing":
+                raise
+            return import_from_args(args, state_dir)
+        wanted = _read_certificates(Path(args.import_intermediate[0]))[0]
+        if ca.intermediate_certificate != wanted:
+            raise ConfigurationError(
+                f"the CA in {ca.ca_dir} signs with another intermediate "
+                f"({ca.intermediate_certificate.subject.rfc4514_string()}); import into a new "
+                "--state-dir",
+                reason="state_exists",
+            )
+        return ca
+    return CertificateAuthority.load_or_create(
+        state_dir, now=_now(), intermediate_key=args.ca_key, token=token
+    )
+
+
+def load_key_file(path: Path, passphrase: Passphrase | None) -> PrivateKey:
+    """A PEM private key file (encrypted ones with the passphrase options)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read the key {path}: {exc.strerror}", reason="import_refused"
+        ) from None
+    secret = None
+    if _is_encrypted_pem(data) and passphrase is not None:
+        secret = passphrase() if callable(passphrase) else passphrase
+    return _parse_private_key(data, path, secret, role="imported intermediate")
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -214,16 +431,35 @@ def _fail(exc: ConfigurationError) -> int:
 
 def _init(args: argparse.Namespace) -> int:
     state_dir = _state_dir(args)
+    if args.import_intermediate and args.ca_key:
+        print(
+            "tlsmitm: give the token key as --import-intermediate CERT 'pkcs11:...', not with "
+            "--ca-key",
+            file=sys.stderr,
+        )
+        return 2
+    if args.chain and not args.import_intermediate:
+        print("tlsmitm: --chain goes with --import-intermediate", file=sys.stderr)
+        return 2
     try:
-        existing = CertificateAuthority.load(state_dir)
+        existing = CertificateAuthority.load(state_dir, token=token_access(args))
     except ConfigurationError as exc:
         if exc.reason != "state_missing":
             return _fail(exc)
     else:
+        if args.import_intermediate:
+            print(
+                f"tlsmitm: a CA already exists in {existing.ca_dir}; it was left unchanged. "
+                "Import into a new --state-dir",
+                file=sys.stderr,
+            )
+            return 1
         print(f"A CA already exists in {existing.ca_dir}; it was left unchanged.")
         print("Root SHA-256: " + _colon_hex(existing.root_certificate.fingerprint(hashes.SHA256())))
         print(f"Inspect it with: python -m tlsmitm ca show{_state_dir_option(state_dir)}")
         return 0
+    if args.import_intermediate:
+        return _init_imported(args, state_dir)
     passphrase = _passphrase(args)
     try:
         ca = CertificateAuthority.create(
@@ -233,9 +469,13 @@ def _init(args: argparse.Namespace) -> int:
             name_constraints_excluded=args.exclude,
             organization=args.organization,
             now=_now(),
+            intermediate_key=args.ca_key,
+            token=token_access(args),
         )
     except ConfigurationError as exc:
         return _fail(exc)
+    if ca.intermediate_key_uri is not None:
+        print(f"Issuing key:  in the PKCS#11 token, {ca.intermediate_key_uri}")
     protection = "encrypted with your passphrase" if passphrase is not None else "not encrypted"
     print(f"Created a new tlsmitm CA in {ca.ca_dir}")
     print(f"Root:         {ca.root_certificate.subject.rfc4514_string()}")
@@ -250,6 +490,25 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init_imported(args: argparse.Namespace, state_dir: Path) -> int:
+    try:
+        ca = import_from_args(args, state_dir)
+    except ConfigurationError as exc:
+        return _fail(exc)
+    now = _now()
+    for warning in inspect_intermediate(ca.intermediate_certificate, now=now):
+        print(f"tlsmitm: warning: {warning}", file=sys.stderr)
+    print(f"Imported the intermediate into {ca.ca_dir}")
+    print(f"Intermediate: {ca.intermediate_certificate.subject.rfc4514_string()}")
+    print(f"Issued by:    {ca.root_certificate.subject.rfc4514_string()} (the root clients trust)")
+    print(f"Root SHA-256: {_colon_hex(ca.root_certificate.fingerprint(hashes.SHA256()))}")
+    print(f"Chain sent after each leaf: {len(ca.intermediate_chain)} certificate(s)")
+    if ca.intermediate_key_uri is not None:
+        print(f"Issuing key:  in the PKCS#11 token, {ca.intermediate_key_uri}")
+    print("Clients that trust that root accept the proxy's leaves; nothing new to install.")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     state_dir = _state_dir(args)
     binary = args.der or args.crl
@@ -260,7 +519,7 @@ def _export(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        ca = CertificateAuthority.load(state_dir)
+        ca = CertificateAuthority.load(state_dir, token=token_access(args))
         if args.crl:
             data = ca.export_crl(now=_now(), passphrase=_passphrase(args))
         else:
@@ -273,6 +532,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _describe_key_file(status: KeyFileStatus) -> str:
+    if status.token_uri is not None:
+        return f"in the PKCS#11 token {status.token_uri} (never leaves it)"
     if not status.present:
         if status.role == "root":
             return f"{status.path}: not here (offline); rotation needs --root-key PATH"
@@ -306,7 +567,7 @@ def _certificate_lines(certificate: x509.Certificate, now: dt.datetime) -> list[
 def _show(args: argparse.Namespace) -> int:
     state_dir = _state_dir(args)
     try:
-        ca = CertificateAuthority.load(state_dir)
+        ca = CertificateAuthority.load(state_dir, token=token_access(args))
     except ConfigurationError as exc:
         return _fail(exc)
     now = _now()
@@ -314,25 +575,42 @@ def _show(args: argparse.Namespace) -> int:
     lines = [f"tlsmitm CA in {ca.ca_dir} (installation {ca.installation_id})", ""]
     lines.append("Root (the certificate clients trust):")
     lines += _certificate_lines(ca.root_certificate, now)
-    lines.append(f"  key file: {_describe_key_file(files['root'])}")
+    if ca.imported:
+        lines.append("  key file: not here (the root of the PKI that issued the intermediate)")
+    else:
+        lines.append(f"  key file: {_describe_key_file(files['root'])}")
     lines.append("")
-    lines.append(f"Intermediate, generation {ca.generation} (online; signs every leaf):")
+    if ca.imported:
+        lines.append("Intermediate, imported (online; signs every leaf):")
+    else:
+        lines.append(f"Intermediate, generation {ca.generation} (online; signs every leaf):")
     lines += _certificate_lines(ca.intermediate_certificate, now)
     lines.append(f"  key file: {_describe_key_file(files['intermediate'])}")
+    for certificate in ca.intermediate_chain[1:]:
+        lines.append(f"  then:     {certificate.subject.rfc4514_string()} (sent with each leaf)")
     lines.append("")
     lines.append("Error CA (never exported, never trusted; for the clients' own warnings):")
     lines += _certificate_lines(ca.error_ca_certificate, now)[:2]
     lines.append(f"  key file: {_describe_key_file(files['error-ca'])}")
     lines.append("")
+    for node in ca.node_intermediates:
+        state = f"REVOKED {node.revoked:%Y-%m-%d}" if node.revoked is not None else "in force"
+        lines.append(
+            f"Node intermediate {node.name}: serial {node.certificate.serial_number:x}, issued "
+            f"{node.issued:%Y-%m-%d}, {state}"
+        )
+    if ca.node_intermediates:
+        lines.append("")
     crl = ca.stored_crl
-    next_update = crl.next_update_utc
-    lines.append(
-        f"CRL: number {ca.crl_number}, issued {crl.last_update_utc:%Y-%m-%d}, next "
-        f"update {next_update:%Y-%m-%d}, {len(ca.retired_intermediates)} retired "
-        "intermediate(s) revoked"
-        if next_update is not None
-        else f"CRL: number {ca.crl_number}"
-    )
+    if crl is None:
+        lines.append("CRL: none here (the PKI that issued the intermediate publishes it)")
+    elif crl.next_update_utc is not None:
+        revoked = sum(1 for node in ca.node_intermediates if node.revoked is not None)
+        lines.append(
+            f"CRL: number {ca.crl_number}, issued {crl.last_update_utc:%Y-%m-%d}, next "
+            f"update {crl.next_update_utc:%Y-%m-%d}, {len(ca.retired_intermediates)} retired "
+            f"intermediate(s) and {revoked} node intermediate(s) revoked"
+        )
     constraints = ", ".join(ca.name_constraints_excluded) or "none"
     lines.append(f"Name constraints (never vouches for): {constraints}")
     warnings = _warnings(ca, files, now)
@@ -346,9 +624,11 @@ def _show(args: argparse.Namespace) -> int:
 def _warnings(
     ca: CertificateAuthority, files: dict[str, KeyFileStatus], now: dt.datetime
 ) -> list[str]:
-    out = []
+    out: list[str] = []
     option = _state_dir_option(ca.state_dir or default_state_dir())
-    if ca.intermediate_certificate.not_valid_after_utc - now < dt.timedelta(days=60):
+    if ca.imported:
+        out += inspect_intermediate(ca.intermediate_certificate, now=now)
+    elif ca.intermediate_certificate.not_valid_after_utc - now < dt.timedelta(days=60):
         out.append(
             "the intermediate expires within 60 days; run: python -m tlsmitm ca rotate" + option
         )
@@ -359,7 +639,7 @@ def _warnings(
         out.append(
             "the root key is stored unencrypted; consider moving it offline (see docs/ca.rst)"
         )
-    next_update = ca.stored_crl.next_update_utc
+    next_update = ca.stored_crl.next_update_utc if ca.stored_crl is not None else None
     if next_update is not None and next_update <= now:
         out.append("the CRL has expired; re-sign it with: python -m tlsmitm ca export --crl")
     return out
@@ -369,13 +649,15 @@ def _rotate(args: argparse.Namespace) -> int:
     state_dir = _state_dir(args)
     passphrase = _passphrase(args)
     try:
-        ca = CertificateAuthority.load(state_dir)
+        ca = CertificateAuthority.load(state_dir, token=token_access(args))
         old = ca.intermediate_certificate
         ca.rotate_intermediate(
             now=_now(),
             passphrase=passphrase,
             root_key_file=args.root_key,
             compromised=args.compromised,
+            intermediate_key=args.ca_key,
+            token=token_access(args),
         )
     except ConfigurationError as exc:
         return _fail(exc)
@@ -384,4 +666,74 @@ def _rotate(args: argparse.Namespace) -> int:
     fingerprint = _colon_hex(ca.intermediate_certificate.fingerprint(hashes.SHA256()))
     print(f"New intermediate SHA-256: {fingerprint}")
     print("The root is unchanged: clients keep trusting it. Restart running proxies.")
+    return 0
+
+
+def _issue_node(args: argparse.Namespace) -> int:
+    state_dir = _state_dir(args)
+    out: Path = args.out
+    try:
+        ca = CertificateAuthority.load(state_dir, token=token_access(args))
+        public_key = None
+        if args.key is not None:
+            token_key = open_token_key(args.key, token_access(args))
+            public_key = token_key.public_key()
+            token_key.close()
+        for name in (f"{args.node}.pem", f"{args.node}.key"):
+            if (out / name).exists():
+                raise ConfigurationError(
+                    f"{out / name} exists; it was left untouched (choose another --out)",
+                    reason="node_exists",
+                )
+        node, key = ca.issue_node_intermediate(
+            args.node,
+            now=_now(),
+            passphrase=_passphrase(args),
+            root_key_file=args.root_key,
+            public_key=public_key,
+        )
+        pem = serialization.Encoding.PEM
+        with _io_errors(f"cannot write the node's files to {out}"):
+            out.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if key is not None:
+                _write_atomic(out, f"{args.node}.key", _plain_private_key(key))
+            _write_atomic(
+                out,
+                f"{args.node}.pem",
+                node.certificate.public_bytes(pem) + ca.root_certificate.public_bytes(pem),
+            )
+    except ConfigurationError as exc:
+        return _fail(exc)
+    print(f"Issued node {node.name}'s intermediate: serial {node.certificate.serial_number:x}")
+    print(f"Certificate and root: {out / (args.node + '.pem')}")
+    if key is not None:
+        print(
+            f"Private key (0600):   {out / (args.node + '.key')} -- move it to the node, then "
+            "delete it here"
+        )
+        key_arg = f"{args.node}.key"
+    else:
+        key_arg = f"'{args.key}'"
+    print(f"On the node: python -m tlsmitm ca init --import-intermediate {args.node}.pem {key_arg}")
+    return 0
+
+
+def _revoke_node(args: argparse.Namespace) -> int:
+    state_dir = _state_dir(args)
+    try:
+        ca = CertificateAuthority.load(state_dir)
+        node = ca.revoke_node_intermediate(
+            args.node, now=_now(), passphrase=_passphrase(args), root_key_file=args.root_key
+        )
+    except ConfigurationError as exc:
+        return _fail(exc)
+    print(
+        f"Revoked node {node.name}'s intermediate (serial {node.certificate.serial_number:x}) in "
+        f"CRL number {ca.crl_number}."
+    )
+    print(
+        "Distribute the CRL: python -m tlsmitm ca export --crl"
+        + _state_dir_option(state_dir)
+        + " > tlsmitm.crl"
+    )
     return 0

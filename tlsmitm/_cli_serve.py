@@ -211,6 +211,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_scan_arguments(parser)
     add_logging_arguments(parser)
+    from ._cli_ca import add_ca_source_arguments, add_token_arguments
+
+    add_ca_source_arguments(parser)
+    add_token_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -367,6 +371,7 @@ def build_interceptor(args: argparse.Namespace) -> object:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    from ._cli_ca import ca_for_serve
     from ._workers import state_lock
 
     # Under the state directory's lock: workers (and supervisors) starting together on a fresh
@@ -381,6 +386,7 @@ def build_interceptor(args: argparse.Namespace) -> object:
                 rules_file=getattr(args, "rules", None),
                 config=config,
                 state=getattr(args, "state", None),
+                ca=ca_for_serve(args, state_dir),
             )
     except PermissionError as exc:
         raise ConfigurationError(

@@ -285,6 +285,7 @@ class Interceptor:
         hooks: Hooks | None = None,
         connector: Connector | None = None,
         state: str | None = None,
+        ca: CertificateAuthority | None = None,
     ) -> Interceptor:
         """A persistent installation in ``state_dir``: CA created on first use, state shared.
 
@@ -292,11 +293,14 @@ class Interceptor:
         (shared by the workers of this machine), or ``redis://HOST:PORT/DB`` (shared by several
         machines). Either sits behind a per-worker :class:`~tlsmitm.CachedStore`; a store that
         cannot be written is noted in :attr:`state_problem` (and costs no response).
+        ``ca``: an already loaded CA (an imported intermediate, a key in a PKCS#11 token); by
+        default the one in ``state_dir`` is loaded, or created.
         """
         from .._verify import TrustConfig
 
         now = _utc_now()
-        ca = CertificateAuthority.load_or_create(state_dir, passphrase=passphrase, now=now)
+        if ca is None:
+            ca = CertificateAuthority.load_or_create(state_dir, passphrase=passphrase, now=now)
         backend, problem = open_state_store(state_dir, state)
         store = CachedStore(backend)
         try:

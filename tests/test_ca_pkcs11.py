@@ -1,0 +1,344 @@
+"""Issuing keys in a PKCS#11 token: RFC 7512 URIs, a real SoftHSM2 token, leaves signed through
+it, and ``serve --ca-key`` answering curl.
+
+The token is made by the test (``tests/softhsm.py``): a private token directory, keys generated
+inside the token by ``pkcs11-tool``. The private keys never exist outside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from ca_tls import curl_through_serve, handshake, origin
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from pki import DAY, NOW, good_hierarchy, issue, make_root
+from softhsm import PIN, SoftToken, make_token, module_path
+
+from tlsmitm import ConfigurationError
+from tlsmitm._ca import CertificateAuthority
+from tlsmitm._forge import CertForge
+from tlsmitm._pkcs11 import (
+    MODULE_ENV,
+    Pkcs11Uri,
+    TokenAccess,
+    TokenKey,
+    find_module,
+    open_token_key,
+    parse_uri,
+    pin_from_file,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+HOST = "www.example.test"
+PEM = serialization.Encoding.PEM
+
+# -- RFC 7512 URIs (pure) -----------------------------------------------------------------------
+
+VALID = [
+    (
+        "pkcs11:token=tlsmitm;object=issuing",
+        {"token": "tlsmitm", "object": "issuing"},
+        {},
+    ),
+    (
+        "PKCS11:object=my%20key;id=%01%a2;type=private?module-name=softhsm2&pin-source=/etc/pin",
+        {"object": "my key", "id": "01a2", "type": "private"},
+        {"module-name": "softhsm2", "pin-source": "/etc/pin"},
+    ),
+    (  # RFC 7512 §3: "&" may appear in the path, "/" and "?" in the query
+        "pkcs11:token=A&B;object=k;x-vendor=1?module-path=/usr/lib/p11/x.so",
+        {"token": "A&B", "object": "k", "x-vendor": "1"},
+        {"module-path": "/usr/lib/p11/x.so"},
+    ),
+    (
+        "pkcs11:manufacturer=SoftHSM%20project;serial=66697b06;slot-id=3;id=%ff",
+        {"manufacturer": "SoftHSM project", "serial": "66697b06", "slot-id": "3", "id": "ff"},
+        {},
+    ),
+]
+
+INVALID = [
+    ("token=a;object=b", "must start with 'pkcs11:'"),
+    ("pkcs11:object=a;object=b", "appears twice"),
+    ("pkcs11:object=a;colour=blue", "unknown attribute"),
+    ("pkcs11:object=a%2", "two hex digits"),
+    ("pkcs11:object=a%zz", "two hex digits"),
+    ("pkcs11:object=a b", "must be percent-encoded"),
+    ("pkcs11:object=a/b", "must be percent-encoded"),
+    ("pkcs11:object", "is not NAME=VALUE"),
+    ("pkcs11:token=t", "name the key"),
+    ("pkcs11:object=a;type=secret", "type must be one of"),
+    ("pkcs11:object=a;slot-id=x", "slot-id must be"),
+    ("pkcs11:object=%ff%fe", "not UTF-8"),
+    ("pkcs11:object=a?pin-value=1234", "would be visible in ps"),
+]
+
+
+@pytest.mark.parametrize(("text", "path", "query"), VALID)
+def test_uri_parses(text: str, path: dict[str, str], query: dict[str, str]) -> None:
+    uri = parse_uri(text)
+    assert uri.path == path
+    assert uri.query == query
+    assert str(uri) == text
+
+
+@pytest.mark.parametrize(("text", "message"), INVALID)
+def test_bad_uris_are_refused_with_a_reason(text: str, message: str) -> None:
+    with pytest.raises(ConfigurationError) as excinfo:
+        parse_uri(text)
+    assert excinfo.value.reason == "pkcs11_uri"
+    assert message in str(excinfo.value)
+    assert "1234" not in str(excinfo.value)  # a PIN is never echoed
+
+
+def test_the_module_is_found_by_name_path_directory_or_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(MODULE_ENV, raising=False)
+    found = module_path()  # module-name=softhsm2: p11-kit's registry, then library dirs
+    assert found.is_file()
+    assert "softhsm2" in found.name
+    by_dir = Pkcs11Uri(
+        path={"object": "k"}, query={"module-name": "softhsm2", "module-path": str(found.parent)}
+    )
+    assert find_module(by_dir) == found
+    assert find_module(Pkcs11Uri(path={"object": "k"}), explicit=found) == found
+    monkeypatch.setenv(MODULE_ENV, str(found))
+    assert find_module(Pkcs11Uri(path={"object": "k"})) == found
+    monkeypatch.delenv(MODULE_ENV)
+    for uri, explicit in (
+        (Pkcs11Uri(path={"object": "k"}), tmp_path / "missing.so"),
+        (Pkcs11Uri(path={"object": "k"}, query={"module-name": "no-such-module"}), None),
+    ):
+        with pytest.raises(ConfigurationError) as excinfo:
+            find_module(uri, explicit)
+        assert excinfo.value.reason == "pkcs11_module"
+
+
+# -- a real token -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftToken]:
+    """One SoftHSM2 token for this module (a process initialises the module once)."""
+    with pytest.MonkeyPatch.context() as patch:
+        made = make_token(tmp_path_factory.mktemp("softhsm"), patch)
+        made.generate_ec_key("issuing", "01")
+        made.generate_ec_key("second", "02")
+        made.generate_ec_key("org", "03")
+        made.generate_ec_key("node", "04")
+        yield made
+
+
+@pytest.fixture
+def access(token: SoftToken) -> TokenAccess:
+    return TokenAccess(pin=pin_from_file(token.pin_file))
+
+
+def test_a_token_key_signs_and_never_leaves_the_token(
+    token: SoftToken, access: TokenAccess
+) -> None:
+    key = open_token_key(token.uri("issuing"), access)
+    assert isinstance(key, TokenKey)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    assert key.curve.name == "secp256r1"
+    assert key.key_size == 256
+    for data in (b"", b"x" * 1000):
+        signature = key.sign(data, ec.ECDSA(hashes.SHA256()))
+        key.public_key().verify(signature, data, ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(TypeError):
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    with pytest.raises(TypeError):
+        key.private_numbers()
+    with pytest.raises(TypeError):
+        pickle.dumps(key)
+    assert PIN not in repr(key)
+    other = open_token_key(token.uri("second"), access)  # the same token, already logged in
+    assert other.public_key() != key.public_key()
+    for uri, reason in (
+        (token.uri("absent"), "pkcs11_key"),
+        ("pkcs11:token=elsewhere;object=issuing?module-name=softhsm2", "pkcs11_token"),
+        (
+            f"pkcs11:token={token.label};object=issuing;type=public?module-name=softhsm2",
+            "pkcs11_key",
+        ),
+    ):
+        with pytest.raises(ConfigurationError) as excinfo:
+            open_token_key(uri, access)
+        assert excinfo.value.reason == reason
+
+
+def test_leaves_minted_through_the_token_are_accepted_by_a_client_trusting_the_root(
+    token: SoftToken, access: TokenAccess, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    uri = token.uri("issuing")
+    ca = CertificateAuthority.create(state, now=NOW, intermediate_key=uri, token=access)
+    assert ca.intermediate_key_uri == uri
+    token_key = open_token_key(uri, access)
+    assert ca.intermediate_certificate.public_key() == token_key.public_key()
+    assert not list((state / "ca").glob("intermediate-*.key"))  # no key file: it is in the token
+    metadata = json.loads((state / "ca" / "ca.json").read_text())
+    assert metadata["intermediate"]["key"] == uri
+    assert PIN not in (state / "ca" / "ca.json").read_text()
+
+    forge = CertForge(ca)
+    leaf = forge.leaf_for(HOST, now=NOW)
+    leaf.certificate.verify_directly_issued_by(ca.intermediate_certificate)
+    assert leaf.certificate.public_key() != token_key.public_key()  # leaves get their own keys
+    handshake(leaf, ca.root_certificate, HOST, tmp_path)
+    assert forge.leaf_for("other.example.test", now=NOW).host == "other.example.test"
+
+    # Loaded again: the key is opened in the token again; `ca show` material says where it is.
+    reloaded = CertificateAuthority.load(state, token=access)
+    (status,) = [s for s in reloaded.key_files() if s.role == "intermediate"]
+    assert status.token_uri == uri
+    assert not status.present
+    handshake(CertForge(reloaded).leaf_for(HOST, now=NOW), ca.root_certificate, HOST, tmp_path)
+
+    # The key stays in the token across rotations: a URI is required, and another token key
+    # gets a new intermediate under the same root.
+    with pytest.raises(ConfigurationError) as excinfo:
+        reloaded.rotate_intermediate(now=NOW)
+    assert excinfo.value.reason == "token_key"
+    second = token.uri("second")
+    reloaded.rotate_intermediate(now=NOW, intermediate_key=second, token=access)
+    assert reloaded.intermediate_key_uri == second
+    assert reloaded.root_certificate == ca.root_certificate
+    handshake(CertForge(reloaded).leaf_for(HOST, now=NOW), ca.root_certificate, HOST, tmp_path)
+    # load_or_create with a key that is not the CA's says how to move to it.
+    with pytest.raises(ConfigurationError) as excinfo:
+        CertificateAuthority.load_or_create(state, now=NOW, intermediate_key=uri, token=access)
+    assert excinfo.value.reason == "key_mismatch"
+    assert "ca rotate --ca-key" in str(excinfo.value)
+    assert (
+        CertificateAuthority.load_or_create(
+            state, now=NOW, intermediate_key=second, token=access
+        ).intermediate_key_uri
+        == second
+    )
+
+
+def test_an_org_intermediate_and_a_node_intermediate_can_keep_their_keys_in_the_token(
+    token: SoftToken, access: TokenAccess, tmp_path: Path
+) -> None:
+    # The organisation's PKI certified the public key of a key made in the token.
+    org_key = open_token_key(token.uri("org"), access)
+    root = make_root("ACME Root CA")
+    intermediate = issue(
+        subject_cn="ACME Proxy Issuing CA",
+        issuer=root,
+        key=org_key,  # only its public key is used: the root signs
+        ca=True,
+        path_length=0,
+        eku=(ExtendedKeyUsageOID.SERVER_AUTH,),
+        not_after=NOW + 365 * DAY,
+    )
+    ca = CertificateAuthority.import_intermediate(
+        tmp_path / "org",
+        certificates=[intermediate.cert, root.cert],
+        key=token.uri("org"),
+        now=NOW,
+        token=access,
+    )
+    assert ca.intermediate_key_uri == token.uri("org")
+    handshake(CertForge(ca).leaf_for(HOST, now=NOW), root.cert, HOST, tmp_path)
+    reloaded = CertificateAuthority.load(tmp_path / "org", token=access)
+    handshake(CertForge(reloaded).leaf_for(HOST, now=NOW), root.cert, HOST, tmp_path)
+
+    # This installation's root certifies a node's token key; the node imports it by URI.
+    installation = CertificateAuthority.create(tmp_path / "installation", now=NOW)
+    node_key = open_token_key(token.uri("node"), access)
+    node, generated = installation.issue_node_intermediate(
+        "node-a", now=NOW, public_key=node_key.public_key()
+    )
+    assert generated is None
+    assert node.certificate.public_key() == node_key.public_key()
+    node_ca = CertificateAuthority.import_intermediate(
+        tmp_path / "node-a",
+        certificates=[node.certificate, installation.root_certificate],
+        key=token.uri("node"),
+        now=NOW,
+        token=access,
+    )
+    handshake(
+        CertForge(node_ca).leaf_for(HOST, now=NOW), installation.root_certificate, HOST, tmp_path
+    )
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TLSMITM_STATE_DIR", "TLSMITM_PKCS11_PIN", "XDG_DATA_HOME")
+    }
+    env["HOME"] = str(tmp_path)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def test_cli_refuses_a_wrong_pin_and_a_pin_on_the_command_line(
+    token: SoftToken, tmp_path: Path
+) -> None:
+    wrong = tmp_path / "wrong-pin"
+    wrong.write_text("0000\n")
+    state = tmp_path / "state"
+    base = [sys.executable, "-m", "tlsmitm", "ca", "init", "--state-dir", str(state)]
+    for extra, message in (
+        (["--ca-key", token.uri("issuing"), "--pin-file", str(wrong)], "refused the PIN"),
+        (["--ca-key", token.uri("issuing") + "&pin-value=" + PIN], "would be visible in ps"),
+        (["--ca-key", token.uri("issuing")], "TLSMITM_PKCS11_PIN"),  # no PIN given at all
+    ):
+        result = subprocess.run(
+            base + extra, env=_env(tmp_path), capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert message in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        assert not (state / "ca" / "ca.json").exists()
+
+
+async def test_serve_with_the_issuing_key_in_the_token_is_trusted_by_curl(
+    nursery: trio.Nursery, token: SoftToken, tmp_path: Path
+) -> None:
+    upstream = good_hierarchy(HOST)
+    port = await origin(nursery, tmp_path, upstream)
+    upstream_root = tmp_path / "upstream-root.pem"
+    upstream_root.write_bytes(upstream.root.pem)
+    state = tmp_path / "state"
+    env = _env(tmp_path)
+    env["TLSMITM_PKCS11_PIN"] = PIN  # the environment variable, the other PIN source
+    args = ["--state-dir", str(state), "--extra-roots", str(upstream_root)]
+    args += ["--resolve", f"{HOST}=127.0.0.1", "--ca-key", token.uri("issuing")]
+    result, output = await curl_through_serve(
+        args,
+        url=f"https://{HOST}:{port}/",
+        cacert=state / "ca" / "root.pem",  # curl trusts the installation's root only
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr.decode() + output
+    assert result.stdout == b"hello from origin"
+    assert not list((state / "ca").glob("intermediate-*.key"))
+    root = x509.load_pem_x509_certificate((state / "ca" / "root.pem").read_bytes())
+    intermediate = x509.load_pem_x509_certificate(
+        (state / "ca" / "intermediate-1.pem").read_bytes()
+    )
+    intermediate.verify_directly_issued_by(root)
+    token_key = open_token_key(token.uri("issuing"), TokenAccess(pin=PIN.encode()))
+    assert intermediate.public_key() == token_key.public_key()
