@@ -17,7 +17,7 @@ from pathlib import Path
 
 __all__ = ["COMPONENTS", "ComponentResult", "run_component"]
 
-COMPONENTS = ("bench_forge", "bench_verify", "bench_hsts", "bench_clienthello")
+COMPONENTS = ("bench_forge", "bench_verify", "bench_hsts", "bench_clienthello", "bench_token")
 REPO = Path(__file__).resolve().parent.parent
 
 
