@@ -375,3 +375,35 @@ def test_cli_issues_a_node_intermediate_that_the_node_imports_and_revokes_it(
 def test_now_must_be_aware() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         check_imported_intermediate([], make_key("ec256"), now=dt.datetime(2026, 1, 1))  # type: ignore[arg-type]
+
+
+def test_serve_refuses_ca_options_that_do_not_go_together(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    for args, message in (
+        (["--chain", str(tmp_path / "root.pem")], "--chain goes with --import-intermediate"),
+        (
+            ["--import-intermediate", "a.pem", "a.key", "--ca-key", "pkcs11:object=k"],
+            "not with --ca-key",
+        ),
+    ):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tlsmitm",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--state-dir",
+                str(state),
+                *args,
+            ],
+            env=_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert message in result.stderr
+        assert not (state / "ca").exists()

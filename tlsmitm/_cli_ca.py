@@ -36,7 +36,7 @@ from ._ca import (
     inspect_intermediate,
     passphrase_from_env,
 )
-from ._cli import default_state_dir
+from ._cli import UsageError, default_state_dir
 from ._errors import ConfigurationError
 from ._pkcs11 import (
     PIN_ENV,
@@ -296,17 +296,16 @@ def ca_for_serve(args: argparse.Namespace, state_dir: Path) -> CertificateAuthor
     requires the one there to be that same intermediate; ``--ca-key`` creates a CA around the
     token key, or requires the existing one to sign with it.
     """
+    if getattr(args, "chain", None) and not getattr(args, "import_intermediate", None):
+        raise UsageError("--chain goes with --import-intermediate")
     options = ("import_intermediate", "ca_key", "pin_file", "pin_env", "pkcs11_module")
     if not any(getattr(args, name, None) for name in options):
         return None
-    if getattr(args, "chain", None) and not args.import_intermediate:
-        raise ConfigurationError("--chain goes with --import-intermediate", reason="usage")
     token = token_access(args)
     if args.import_intermediate:
         if args.ca_key:
-            raise ConfigurationError(
-                "give the token key as --import-intermediate CERT 'pkcs11:...', not with --ca-key",
-                reason="usage",
+            raise UsageError(
+                "give the token key as --import-intermediate CERT 'pkcs11:...', not with --ca-key"
             )
         try:
             ca = CertificateAuthority.load(state_dir, token=token)
