@@ -151,6 +151,26 @@ async def test_check_exit_codes(nursery: trio.Nursery, tmp_path: Path) -> None:
     assert code == 5, out
 
 
+def test_websocket_max_message_reaches_the_interceptor(tmp_path: Path) -> None:
+    from tlsmitm._cli import build_parser
+    from tlsmitm._cli_serve import build_interceptor
+    from tlsmitm._relay import Interceptor
+
+    parser = build_parser()
+    state = ["--state-dir", str(tmp_path / "state")]
+    default = build_interceptor(parser.parse_args(["serve", *state]))
+    small = build_interceptor(
+        parser.parse_args(["serve", *state, "--websocket-max-message", "65536"])
+    )
+    assert isinstance(default, Interceptor)
+    assert isinstance(small, Interceptor)
+    assert default.config.websocket_max_message == 16 * 1024 * 1024
+    assert small.config.websocket_max_message == 65536
+    for bad in ("0", "-5", "16MiB"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", *state, "--websocket-max-message", bad])
+
+
 def test_upstream_pool_seconds_reaches_the_interceptor(tmp_path: Path) -> None:
     from tlsmitm._cli import build_parser
     from tlsmitm._cli_serve import build_interceptor

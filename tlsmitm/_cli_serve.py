@@ -23,6 +23,7 @@ from cryptography import x509
 
 from ._cli import UsageError, default_state_dir
 from ._errors import ConfigurationError, TlsMitmError
+from ._websocket import DEFAULT_MAX_MESSAGE
 
 if TYPE_CHECKING:
     from ._scan import ScanSettings
@@ -210,6 +211,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "next connection to the same server (default 4; 0 turns pooling off)",
     )
     add_scan_arguments(parser)
+    parser.add_argument(
+        "--websocket-max-message",
+        type=_positive_bytes,
+        default=DEFAULT_MAX_MESSAGE,
+        metavar="BYTES",
+        help="the largest WebSocket message relayed, after reassembly and decompression; a "
+        "larger one closes the WebSocket with 1009 (default 16 MiB)",
+    )
     add_logging_arguments(parser)
     from ._cli_ca import add_ca_source_arguments, add_token_arguments
 
@@ -331,6 +340,16 @@ def _network(text: str) -> IPv4Network | IPv6Network:
         raise argparse.ArgumentTypeError(f"not an address or CIDR network: {text!r}") from None
 
 
+def _positive_bytes(text: str) -> int:
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r}") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte: {text!r}")
+    return size
+
+
 def _non_negative_seconds(text: str) -> float:
     try:
         seconds = float(text)
@@ -365,6 +384,7 @@ def build_interceptor(args: argparse.Namespace) -> object:
             keylog_path=getattr(args, "keylog", None),
             max_connections=getattr(args, "max_connections", 10_000),
             upstream_pool_seconds=getattr(args, "upstream_pool_seconds", 4.0),
+            websocket_max_message=getattr(args, "websocket_max_message", DEFAULT_MAX_MESSAGE),
             proxy_protocol=getattr(args, "proxy_protocol", False),
             trusted_balancers=tuple(getattr(args, "trusted_balancers", ())),
             scan=build_scan_settings(args),
