@@ -258,7 +258,7 @@ def plan_connection(
         return ConnectionPlan(
             decision=Decision.BLOCK, reason="alert", leaf=None, client_alpn=None, relay=None
         )
-    if kind in (ActionKind.BLOCK_PAGE, ActionKind.OVERRIDE_PAGE):
+    if action.needs_page:
         page_alpn = H1 if upstream.client_speaks_http and upstream.client_alpn else None
         return ConnectionPlan(
             decision=Decision.BLOCK,
@@ -284,7 +284,7 @@ def plan_connection(
             upstream_verified=verified,
         )
         reason = "overridden" if action.overridden else "verified"
-    record_sts = kind is ActionKind.INTERCEPT and verified and not action.overridden
+    record_sts = action.may_record_hsts and verified  # RFC 6797 §8.1
     client_alpn, relay, splice_reason, sniff_first = _choose_relay(upstream, upstream_alpn, relays)
     upstream_protocol = H1.decode() if upstream_alpn is None else _text(upstream_alpn)
     if relay is RelayKind.SPLICE:
