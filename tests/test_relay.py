@@ -346,6 +346,11 @@ async def test_known_hsts_host_never_gets_an_override(
         await trio.to_thread.run_sync(
             functools.partial(https_via_proxy, setup, good.port, [("GET", "/hsts", None)])
         )
+        # (The state writer records STS in a thread, after the response went out.)
+        now = dt.datetime.now(dt.UTC)
+        with trio.fail_after(10):
+            while not setup.interceptor.hsts.is_known_host(HOST, now=now):
+                await trio.sleep(0.01)
         results = await trio.to_thread.run_sync(
             functools.partial(https_via_proxy, setup, bad.port, [("GET", "/", None)])
         )
