@@ -11,8 +11,8 @@ import datetime as dt
 import os
 import ssl
 import stat
-import subprocess
-import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,8 @@ from pki import DAY, NOW, Issued, good_hierarchy, issue, make_key, make_root
 
 from tlsmitm import ConfigurationError
 from tlsmitm._ca import CertificateAuthority, check_imported_intermediate, inspect_intermediate
+from tlsmitm._cli import build_parser, main
+from tlsmitm._cli_ca import ca_for_serve
 from tlsmitm._forge import CertForge
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,18 +162,32 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def ca_cli(env: dict[str, str], *args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "tlsmitm", "ca", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
-    assert result.returncode == expect, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    return result
+@dataclass(frozen=True)
+class Ran:
+    code: int
+    stdout: str
+    stderr: str
+    raw: bytes
+
+
+@pytest.fixture
+def ca_cli(
+    capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Ran]:
+    """``tlsmitm ca ARGS`` through the command line's own entry point, in this process (the
+    interpreter start-up of a subprocess per call would cost seconds on a loaded machine)."""
+    for name in ("TLSMITM_STATE_DIR", "TLSMITM_CA_PASSPHRASE", "XDG_DATA_HOME"):
+        monkeypatch.delenv(name, raising=False)
+
+    def run(*args: str, expect: int = 0) -> Ran:
+        code = main(["ca", *args])
+        out, err = capsysbinary.readouterr()
+        ran = Ran(code=code, stdout=out.decode("utf-8", "replace"), stderr=err.decode(), raw=out)
+        assert code == expect, ran
+        assert "Traceback" not in ran.stderr
+        return ran
+
+    return run
 
 
 def _write(directory: Path, name: str, *certs: x509.Certificate) -> Path:
@@ -180,8 +196,7 @@ def _write(directory: Path, name: str, *certs: x509.Certificate) -> Path:
     return path
 
 
-def test_cli_imports_warns_refuses_and_shows(tmp_path: Path) -> None:
-    env = _env(tmp_path)
+def test_cli_imports_warns_refuses_and_shows(tmp_path: Path, ca_cli: Callable[..., Ran]) -> None:
     root = make_root("ACME Root CA")
     broad = org_intermediate(root, eku=None, extra=[])
     cert = _write(tmp_path, "issuing.pem", broad.cert)
@@ -191,7 +206,7 @@ def test_cli_imports_warns_refuses_and_shows(tmp_path: Path) -> None:
     state = tmp_path / "state"
 
     refused = ca_cli(
-        env, "init", "--state-dir", str(state), "--import-intermediate", str(cert), str(key),
+        "init", "--state-dir", str(state), "--import-intermediate", str(cert), str(key),
         expect=1,
     )  # fmt: skip
     assert refused.stderr.count("\n") == 1
@@ -199,7 +214,7 @@ def test_cli_imports_warns_refuses_and_shows(tmp_path: Path) -> None:
     assert not (state / "ca" / "ca.json").exists()
 
     done = ca_cli(
-        env, "init", "--state-dir", str(state), "--import-intermediate", str(cert), str(key),
+        "init", "--state-dir", str(state), "--import-intermediate", str(cert), str(key),
         "--chain", str(root_file),
     )  # fmt: skip
     assert "no extendedKeyUsage" in done.stderr
@@ -207,15 +222,15 @@ def test_cli_imports_warns_refuses_and_shows(tmp_path: Path) -> None:
     assert "Imported the intermediate" in done.stdout
     key_file = state / "ca" / "intermediate-1.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    shown = ca_cli(env, "show", "--state-dir", str(state)).stdout
+    shown = ca_cli("show", "--state-dir", str(state)).stdout
     assert "Intermediate, imported" in shown
     assert "no extendedKeyUsage" in shown
     assert "the PKI that issued the intermediate publishes it" in shown
-    exported = ca_cli(env, "export", "--state-dir", str(state)).stdout
+    exported = ca_cli("export", "--state-dir", str(state)).stdout
     assert exported.encode() == root.cert.public_bytes(PEM)
-    assert "imported" in ca_cli(env, "rotate", "--state-dir", str(state), expect=1).stderr
+    assert "imported" in ca_cli("rotate", "--state-dir", str(state), expect=1).stderr
     again = ca_cli(
-        env, "init", "--state-dir", str(state), "--import-intermediate", str(cert), str(key),
+        "init", "--state-dir", str(state), "--import-intermediate", str(cert), str(key),
         "--chain", str(root_file), expect=1,
     )  # fmt: skip
     assert "already exists" in again.stderr
@@ -233,7 +248,7 @@ async def test_serve_with_an_imported_intermediate_is_trusted_by_curl_trusting_t
     org_root = _write(tmp_path, "org-root.pem", root.cert)
     upstream_root = _write(tmp_path, "upstream-root.pem", upstream.root.cert)
     state = tmp_path / "state"
-    common = ["--state-dir", str(state), "--extra-roots", str(upstream_root)]
+    common = ["--state-dir", str(state), "--extra-roots", str(upstream_root), "--workers", "1"]
     common += ["--resolve", f"{HOST}=127.0.0.1", "--import-intermediate", str(chain), str(key)]
     result, output = await curl_through_serve(
         common, url=f"https://{HOST}:{port}/", cacert=org_root, env=_env(tmp_path)
@@ -241,11 +256,36 @@ async def test_serve_with_an_imported_intermediate_is_trusted_by_curl_trusting_t
     assert result.returncode == 0, result.stderr.decode() + output
     assert result.stdout == b"hello from origin"
     assert CertificateAuthority.load(state).intermediate_certificate == intermediate.cert
-    # A second start with the same option reuses the imported CA.
-    result, output = await curl_through_serve(
-        common, url=f"https://{HOST}:{port}/", cacert=org_root, env=_env(tmp_path)
-    )
-    assert result.returncode == 0, result.stderr.decode() + output
+
+
+def test_serve_reuses_the_imported_intermediate_and_refuses_another(
+    tmp_path: Path, org: tuple[Issued, Issued, Issued]
+) -> None:
+    root, policy, intermediate = org
+    chain = _write(tmp_path, "issuing.pem", intermediate.cert, policy.cert, root.cert)
+    key = tmp_path / "issuing.key"
+    key.write_bytes(intermediate.key_pem)
+    state = tmp_path / "state"
+    parser = build_parser()
+
+    def ca_of(*args: str) -> CertificateAuthority | None:
+        return ca_for_serve(parser.parse_args(["serve", *args]), state)
+
+    assert ca_of() is None  # no CA option: the interceptor loads or creates the usual CA
+    first = ca_of("--import-intermediate", str(chain), str(key))
+    assert first is not None
+    assert first.intermediate_certificate == intermediate.cert
+    again = ca_of("--import-intermediate", str(chain), str(key))
+    assert again is not None
+    assert again.intermediate_certificate == intermediate.cert
+    other = org_intermediate(root)
+    other_cert = _write(tmp_path, "other.pem", other.cert, root.cert)
+    other_key = tmp_path / "other.key"
+    other_key.write_bytes(other.key_pem)
+    with pytest.raises(ConfigurationError) as excinfo:
+        ca_of("--import-intermediate", str(other_cert), str(other_key))
+    assert excinfo.value.reason == "state_exists"
+    assert "another intermediate" in str(excinfo.value)
 
 
 # -- node intermediates ---------------------------------------------------------------------------
@@ -318,14 +358,13 @@ def test_each_node_signs_with_its_own_intermediate_and_one_is_revoked_alone(
 
 
 def test_cli_issues_a_node_intermediate_that_the_node_imports_and_revokes_it(
-    tmp_path: Path,
+    tmp_path: Path, ca_cli: Callable[..., Ran]
 ) -> None:
-    env = _env(tmp_path)
     installation = tmp_path / "installation"
-    ca_cli(env, "init", "--state-dir", str(installation))
+    ca_cli("init", "--state-dir", str(installation))
     out = tmp_path / "out"
     issued = ca_cli(
-        env, "issue-node-intermediate", "node-a", "--out", str(out), "--state-dir",
+        "issue-node-intermediate", "node-a", "--out", str(out), "--state-dir",
         str(installation),
     ).stdout  # fmt: skip
     assert "--import-intermediate node-a.pem node-a.key" in issued
@@ -335,39 +374,22 @@ def test_cli_issues_a_node_intermediate_that_the_node_imports_and_revokes_it(
     assert bundle[1] == root
     node_state = tmp_path / "node-a"
     ca_cli(
-        env, "init", "--state-dir", str(node_state), "--import-intermediate",
+        "init", "--state-dir", str(node_state), "--import-intermediate",
         str(out / "node-a.pem"), str(out / "node-a.key"),
     )  # fmt: skip
     node_ca = CertificateAuthority.load(node_state)
     assert node_ca.intermediate_certificate == bundle[0]
     handshake(CertForge(node_ca).leaf_for(HOST, now=NOW), root, HOST, tmp_path)
 
-    shown = ca_cli(env, "show", "--state-dir", str(installation)).stdout
+    shown = ca_cli("show", "--state-dir", str(installation)).stdout
     assert "Node intermediate node-a" in shown
     assert "in force" in shown
-    ca_cli(env, "revoke-node-intermediate", "node-a", "--state-dir", str(installation))
-    crl_der = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tlsmitm",
-            "ca",
-            "export",
-            "--crl",
-            "--state-dir",
-            str(installation),
-        ],
-        env=env,
-        capture_output=True,
-        timeout=60,
-        cwd=REPO,
-        check=True,
-    ).stdout
-    crl = x509.load_der_x509_crl(crl_der)
+    ca_cli("revoke-node-intermediate", "node-a", "--state-dir", str(installation))
+    crl = x509.load_der_x509_crl(ca_cli("export", "--crl", "--state-dir", str(installation)).raw)
     assert crl.get_revoked_certificate_by_serial_number(bundle[0].serial_number) is not None
-    assert "REVOKED" in ca_cli(env, "show", "--state-dir", str(installation)).stdout
+    assert "REVOKED" in ca_cli("show", "--state-dir", str(installation)).stdout
     unknown = ca_cli(
-        env, "revoke-node-intermediate", "node-z", "--state-dir", str(installation), expect=1
+        "revoke-node-intermediate", "node-z", "--state-dir", str(installation), expect=1
     )
     assert unknown.stderr.count("\n") == 1
 
@@ -377,7 +399,9 @@ def test_now_must_be_aware() -> None:
         check_imported_intermediate([], make_key("ec256"), now=dt.datetime(2026, 1, 1))  # type: ignore[arg-type]
 
 
-def test_serve_refuses_ca_options_that_do_not_go_together(tmp_path: Path) -> None:
+def test_serve_refuses_ca_options_that_do_not_go_together(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     state = tmp_path / "state"
     for args, message in (
         (["--chain", str(tmp_path / "root.pem")], "--chain goes with --import-intermediate"),
@@ -386,24 +410,7 @@ def test_serve_refuses_ca_options_that_do_not_go_together(tmp_path: Path) -> Non
             "not with --ca-key",
         ),
     ):
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tlsmitm",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--state-dir",
-                str(state),
-                *args,
-            ],
-            env=_env(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO,
-        )
-        assert result.returncode == 2, result.stdout + result.stderr
-        assert message in result.stderr
+        serve = ["serve", "--listen", "127.0.0.1:0", "--workers", "1", "--state-dir", str(state)]
+        assert main([*serve, *args]) == 2  # usage: refused before anything listens
+        assert message in capsys.readouterr().err
         assert not (state / "ca").exists()

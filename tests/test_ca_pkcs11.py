@@ -27,6 +27,7 @@ from softhsm import PIN, SoftToken, make_token, module_path
 
 from tlsmitm import ConfigurationError
 from tlsmitm._ca import CertificateAuthority
+from tlsmitm._cli import main
 from tlsmitm._forge import CertForge
 from tlsmitm._pkcs11 import (
     MODULE_ENV,
@@ -292,26 +293,39 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def test_cli_refuses_a_wrong_pin_and_a_pin_on_the_command_line(
-    token: SoftToken, tmp_path: Path
+def test_cli_refuses_a_wrong_pin_a_missing_one_and_one_in_the_uri(
+    token: SoftToken,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    state = tmp_path / "state"
+    init = ["ca", "init", "--state-dir", str(state), "--ca-key"]
+    # A wrong PIN, in a process of its own (this one is logged in to the token already, and
+    # PKCS#11 logins belong to the process).
     wrong = tmp_path / "wrong-pin"
     wrong.write_text("0000\n")
-    state = tmp_path / "state"
-    base = [sys.executable, "-m", "tlsmitm", "ca", "init", "--state-dir", str(state)]
-    for extra, message in (
-        (["--ca-key", token.uri("issuing"), "--pin-file", str(wrong)], "refused the PIN"),
-        (["--ca-key", token.uri("issuing") + "&pin-value=" + PIN], "would be visible in ps"),
-        (["--ca-key", token.uri("issuing")], "TLSMITM_PKCS11_PIN"),  # no PIN given at all
+    result = subprocess.run(
+        [sys.executable, "-m", "tlsmitm", *init, token.uri("issuing"), "--pin-file", str(wrong)],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "refused the PIN" in result.stderr
+    assert result.stderr.count("\n") == 1
+    monkeypatch.delenv("TLSMITM_PKCS11_PIN", raising=False)
+    for uri, message in (
+        (token.uri("issuing") + "&pin-value=" + PIN, "would be visible in ps"),
+        (token.uri("issuing"), "TLSMITM_PKCS11_PIN"),  # no PIN given at all
     ):
-        result = subprocess.run(
-            base + extra, env=_env(tmp_path), capture_output=True, text=True, timeout=60
-        )
-        assert result.returncode == 1, result.stdout + result.stderr
-        assert message in result.stderr, result.stderr
-        assert result.stderr.count("\n") == 1, result.stderr
-        assert "Traceback" not in result.stderr
-        assert not (state / "ca" / "ca.json").exists()
+        assert main([*init, uri]) == 1
+        err = capsys.readouterr().err
+        assert message in err
+        assert err.count("\n") == 1
+        assert PIN not in err
+    assert not (state / "ca" / "ca.json").exists()
 
 
 async def test_serve_with_the_issuing_key_in_the_token_is_trusted_by_curl(
@@ -324,7 +338,7 @@ async def test_serve_with_the_issuing_key_in_the_token_is_trusted_by_curl(
     state = tmp_path / "state"
     env = _env(tmp_path)
     env["TLSMITM_PKCS11_PIN"] = PIN  # the environment variable, the other PIN source
-    args = ["--state-dir", str(state), "--extra-roots", str(upstream_root)]
+    args = ["--state-dir", str(state), "--extra-roots", str(upstream_root), "--workers", "1"]
     args += ["--resolve", f"{HOST}=127.0.0.1", "--ca-key", token.uri("issuing")]
     result, output = await curl_through_serve(
         args,
