@@ -1,4 +1,5 @@
-"""Component benchmarks (``bench_forge``, ``bench_verify``, ``bench_hsts``, ``bench_clienthello``).
+"""Component benchmarks (``bench_forge``, ``bench_verify``, ``bench_hsts``, ``bench_clienthello``,
+``bench_scan``).
 
 Each module exposes ``run(seconds: float = 2.0) -> dict[str, float]``. They are imported lazily,
 each in a subprocess of its own (``python -m benchmarks._components NAME SECONDS``), so that one
@@ -17,8 +18,17 @@ from pathlib import Path
 
 __all__ = ["COMPONENTS", "ComponentResult", "run_component"]
 
-COMPONENTS = ("bench_forge", "bench_verify", "bench_hsts", "bench_clienthello", "bench_token")
+COMPONENTS = (
+    "bench_forge",
+    "bench_verify",
+    "bench_hsts",
+    "bench_clienthello",
+    "bench_token",
+    "bench_scan",
+)
 REPO = Path(__file__).resolve().parent.parent
+# Components that start servers of their own (bench_scan: nginx, clamd, c-icap, three proxies).
+_MIN_TIMEOUT = {"bench_scan": 300.0}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,7 +50,7 @@ class ComponentResult:
 
 def run_component(name: str, seconds: float, *, timeout: float | None = None) -> ComponentResult:
     """Run ``benchmarks.NAME.run(seconds)`` in a subprocess and collect its figures."""
-    limit = timeout if timeout is not None else 20 * seconds + 60
+    limit = timeout if timeout is not None else max(20 * seconds + 60, _MIN_TIMEOUT.get(name, 0))
     try:
         result = subprocess.run(
             [sys.executable, "-m", "benchmarks._components", name, str(seconds)],

@@ -22,7 +22,7 @@ from ._model import Clean, Infected, ScanContext, ScanFailed, Scanner, ScanVerdi
 __all__ = ["ClamdScanner", "instream_chunk", "parse_reply"]
 
 DEFAULT_STREAM_MAX_LENGTH = 25 * 1024 * 1024  # clamd.conf(5) StreamMaxLength default
-_CHUNK = 64 * 1024
+_CHUNK = 256 * 1024  # fewer, larger chunks: clamd spends per chunk (measured: 64 KiB ~1.6x slower)
 _MAX_REPLY = 4096
 
 
@@ -124,19 +124,25 @@ class ClamdScanner(Scanner):
         async with stream:
             try:
                 await stream.send_all(b"zINSTREAM\0")
+                pending = bytearray()  # small pieces are sent together, up to chunk_size
                 async for data in body:
-                    for start in range(0, len(data), self.chunk_size):
-                        piece = data[start : start + self.chunk_size]
-                        sent += len(piece)
-                        if sent > self.stream_max_length:
-                            return ScanFailed(
-                                scanner=self.name,
-                                reason="too_large",
-                                detail=f"body over clamd's StreamMaxLength "
-                                f"({self.stream_max_length} bytes)",
-                            )
-                        await stream.send_all(instream_chunk(piece))
-                await stream.send_all(instream_chunk(b""))
+                    sent += len(data)
+                    if sent > self.stream_max_length:
+                        return ScanFailed(
+                            scanner=self.name,
+                            reason="too_large",
+                            detail=f"body over clamd's StreamMaxLength "
+                            f"({self.stream_max_length} bytes)",
+                        )
+                    pending += data
+                    while len(pending) >= self.chunk_size:
+                        await stream.send_all(instream_chunk(bytes(pending[: self.chunk_size])))
+                        del pending[: self.chunk_size]
+                await stream.send_all(
+                    instream_chunk(bytes(pending)) + instream_chunk(b"")
+                    if pending
+                    else instream_chunk(b"")
+                )
             except (OSError, trio.BrokenResourceError):
                 pass  # clamd may have refused and closed: its reply says why
             try:

@@ -32,6 +32,7 @@ from ._model import Clean, Infected, Replaced, ScanContext, ScanFailed, Scanner,
 __all__ = ["IcapScanner"]
 
 _RECEIVE = 64 * 1024
+_SEND = 256 * 1024  # body bytes per chunk sent
 _DEFAULT_MAX_CONNECTIONS = 16
 # Hop-by-hop and framing fields do not describe the decoded body the server is sent.
 _FRAMING = frozenset(
@@ -293,13 +294,14 @@ class IcapScanner(Scanner):
     ) -> None:
         # The body is sent whole before the answer is read: servers (c-icap among them) answer
         # a non-preview request only after its last chunk.
-        if pending:
-            await conn.stream.send_all(encode_chunk(pending))
+        buffered = bytearray(pending)  # small pieces go out together, as one chunk
         if not body_done:
             async for chunk in body:
-                if chunk:
-                    await conn.stream.send_all(encode_chunk(chunk))
-        await conn.stream.send_all(LAST_CHUNK)
+                buffered += chunk
+                if len(buffered) >= _SEND:
+                    await conn.stream.send_all(encode_chunk(bytes(buffered)))
+                    buffered.clear()
+        await conn.stream.send_all(encode_chunk(bytes(buffered)) + LAST_CHUNK)
 
     def _verdict(self, response: IcapResponse) -> ScanVerdict:
         if response.status == 204:  # RFC 3507 §4.6: unmodified

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SpooledBody"]
 
-_READ = 256 * 1024
+_READ = 1024 * 1024
+_BLOCK = 1024 * 1024
 
 
 class SpooledBody:
@@ -62,13 +63,17 @@ class SpooledBody:
         if self._file is None and len(self._memory) + len(data) <= self.memory_limit:
             self._memory += data
             return
+        # On disk: written in blocks of about _BLOCK bytes, one worker-thread trip each.
+        self._memory += data
+        if len(self._memory) >= _BLOCK or self._file is None:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if self._file is None:
             self._file = await trio.to_thread.run_sync(self._open_file)
-            held, self._memory = bytes(self._memory), bytearray()
-            if held:
-                await self._file.write(held)
-        file = self._file
-        await file.write(data)
+        held, self._memory = bytes(self._memory), bytearray()
+        if held:
+            await self._file.write(held)
 
     def _open_file(self) -> AsyncIOWrapper[io.BufferedRandom]:
         fd, name = tempfile.mkstemp(prefix="tlsmitm-spool-", dir=self.directory)  # mode 0600
@@ -87,6 +92,8 @@ class SpooledBody:
             for start in range(0, len(view), size):
                 yield view[start : start + size]
             return
+        if self._memory:
+            await self._flush()
         await self._file.seek(0)
         while True:
             data = await self._file.read(size)
