@@ -120,6 +120,11 @@ def form_fields(page: bytes) -> tuple[str, str]:
     return ref.group(1).decode(), token.group(1).decode()
 
 
+def decisions(node: Node, host: str) -> int:
+    """How many decisions ``node`` has logged for ``host``."""
+    return len(re.findall(rf"host={re.escape(host)} port=", node.log()))
+
+
 async def decision_for(node: Node, host: str, count: int = 1) -> list[str]:
     """The reasons of the last decisions logged for ``host`` (waits for ``count`` of them)."""
     pattern = re.compile(rf"host={re.escape(host)} port=\d+ decision=\w+ reason=(\w+)")
@@ -247,3 +252,81 @@ async def test_haproxy_balances_two_nodes_sharing_redis(
             if balancer.returncode is None:
                 balancer.kill()
                 await balancer.wait()
+
+
+# -- when Redis goes away ----------------------------------------------------------------------
+
+PRELOADED = "expired.example.dev"  # .dev is on Chromium's preload list with includeSubDomains
+
+
+@asynccontextmanager
+async def node_with_history(
+    nursery: trio.Nursery, tmp: Path, redis: RedisServer
+) -> AsyncIterator[tuple[Node, Origins]]:
+    """One node on Redis that has learned STS for GOOD and holds an override grant for BAD
+    (for client 127.0.0.1)."""
+    origins = await start_origins(nursery, tmp)
+    args = [
+        "--workers", "1", "--error-mode", "page", "--state", redis.url,
+        "--state-dir", str(tmp / "node"), "--extra-roots", str(origins.roots),
+        "--resolve", f"{GOOD}=127.0.0.1", "--resolve", f"{BAD_UNDER_HSTS}=127.0.0.1",
+        "--resolve", f"{BAD}=127.0.0.1", "--resolve", f"{PRELOADED}=127.0.0.1",
+    ]  # fmt: skip
+    async with serve_node(tmp, "node", args) as node:
+        cacert = node.cacert
+        assert (await curl(node, f"https://{GOOD}:{origins.good}/hsts", cacert)).stdout == b"hsts"
+        bad_hsts = f"https://{BAD_UNDER_HSTS}:{origins.bad_under_hsts}/"
+        with trio.fail_after(30):
+            while True:
+                redirect_ref(await curl(node, bad_hsts, cacert, "-i"))
+                if (await decision_for(node, BAD_UNDER_HSTS))[-1] == "block_page":
+                    break
+                await trio.sleep(0.2)
+        bad = f"https://{BAD}:{origins.bad}/"
+        ref = redirect_ref(await curl(node, bad, cacert, "-i"))
+        page = await curl(node, f"https://error.invalid/error/{ref}", cacert)
+        ref, token = form_fields(page.stdout)
+        await trio.sleep(1.1)  # the page's click delay
+        granted = await curl(node, "https://error.invalid/override", cacert, "-i",
+                             *OVERRIDE_HEADERS, "--data", f"ref={ref}&token={token}")  # fmt: skip
+        assert status_of(granted) == 303
+        assert (await curl(node, bad, cacert)).stdout == b"hello from origin"
+        yield node, origins
+
+
+async def test_when_redis_goes_away_responses_go_on_hsts_holds_and_no_override_is_granted(
+    nursery: trio.Nursery, tmp_path: Path, redis: RedisServer
+) -> None:
+    async with node_with_history(nursery, tmp_path, redis) as (node, origins):
+        await trio.to_thread.run_sync(redis.stop)
+        cacert = node.cacert
+        # Responses are delivered, also one carrying STS (its entry is kept in memory).
+        for path, body in (("/", b"hello from origin"), ("/hsts", b"hsts")):
+            result = await curl(node, f"https://{GOOD}:{origins.good}{path}", cacert)
+            assert result.stdout == body, result.stderr
+        # HSTS is enforced from the local cache ...
+        bad_hsts = f"https://{BAD_UNDER_HSTS}:{origins.bad_under_hsts}/"
+        seen = decisions(node, BAD_UNDER_HSTS)
+        redirect_ref(await curl(node, bad_hsts, cacert, "-i"))
+        assert (await decision_for(node, BAD_UNDER_HSTS, seen + 1))[-1] == "block_page"
+        # ... and from the preload list.
+        redirect_ref(await curl(node, f"https://{PRELOADED}:{origins.bad}/", cacert, "-i"))
+        assert (await decision_for(node, PRELOADED))[-1] == "block_page"
+        # The override granted before cannot be checked now: it is not granted.
+        seen = decisions(node, BAD)
+        redirect_ref(await curl(node, f"https://{BAD}:{origins.bad}/", cacert, "-i"))
+        assert (await decision_for(node, BAD, seen + 1))[-1] == "override_page"
+        assert "state store failed" in node.log()  # reported (at WARNING, rate-limited)
+
+
+async def test_the_node_reconnects_when_redis_returns(
+    nursery: trio.Nursery, tmp_path: Path, redis: RedisServer
+) -> None:
+    async with node_with_history(nursery, tmp_path, redis) as (node, origins):
+        bad = f"https://{BAD}:{origins.bad}/"
+        await trio.to_thread.run_sync(redis.stop)
+        redirect_ref(await curl(node, bad, node.cacert, "-i"))  # no grant while Redis is away
+        await trio.to_thread.run_sync(redis.start)  # same port and data (append-only file)
+        with trio.fail_after(30):
+            while (await curl(node, bad, node.cacert)).stdout != b"hello from origin":
+                await trio.sleep(0.2)  # the grant, read from Redis again

@@ -1125,6 +1125,31 @@ class InterceptPolicy:
                 return decision
         return self._fallback(query)
 
+    @property
+    def store(self) -> StateStore:
+        """Where learned bypasses live."""
+        return self._store
+
+    def learned_lookups(
+        self, *, client_ip: str, host: str | None, port: int
+    ) -> tuple[tuple[str, str], ...]:
+        """The (namespace, key) pairs :meth:`decide` reads from the store for this connection.
+
+        A driver fetches them off its event loop first (into a cache such as
+        :class:`~tlsmitm.CachedStore`), so that :meth:`decide` itself does no I/O.
+
+        Raises:
+            InvalidHostName: ``host`` is malformed.
+            ValueError: the address or the port is malformed.
+        """
+        query = _Query.build(client_ip=client_ip, host=host, port=port, destination_ip=None)
+        if query.host is None:
+            return ()
+        return (
+            (_NS_CLIENT_CERT, _client_cert_key(query.host, query.port)),
+            (_NS_PINNING, _pinning_key(query.client, query.host, query.port)),
+        )
+
     def _decide_before_category(self, query: _Query, now: float) -> Decision | None:
         rule = self._rules._first_match(query)
         if rule is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -114,8 +115,15 @@ class Downstream:
             ix.stats.client_handshake_failures += 1
             alert = getattr(exc, "alert", None)
             if leaf.issuer is IssuerKind.TRUSTED and alert in _REJECTION_ALERTS:
-                ix.policy.note_client_rejected_leaf(
-                    client_ip=client[0], host=name, port=port, now=ix.clock()
+                # A store write: queued to the state writer's thread, off the event loop.
+                ix.state_writer.submit(
+                    functools.partial(
+                        ix.policy.note_client_rejected_leaf,
+                        client_ip=client[0],
+                        host=name,
+                        port=port,
+                        now=ix.clock(),
+                    )
                 )
             raise
         except trio.TooSlowError as exc:

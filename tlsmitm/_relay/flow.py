@@ -59,7 +59,7 @@ from .scanning import note_scan
 from .sniffing import first_bytes
 from .splice import splice
 from .state import FlowRecord, FlowState
-from .state_io import hsts_known
+from .state_io import hsts_known, warm_policy
 from .streams import close, close_all, peer_ip
 
 if TYPE_CHECKING:
@@ -215,6 +215,8 @@ class Flow:
         ix, client = self._ix, self._client
         now = ix.clock()
         first = name if not self._transparent else tls_name
+        for host in {first, tls_name}:
+            await warm_policy(ix, client[0], host, port)  # store reads off the event loop
         decision = await ix.policy.decide(
             client_ip=client[0], host=first, port=port, destination_ip=destination_ip, now=now
         )
@@ -440,8 +442,14 @@ class Flow:
         verified = False
         if chain:
             verified = ix.verifier.verify(chain, name, now=now).ok
-        ix.policy.note_client_certificate_requested(
-            host=name, port=port, upstream_verified=verified, now=now
+        await trio.to_thread.run_sync(  # a store write: off the event loop
+            functools.partial(
+                ix.policy.note_client_certificate_requested,
+                host=name,
+                port=port,
+                upstream_verified=verified,
+                now=now,
+            )
         )
         await close(upstream)
         conn.decide(Decision.BYPASS, "client_certificate_requested")

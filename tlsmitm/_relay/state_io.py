@@ -26,7 +26,7 @@ from .._hsts import UNANSWERED
 if TYPE_CHECKING:
     from .interceptor import Interceptor
 
-__all__ = ["StateWriter", "hsts_known"]
+__all__ = ["StateWriter", "hsts_known", "warm_policy"]
 
 log = logging.getLogger("tlsmitm.state")
 
@@ -39,6 +39,26 @@ async def hsts_known(ix: Interceptor, name: str, now: datetime) -> bool:
     if answer is UNANSWERED:
         answer = await trio.to_thread.run_sync(functools.partial(ix.hsts.known_host, name, now=now))
     return answer is not None
+
+
+async def warm_policy(ix: Interceptor, client_ip: str, host: str | None, port: int) -> None:
+    """Fetch, in a thread, the learned bypasses the policy is about to read, unless cached.
+
+    Afterwards :meth:`~tlsmitm.InterceptPolicy.decide` finds them in the per-worker cache and
+    does no I/O on the event loop. Stores without a cache (``MemoryStore``) need nothing.
+    """
+    store = ix.policy.store
+    peek = getattr(store, "peek_many", None)
+    if peek is None:
+        return
+    try:
+        lookups = ix.policy.learned_lookups(client_ip=client_ip, host=host, port=port)
+    except ValueError:
+        return  # decide() raises the same, with the error the caller handles
+    for namespace, key in lookups:
+        if peek(namespace, [key]) is None:
+            get_many = store.get_many  # type: ignore[attr-defined]
+            await trio.to_thread.run_sync(get_many, namespace, [key])
 
 
 class StateWriter:
