@@ -11,6 +11,7 @@ import argparse
 import errno
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["parse_bypass", "parse_listen", "parse_resolve", "register"]
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_SHUTDOWN_GRACE = 5.0
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -219,6 +221,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="the largest WebSocket message relayed, after reassembly and decompression; a "
         "larger one closes the WebSocket with 1009 (default 16 MiB)",
     )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=_non_negative_seconds,
+        default=DEFAULT_SHUTDOWN_GRACE,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, exchanges in flight get this long to finish (default "
+        f"{DEFAULT_SHUTDOWN_GRACE:g}); idle connections are closed at once; a second Ctrl-C "
+        "exits immediately",
+    )
     add_logging_arguments(parser)
     from ._cli_ca import add_ca_source_arguments, add_token_arguments
 
@@ -385,6 +396,7 @@ def build_interceptor(args: argparse.Namespace) -> object:
             max_connections=getattr(args, "max_connections", 10_000),
             upstream_pool_seconds=getattr(args, "upstream_pool_seconds", 4.0),
             websocket_max_message=getattr(args, "websocket_max_message", DEFAULT_MAX_MESSAGE),
+            shutdown_grace=getattr(args, "shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
             proxy_protocol=getattr(args, "proxy_protocol", False),
             trusted_balancers=tuple(getattr(args, "trusted_balancers", ())),
             scan=build_scan_settings(args),
@@ -521,6 +533,14 @@ async def open_scanners(interceptor: object) -> None:
             print(f"Scanning with {scanner.name}", flush=True)
 
 
+async def _watchdog(interval: float) -> None:
+    from . import _systemd
+
+    while True:
+        _systemd.notify("WATCHDOG=1")
+        await trio.sleep(interval)
+
+
 def run(args: argparse.Namespace) -> int:
     """Start the proxy; returns when it was stopped by SIGINT or SIGTERM."""
     from ._ca import ROOT_CERT_FILE
@@ -574,13 +594,22 @@ def run(args: argparse.Namespace) -> int:
                     await scanner.aclose()
 
     async def serve_until_signal() -> None:
+        from . import _systemd
+
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             if worker_index is None:
                 listeners = await open_listeners(host, port)
             else:  # one of the supervisor's workers: its own socket on the shared port
                 listeners = [reuse_port_listener(host, port)]
             async with trio.open_nursery() as nursery:
-                addresses = await nursery.start(interceptor.serve_listeners, listeners)
+
+                async def serve_then_stop(
+                    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+                ) -> None:
+                    await interceptor.serve_listeners(listeners, task_status=task_status)
+                    nursery.cancel_scope.cancel()  # served to the end: stop the signal loop too
+
+                addresses = await nursery.start(serve_then_stop)
                 bound_host, bound_port = addresses[0][0], addresses[0][1]
                 shown = f"[{bound_host}]" if ":" in bound_host else bound_host
                 proxy = f"http://{shown}:{bound_port}"
@@ -600,13 +629,30 @@ def run(args: argparse.Namespace) -> int:
                     "preload list.",
                     flush=True,
                 )
+                if worker_index is None:  # a worker's supervisor speaks to systemd for it
+                    _systemd.notify(f"READY=1\nSTATUS=listening on {proxy}\nMAINPID={os.getpid()}")
+                    interval = _systemd.watchdog_interval()
+                    if interval is not None:
+                        nursery.start_soon(_watchdog, interval)
+                stopping = False
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         reload(interceptor, args)
                         continue
-                    print("tlsmitm: shutting down (finishing open connections)", flush=True)
+                    if stopping:
+                        print("tlsmitm: stopping now", file=sys.stderr, flush=True)
+                        nursery.cancel_scope.cancel()
+                        break
+                    stopping = True
+                    if worker_index is None:
+                        _systemd.notify("STOPPING=1")
+                    print(
+                        "tlsmitm: shutting down (idle connections closed now, exchanges in flight "
+                        f"get {interceptor.config.shutdown_grace:g} s; Ctrl-C again to stop now)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     interceptor.shutdown()
-                    break
 
     trio.run(main)
     return 0

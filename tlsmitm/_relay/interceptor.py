@@ -62,6 +62,9 @@ log = logging.getLogger("tlsmitm.relay")
 _ACCEPT_BACKOFF_MIN = 0.05
 _ACCEPT_BACKOFF_MAX = 1.0
 _IDLE_TO_SHED = 1.0  # a connection quiet this long may be closed to make room for a new one
+# On shutdown, a tunnel that moved no byte for this long counts as idle and is closed at once.
+_IDLE_TUNNEL_SECONDS = 0.5
+_DRAIN_POLL_SECONDS = 0.05
 
 
 def _utc_now() -> datetime:
@@ -366,7 +369,10 @@ class Interceptor:
                 for listener in listeners:
                     await listener.aclose()
                 with trio.move_on_after(self.config.shutdown_grace):
-                    await self._all_done.wait()
+                    async with trio.open_nursery() as draining:
+                        draining.start_soon(self._close_idle_connections)
+                        await self._all_done.wait()
+                        draining.cancel_scope.cancel()
                 connections.cancel_scope.cancel()
         finally:
             await self.close_idle_upstreams()
@@ -386,8 +392,30 @@ class Interceptor:
             await trio.sleep(1.0)
             await close_all(self._pool.expire(trio.current_time()))
 
+    async def _close_idle_connections(self) -> None:
+        """While draining: close every connection with nothing in flight, as soon as it has none.
+
+        Idle means: nothing read yet (``ACCEPTED``), waiting for the client's next request
+        (``FlowRecord.idle_since`` set by the HTTP relay), or a tunnel that moved no byte for
+        ``_IDLE_TUNNEL_SECONDS``. Exchanges in flight finish.
+        """
+        while True:
+            now = trio.current_time()
+            for conn, scope in list(self._open.items()):
+                idle_since = conn.idle_since
+                if conn.state is FlowState.ACCEPTED or (
+                    idle_since is not None
+                    and (
+                        conn.state is not FlowState.SPLICING
+                        or now - idle_since >= _IDLE_TUNNEL_SECONDS
+                    )
+                ):
+                    scope.cancel()
+            await trio.sleep(_DRAIN_POLL_SECONDS)
+
     def shutdown(self) -> None:
-        """Stop accepting; in-flight connections finish (within ``shutdown_grace``)."""
+        """Stop accepting at once; close idle connections and idle tunnels at once; exchanges in
+        flight finish within ``shutdown_grace`` (then everything is closed)."""
         self._draining = True
         self._stopping.set()
         if self._accept_scope is not None:
