@@ -114,3 +114,4 @@ async def test_serve_writes_json_lines_for_real_traffic(
     assert connection["client"].startswith("127.0.0.1:")
     assert connection["bytes_down"] > 0
     assert connection["logger"] == "tlsmitm.decisions"
+    assert any(line["event"] == "shutdown" for line in lines)  # serve's own lines are JSON too

@@ -463,14 +463,19 @@ def _check_state_dir(state_dir: Path) -> None:
         )
 
 
-def warn_if_trust_store_is_old() -> None:
-    """Print a warning when certifi's root bundle is older than a year (it must not rot)."""
+def warn_if_trust_store_is_old(logger: logging.Logger | None = None) -> None:
+    """Warn when certifi's root bundle is older than a year (it must not rot).
+
+    To ``logger`` when given (``serve``: the line follows ``--log-format``), else on stderr.
+    """
     from datetime import UTC, datetime
 
     from ._verify import trust_store_warning
 
     warning = trust_store_warning(datetime.now(UTC))
-    if warning:
+    if warning and logger is not None:
+        logger.warning("%s", warning, extra={"event": "trust_store_old"})
+    elif warning:
         print(f"tlsmitm: warning: {warning}", file=sys.stderr)
 
 
@@ -577,7 +582,8 @@ def run(args: argparse.Namespace) -> int:
     if interceptor.state_problem:
         # One line, at start: the deployer hears about it now, not at the first HSTS header.
         logging.getLogger("tlsmitm.state").warning("%s", interceptor.state_problem)
-    warn_if_trust_store_is_old()
+    log = logging.getLogger("tlsmitm.serve")
+    warn_if_trust_store_is_old(log)
     ca_dir = interceptor.ca.ca_dir
     assert ca_dir is not None  # from_state_dir always has one
     root_pem = ca_dir / ROOT_CERT_FILE
@@ -640,17 +646,17 @@ def run(args: argparse.Namespace) -> int:
                         reload(interceptor, args)
                         continue
                     if stopping:
-                        print("tlsmitm: stopping now", file=sys.stderr, flush=True)
+                        log.warning("stopping now", extra={"event": "shutdown"})
                         nursery.cancel_scope.cancel()
                         break
                     stopping = True
                     if worker_index is None:
                         _systemd.notify("STOPPING=1")
-                    print(
-                        "tlsmitm: shutting down (idle connections closed now, exchanges in flight "
-                        f"get {interceptor.config.shutdown_grace:g} s; Ctrl-C again to stop now)",
-                        file=sys.stderr,
-                        flush=True,
+                    log.warning(
+                        "shutting down (idle connections closed now, exchanges in flight get "
+                        "%g s; Ctrl-C again to stop now)",
+                        interceptor.config.shutdown_grace,
+                        extra={"event": "shutdown"},
                     )
                     interceptor.shutdown()
 
