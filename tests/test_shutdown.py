@@ -51,9 +51,13 @@ async def _closed_by_peer(stream: trio.abc.Stream) -> bool:
         return True
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(
+    ("workers", "signum"),
+    [("1", signal.SIGINT), ("2", signal.SIGTERM)],
+    ids=["one-process-sigint", "two-workers-sigterm"],
+)
 async def test_idle_keep_alive_connections_do_not_hold_up_shutdown(
-    nursery: trio.Nursery, tmp_path: Path, signum: int
+    nursery: trio.Nursery, tmp_path: Path, workers: str, signum: int
 ) -> None:
     hierarchy = good_hierarchy(HOST)
     port, _ = await start_origin(nursery, tmp_path, hierarchy)
@@ -64,6 +68,7 @@ async def test_idle_keep_alive_connections_do_not_hold_up_shutdown(
     state = tmp_path / "state"
     async with serve(
         state,
+        *("--workers", workers),
         "--shutdown-grace",
         "60",
         *upstream_args(tmp_path, hierarchy, HOST),
@@ -99,7 +104,7 @@ async def test_an_exchange_in_flight_finishes_within_the_grace(
     port, _ = await start_origin(nursery, tmp_path, hierarchy)
     state = tmp_path / "state"
     async with serve(
-        state, "--shutdown-grace", "30", *upstream_args(tmp_path, hierarchy, HOST)
+        state, "--workers", "1", "--shutdown-grace", "30", *upstream_args(tmp_path, hierarchy, HOST)
     ) as served:
         tls = await _tunnel(served, port, state / "ca" / "root.pem")
         # /slow answers after 0.3 s: the request is in flight when the signal arrives.
@@ -121,12 +126,17 @@ async def test_an_exchange_in_flight_finishes_within_the_grace(
     assert b"Traceback" not in served.stderr
 
 
-async def test_a_second_signal_stops_at_once(nursery: trio.Nursery, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_second_signal_stops_at_once(
+    nursery: trio.Nursery, tmp_path: Path, workers: str
+) -> None:
     hierarchy = good_hierarchy(HOST)
     port, _ = await start_origin(nursery, tmp_path, hierarchy)
     state = tmp_path / "state"
     async with serve(
-        state, "--shutdown-grace", "120", *upstream_args(tmp_path, hierarchy, HOST)
+        state,
+        *("--workers", workers, "--shutdown-grace", "120"),
+        *upstream_args(tmp_path, hierarchy, HOST),
     ) as served:
         tls = await _tunnel(served, port, state / "ca" / "root.pem")
         # A request whose body never comes: an exchange in flight, which would get 120 s.

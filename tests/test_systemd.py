@@ -23,8 +23,12 @@ async def _receive(sock: trio.socket.SocketType, wanted: bytes, seen: list[bytes
         seen.append(await sock.recv(4096))
 
 
-@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
-async def test_serve_notifies_ready_watchdog_and_stopping(tmp_path: Path, abstract: bool) -> None:
+@pytest.mark.parametrize(
+    ("abstract", "workers"), [(False, "1"), (True, "2")], ids=["path-one", "abstract-workers"]
+)
+async def test_serve_notifies_ready_watchdog_and_stopping(
+    tmp_path: Path, abstract: bool, workers: str
+) -> None:
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
     if abstract:
         name = f"@tlsmitm-test-{os.getpid()}-{id(sock)}"
@@ -35,7 +39,9 @@ async def test_serve_notifies_ready_watchdog_and_stopping(tmp_path: Path, abstra
     seen: list[bytes] = []
     with sock:
         env = {"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "400000"}  # a ping every 0.2 s
-        async with serve(tmp_path / "state", env=env, wait_for_banner=False) as served:
+        async with serve(
+            tmp_path / "state", "--workers", workers, env=env, wait_for_banner=False
+        ) as served:
             with trio.fail_after(60):
                 await _receive(sock, b"READY=1", seen)
             ready = next(message for message in seen if b"READY=1" in message)

@@ -109,7 +109,7 @@ async def test_two_workers_serve_restart_and_drain(nursery: trio.Nursery, tmp_pa
                 await asked.wait()
             node.process.send_signal(signal.SIGTERM)
             with trio.fail_after(30):
-                while "shutting down" not in node.stdout.read_text():
+                while "shutting down" not in node.stderr.read_text():  # logged, on stderr
                     await trio.sleep(0.05)
             gate.set()
         (done,) = results

@@ -163,6 +163,15 @@ def _worker_argv(argv: Sequence[str], host: str, port: int, index: int) -> list[
     ]
 
 
+async def _watchdog(interval: float, until: trio.CancelScope) -> None:
+    from . import _systemd
+
+    with until:
+        while True:
+            _systemd.notify("WATCHDOG=1")
+            await trio.sleep(interval)
+
+
 class _Worker:
     def __init__(self, index: int, argv: list[str]) -> None:
         self.index = index
@@ -189,8 +198,13 @@ class Supervisor:
         first = True
         while not self.stopping:
             started = trio.current_time()
+            # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which
+            # forwards it once (a second one would make the worker stop at once, without grace).
             process = await trio.lowlevel.open_process(
-                worker.argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+                worker.argv,
+                stdout=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
             worker.process = process
             assert process.stdout is not None
@@ -256,21 +270,48 @@ class Supervisor:
                     process.send_signal(signum)
 
     async def run(self) -> None:
+        from . import _systemd
+
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 banners = [await nursery.start(self._run_worker, w) for w in self.workers]
                 pids = ", ".join(str(w.process.pid) for w in self.workers if w.process)
                 print(f"tlsmitm: {len(self.workers)} workers (pids {pids})")
                 print("\n".join(banners[0]), flush=True)
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        self.signal_all(signal.SIGHUP)
-                        continue
-                    print("tlsmitm: shutting down (workers finish open connections)", flush=True)
-                    self.stopping = True
-                    self.signal_all(signal.SIGTERM)
-                    break
+                _systemd.notify(
+                    f"READY=1\nSTATUS={len(self.workers)} workers\nMAINPID={os.getpid()}"
+                )
+                interval = _systemd.watchdog_interval()
+                watchdog = trio.CancelScope()
+                if interval is not None:
+                    nursery.start_soon(_watchdog, interval, watchdog)
+                with trio.CancelScope() as signal_loop:
+                    async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            self.signal_all(signal.SIGHUP)
+                            continue
+                        if self.stopping:  # a second signal: the workers stop at once
+                            log.warning("stopping now", extra={"event": "shutdown"})
+                            self.signal_all(signal.SIGTERM)
+                            break
+                        _systemd.notify("STOPPING=1")
+                        log.warning(
+                            "shutting down (workers close idle connections now and finish "
+                            "exchanges in flight; Ctrl-C again to stop now)",
+                            extra={"event": "shutdown"},
+                        )
+                        self.stopping = True
+                        self.signal_all(signal.SIGTERM)
+                        nursery.start_soon(self._end_when_done, (signal_loop, watchdog))
                 # The worker tasks return as their processes exit.
+
+    async def _end_when_done(self, scopes: Sequence[trio.CancelScope]) -> None:
+        """Once every worker exited (none is restarted while stopping): end ``scopes``."""
+        for worker in self.workers:
+            if worker.process is not None:
+                await worker.process.wait()
+        for scope in scopes:
+            scope.cancel()
 
 
 def supervise(args: argparse.Namespace, workers: int, holder: socket.socket) -> int:

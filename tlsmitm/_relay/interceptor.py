@@ -63,7 +63,7 @@ _ACCEPT_BACKOFF_MIN = 0.05
 _ACCEPT_BACKOFF_MAX = 1.0
 _IDLE_TO_SHED = 1.0  # a connection quiet this long may be closed to make room for a new one
 # On shutdown, a tunnel that moved no byte for this long counts as idle and is closed at once.
-_IDLE_TUNNEL_SECONDS = 0.5
+_IDLE_TUNNEL_SECONDS = 0.25
 _DRAIN_POLL_SECONDS = 0.05
 
 
