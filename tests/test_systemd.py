@@ -45,8 +45,10 @@ async def test_serve_notifies_ready_watchdog_and_stopping(
             with trio.fail_after(60):
                 await _receive(sock, b"READY=1", seen)
             ready = next(message for message in seen if b"READY=1" in message)
-            # READY comes once the port listens: the banner with the address is already out.
-            assert b"listening on" in served.stdout
+            # READY comes once the port listens (the banner may still be in the pipe).
+            with trio.fail_after(30):
+                while b"listening on" not in served.stdout:
+                    await trio.sleep(0.02)
             assert f"MAINPID={served.process.pid}".encode() in ready
             port = int(
                 served.stdout.decode().split("listening on ")[1].split()[0].rsplit(":", 1)[1]
