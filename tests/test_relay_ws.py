@@ -261,13 +261,19 @@ async def test_pings_are_forwarded_and_pongs_come_back() -> None:
         await s.origin.expect_close(1000, reply=False)
 
 
-async def test_a_ping_during_the_close_handshake_does_not_disturb_it() -> None:
+async def test_a_ping_during_the_close_handshake_is_answered_by_the_relay() -> None:
     async with session() as s:
         await s.client.send(CloseConnection(code=1000, reason="bye"))
         await s.origin.expect_close(1000, reply=False)
-        # Before answering the Close, the origin pings (wsproto will not, so a raw frame). The
-        # client has closed and cannot be pinged (RFC 6455 §5.5.1); the handshake goes on.
+        # Before answering the Close, the origin pings (wsproto will not, so a raw frame). RFC
+        # 6455 §5.5.2 owes it a Pong; the client has closed, so the relay answers.
         await s.origin.send_raw(b"\x89\x04ping")
+        with trio.fail_after(10):
+            frame = b""
+            while len(frame) < 10:
+                frame += await s.origin.stream.receive_some(65536)
+        assert frame[:2] == b"\x8a\x84"  # a masked Pong of 4 bytes (RFC 6455 §5.1)
+        assert bytes(b ^ frame[2 + i % 4] for i, b in enumerate(frame[6:10])) == b"ping"
         await s.origin.send(CloseConnection(code=1000))
         await s.client.expect_close(1000, reply=False)
         await s.origin.eof()

@@ -12,6 +12,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import LocalProtocolError
 
 from tlsmitm._websocket import (
     CloseIn,
@@ -334,3 +335,18 @@ def test_any_bytes_end_in_items_or_one_failure_never_an_exception(
         assert failures[0].code in (1002, 1007, 1009)
         assert hop.receive(b"\x81\x00") == []
         assert hop.send_close(failures[0].code, failures[0].reason)
+
+
+def test_a_ping_is_answered_after_our_close_but_not_after_theirs() -> None:
+    """RFC 6455 §5.5.2: a Pong is owed unless a Close was received (§5.5.1: only data stops)."""
+    hop = Endpoint(we_are_client=False)
+    peer = _peer(False)
+    hop.send_close(1000)
+    assert hop.receive(peer.send(Ping(payload=b"p"))) == [PingIn(b"p")]
+    frame = hop.answer_ping(b"p")
+    assert frame == b"\x8a\x01p"  # unmasked from the server side
+    with pytest.raises(LocalProtocolError):
+        hop.send_message("data after our Close")
+    hop.receive(peer.send(CloseConnection(code=1000)))
+    with pytest.raises(LocalProtocolError):
+        hop.answer_ping(b"p")

@@ -454,6 +454,9 @@ class Endpoint:
             )
         role = ConnectionType.CLIENT if we_are_client else ConnectionType.SERVER
         self._conn = Connection(role, extensions)
+        # Control frames only (never compressed, RFC 7692 §6.1): wsproto's connection refuses a
+        # Pong once it sent its Close, but RFC 6455 §5.5.2 still owes one for every Ping.
+        self._control = FrameProtocol(we_are_client, [])
         self._max_message = max_message
         self._parts: list[str] | list[bytes] | None = None
         self._size = 0
@@ -561,6 +564,16 @@ class Endpoint:
         if not self.may_send_data:
             raise LocalProtocolError("no pong may be sent on a closing WebSocket")
         return self._conn.send(Pong(payload=payload))
+
+    def answer_ping(self, payload: bytes) -> bytes:
+        """The Pong this hop owes its peer's Ping, also after tlsmitm sent its Close.
+
+        RFC 6455 §5.5.2: a Ping is answered unless a Close was *received*; §5.5.1 forbids only
+        data frames after sending one.
+        """
+        if self.close_received or self.transport_gone or self.failed:
+            raise LocalProtocolError("a Close was received: no Pong is owed")
+        return bytes(self._control.pong(payload))
 
     def send_close(self, code: int, reason: str = "") -> bytes:
         """The Close frame; ``code`` 1005 sends a Close without a status (RFC 6455 §5.5.1)."""

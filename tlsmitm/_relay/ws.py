@@ -14,7 +14,8 @@ takeover, frames must reach the peer in the order they were compressed.
 Control frames (RFC 6455 §5.5):
 
 * a Ping is forwarded to the other peer, whose Pong comes back the same way (§5.5.2, §5.5.3);
-  during a close handshake, pings and pongs are not forwarded (§5.5.1);
+  once the other hop is closing, tlsmitm answers the Ping itself (also after it sent its own
+  Close: only data frames must not follow a Close, §5.5.1);
 * a Close is forwarded to the other peer, and that peer's Close is the answer sent back (§7.1.2,
   codes and reasons kept). A hop that fails (a bad frame, bad UTF-8, a message over the limit) is
   closed with the code that says why (§7.4.1) and its peer's counterpart gets 1001 ("going
@@ -204,9 +205,12 @@ class WebSocketRelay:
         if isinstance(item, MessageIn):
             await self._message(source, sink, item.data)
         elif isinstance(item, PingIn):
-            # The other peer answers (RFC 6455 §5.5.2). When its hop is closing, a Close has
-            # gone, or is going, to this peer too, and the Ping is moot.
-            await self._send(sink, lambda e: e.send_ping(item.payload))
+            if sink.endpoint.may_send_data:
+                # The other peer answers (RFC 6455 §5.5.2), so the Pong says it is alive.
+                await self._send(sink, lambda e: e.send_ping(item.payload))
+            else:
+                # The other hop is closing: tlsmitm owes the Pong itself (§5.5.2).
+                await self._send(source, lambda e: e.answer_ping(item.payload))
         elif isinstance(item, PongIn):
             await self._send(sink, lambda e: e.send_pong(item.payload))
         elif isinstance(item, CloseIn):
