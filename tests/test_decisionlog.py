@@ -28,6 +28,8 @@ KEYS = [
     "duration_ms",
     "relay",
     "splice",
+    "scan",
+    "scan_ms",
 ]
 
 
@@ -69,7 +71,7 @@ def test_line_format_is_stable() -> None:
     assert format_record(record()) == (
         "time=2026-05-09T07:35:25.123Z client=192.168.1.5:51234 host=bank.example port=443 "
         "decision=bypass reason=rule verdict=- bytes_up=517 bytes_down=4096 duration_ms=120.5 "
-        "relay=- splice=-"
+        "relay=- splice=- scan=- scan_ms=-"
     )
     intercepted = record(
         time=datetime(2026, 5, 9, 9, 35, 25, tzinfo=timezone(timedelta(hours=2))),
@@ -85,7 +87,7 @@ def test_line_format_is_stable() -> None:
     assert format_record(intercepted) == (
         "time=2026-05-09T07:35:25.000Z client=[2001:db8::5]:40000 host=- port=443 "
         "decision=error reason=upstream_unreachable verdict=expired bytes_up=0 bytes_down=0 "
-        "duration_ms=- relay=- splice=-"
+        "duration_ms=- relay=- splice=- scan=- scan_ms=-"
     )
     assert list(parse_line(format_record(intercepted))) == KEYS
 
@@ -105,14 +107,22 @@ def test_record_fields_and_dict() -> None:
         "duration_ms": 3,
         "relay": None,
         "splice": None,
+        "scan": None,
+        "scan_ms": None,
     }
     assert list(value.as_dict()) == KEYS
     assert record(verdict=CertError.NAME_MISMATCH).verdict == "name_mismatch"
     assert "duration_ms=0.04 " in format_record(record(duration_ms=0.04))
     assert "duration_ms=2 " in format_record(record(duration_ms=2.0))
     spliced = record(decision="intercept", reason="verified", relay="splice", splice="not_http")
-    assert format_record(spliced).endswith(" relay=splice splice=not_http")
-    assert format_record(record(relay="http/1.1")).endswith(" relay=http/1.1 splice=-")
+    assert " relay=splice splice=not_http " in format_record(spliced)
+    assert " relay=http/1.1 splice=- " in format_record(record(relay="http/1.1"))
+    scanned = record(relay="http/1.1", scan="infected", scan_ms=12.5)
+    assert format_record(scanned).endswith(" scan=infected scan_ms=12.5")
+    with pytest.raises(ValueError, match="scan"):
+        record(scan="dirty")
+    with pytest.raises(ValueError, match="scan_ms"):
+        record(scan_ms=-1.0)
     with pytest.raises(ValueError, match="relay"):
         record(relay="h2 extra=1")
     with pytest.raises(ValueError, match="splice"):

@@ -280,8 +280,13 @@ async def test_clean_delivered_threats_blocked_with_their_name(
 
     stats = proxy.interceptor.stats
     assert stats.scan_blocked == 4
-    reasons = [r.reason for r in proxy.records if r.host == HOST and r.decision == "block"]
-    assert sorted(reasons) == ["scan_failed"] + ["scan_infected"] * 3
+    blocked_records = [r for r in proxy.records if r.host == HOST and r.decision == "block"]
+    assert sorted(r.reason for r in blocked_records) == ["scan_failed"] + ["scan_infected"] * 3
+    assert sorted(r.scan or "" for r in blocked_records) == ["failed_blocked"] + ["infected"] * 3
+    assert all(r.scan_ms is not None and r.scan_ms >= 0 for r in blocked_records)
+    delivered = [r for r in proxy.records if r.host == HOST and r.decision == "intercept"]
+    assert delivered
+    assert {r.scan for r in delivered} == {"clean"}
 
 
 @pytest.mark.slow

@@ -16,13 +16,13 @@ The line format is stable: the keys always appear, in this order::
 
     time=2026-05-09T07:35:25.123Z client=192.168.1.5:51234 host=bank.example port=443
     decision=bypass reason=rule verdict=- bytes_up=517 bytes_down=4096 duration_ms=120.5
-    relay=- splice=-
+    relay=- splice=- scan=- scan_ms=-
 
-(one line; ``relay`` and ``splice`` were added last, after the others). An absent value is
-``-``. A value made only of ``A-Z a-z 0-9 . _ : / @ + [ ] -`` is written bare; any other value
-(including an empty one and a literal ``-``) is written as a JSON string in double quotes with
-every control, non-ASCII and DEL character escaped, so a hostile host name can neither add
-fields nor start a new line.
+(one line; ``relay`` and ``splice`` were added after the others, then ``scan`` and ``scan_ms``).
+An absent value is ``-``. A value made only of ``A-Z a-z 0-9 . _ : / @ + [ ] -`` is written
+bare; any other value (including an empty one and a literal ``-``) is written as a JSON string in
+double quotes with every control, non-ASCII and DEL character escaped, so a hostile host name
+can neither add fields nor start a new line.
 """
 
 from __future__ import annotations
@@ -55,7 +55,11 @@ _FIELDS = (
     "duration_ms",
     "relay",
     "splice",
+    "scan",
+    "scan_ms",
 )
+# The outcomes of scanned bodies, from the least to the most severe.
+SCAN_RESULTS = ("clean", "replaced", "failed_open", "failed_blocked", "infected")
 _RELAY = re.compile(r"[a-z0-9][a-z0-9./_-]{0,31}")
 
 
@@ -87,6 +91,11 @@ class ConnectionRecord:
         splice: why decrypted bytes were spliced without inspection (``"not_http"``,
             ``"server_spoke_first"``, ``"alpn_without_relay"``, ``"upgrade_without_relay"``...);
             ``None`` when nothing decrypted was spliced.
+        scan: the most severe outcome of the bodies scanned on this connection (``"clean"``,
+            ``"replaced"``, ``"failed_open"``, ``"failed_blocked"`` or ``"infected"``); ``None``
+            when no body went to the content scanners.
+        scan_ms: milliseconds the scanners took on this connection's bodies (for each body,
+            the slowest scanner), ``None`` when nothing was scanned.
     """
 
     time: datetime
@@ -101,6 +110,8 @@ class ConnectionRecord:
     duration_ms: float | None = None
     relay: str | None = None
     splice: str | None = None
+    scan: str | None = None
+    scan_ms: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.time, datetime) or self.time.utcoffset() is None:
@@ -154,6 +165,20 @@ class ConnectionRecord:
                 f"ConnectionRecord.splice must be a lower-case identifier, not {self.splice!r}"
             )
 
+        if self.scan is not None and self.scan not in SCAN_RESULTS:
+            raise ValueError(
+                f"ConnectionRecord.scan must be one of {list(SCAN_RESULTS)}, not {self.scan!r}"
+            )
+        if self.scan_ms is not None and (
+            isinstance(self.scan_ms, bool)
+            or not isinstance(self.scan_ms, int | float)
+            or not math.isfinite(self.scan_ms)
+            or self.scan_ms < 0
+        ):
+            raise ValueError(
+                f"ConnectionRecord.scan_ms must be a finite number >= 0, not {self.scan_ms!r}"
+            )
+
     def as_dict(self) -> dict[str, str | int | float | None]:
         """The fields as plain JSON-ready values (``time`` as ISO 8601 UTC)."""
         return {
@@ -169,6 +194,8 @@ class ConnectionRecord:
             "duration_ms": self.duration_ms,
             "relay": self.relay,
             "splice": self.splice,
+            "scan": self.scan,
+            "scan_ms": self.scan_ms,
         }
 
 

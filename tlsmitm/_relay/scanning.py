@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .._decisionlog import SCAN_RESULTS
 from .._scan import ScanContext, ScanDecision, ScanFailed
 from .hooks import Block, FlowInfo, Headers, Request, Response
 from .plan import Decision
@@ -154,6 +155,10 @@ def note_scan(stats: InterceptorStats, record: FlowRecord, report: ScanReport) -
     log_decision(report)
     stats.scanned += 1
     summary = report.decision.summary
+    if record.scan is None or SCAN_RESULTS.index(summary) > SCAN_RESULTS.index(record.scan):
+        record.scan = summary
+    slowest = max(report.latencies.values(), default=0.0) * 1000
+    record.scan_ms = (record.scan_ms or 0.0) + slowest
     if report.decision.action == "block":
         stats.scan_blocked += 1
         reason = "scan_infected" if summary == "infected" else "scan_failed"

@@ -73,6 +73,8 @@ class FlowRecord:
     # tunnel is quiet; None while it is busy. The oldest idle one is shed first near the cap.
     idle_since: float | None = None
     user: str | None = None  # the authenticated proxy user, when proxy authentication is on
+    scan: str | None = None  # the most severe outcome of the scanned bodies (SCAN_RESULTS)
+    scan_ms: float | None = None  # the scanners' time on this connection's bodies
 
     @property
     def identity(self) -> str:
@@ -112,4 +114,6 @@ class FlowRecord:
             bytes_down=self.bytes_down,
             relay=None if self.relay is None else self.relay.value,
             splice=None if self.splice_reason is None else self.splice_reason.value,
+            scan=self.scan,
+            scan_ms=None if self.scan_ms is None else round(self.scan_ms, 1),
         )
