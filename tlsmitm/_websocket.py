@@ -277,8 +277,8 @@ class _Deflate(Extension):
             send_bits, send_reset = params.server_max_window_bits, params.server_no_context_takeover
             receive_bits = params.client_max_window_bits
             receive_reset = params.client_no_context_takeover
-        # zlib cannot deflate with an 8-bit window (it silently uses 9, which the peer did not
-        # agree to inflate): such a hop gets uncompressed messages (RFC 7692 §6: RSV1 clear).
+        # zlib cannot deflate with an 8-bit window (Python refuses it; the C library would use
+        # 9, more than the peer agreed to): such a hop gets uncompressed messages (RFC 7692 §6).
         self._compress = send_bits >= 9
         self._send_bits = send_bits
         self._send_reset = send_reset
