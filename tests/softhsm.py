@@ -61,6 +61,20 @@ class SoftToken:
             timeout=60,
         )
 
+    def import_key(self, private_der: Path, public_der: Path, label: str, key_id: str) -> None:
+        """Write an existing key pair into the token (PKCS #8 and SubjectPublicKeyInfo DER), as
+        an operator moving a key off the disk does."""
+        tool = require_tool("pkcs11-tool")
+        login = [tool, "--module", str(module_path()), "--token-label", self.label, "--login"]
+        for path, kind in ((private_der, "privkey"), (public_der, "pubkey")):
+            write = ["--write-object", str(path), "--type", kind, "--label", label, "--id", key_id]
+            subprocess.run(
+                [*login, "--pin", PIN, *write],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+
 
 def module_path() -> Path:
     """SoftHSM2's module, found the way tlsmitm finds it (p11-kit registry, library dirs)."""

@@ -282,6 +282,60 @@ def test_an_org_intermediate_and_a_node_intermediate_can_keep_their_keys_in_the_
     )
 
 
+def test_a_root_key_moved_into_the_token_signs_node_intermediates_crls_and_rotations(
+    token: SoftToken,
+    access: TokenAccess,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    state = tmp_path / "state"
+    root = CertificateAuthority.create(state, now=NOW).root_certificate
+    # The operator moves the root key into the token and off the disk.
+    root_key_file = state / "ca" / "root.key"
+    root_key = serialization.load_pem_private_key(root_key_file.read_bytes(), None)
+    private_der, public_der = tmp_path / "root.p8", tmp_path / "root.spki"
+    private_der.write_bytes(
+        root_key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    public_der.write_bytes(
+        root_key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    token.import_key(private_der, public_der, "root", "05")
+    root_key_file.unlink()
+    private_der.unlink()
+    uri = token.uri("root")
+
+    ca = CertificateAuthority.load(state, token=access)
+    with pytest.raises(ConfigurationError) as excinfo:
+        ca.issue_node_intermediate("node-a", now=NOW)
+    assert excinfo.value.reason == "root_key_unavailable"
+    with pytest.raises(ConfigurationError) as excinfo:  # another key of the token
+        ca.issue_node_intermediate("node-a", now=NOW, root_key_file=token.uri("second"))
+    assert excinfo.value.reason == "key_mismatch"
+    node, _ = ca.issue_node_intermediate("node-a", now=NOW, root_key_file=uri)
+    node.certificate.verify_directly_issued_by(root)  # signed through the token
+
+    # The command line: revoke the node; the new CRL is signed through the token.
+    pin = ["--pin-file", str(token.pin_file)]
+    revoke = ["ca", "revoke-node-intermediate", "node-a", "--state-dir", str(state)]
+    assert main([*revoke, "--root-key", uri, *pin]) == 0, capsys.readouterr().err
+    reloaded = CertificateAuthority.load(state, token=access)
+    crl = reloaded.stored_crl
+    assert crl is not None
+    assert crl.is_signature_valid(root.public_key())  # type: ignore[arg-type]
+    serial = node.certificate.serial_number
+    assert crl.get_revoked_certificate_by_serial_number(serial) is not None
+    reloaded.rotate_intermediate(now=NOW, root_key_file=uri)
+    reloaded.intermediate_certificate.verify_directly_issued_by(root)
+    handshake(CertForge(reloaded).leaf_for(HOST, now=NOW), root, HOST, tmp_path)
+
+
 def _env(tmp_path: Path) -> dict[str, str]:
     env = {
         k: v

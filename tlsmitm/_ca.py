@@ -1061,12 +1061,14 @@ class CertificateAuthority:
         _metadata: dict[str, Any],
         _root_key: PrivateKey | None = None,
         _passphrase: Passphrase | None = None,
+        _token: TokenAccess | None = None,
     ) -> None:
         self._snapshot = _snapshot
         self._state_dir = _state_dir
         self._metadata = _metadata
         self._memory_root_key = _root_key  # only for ephemeral CAs
         self._passphrase = _passphrase
+        self._token = _token  # how to reach a token holding a CA key
         self._lock = threading.RLock()
 
     # -- construction --------------------------------------------------------------------------
@@ -1169,7 +1171,11 @@ class CertificateAuthority:
             _write_atomic(ca_dir, METADATA_FILE, encoded)  # the commit point: written last
             del root_key
         ca = cls(
-            _snapshot=snapshot, _state_dir=state_dir, _metadata=metadata, _passphrase=passphrase
+            _snapshot=snapshot,
+            _state_dir=state_dir,
+            _metadata=metadata,
+            _passphrase=passphrase,
+            _token=token,
         )
         ca._metadata_digest = hashlib.sha256(encoded).digest()
         return ca
@@ -1271,7 +1277,7 @@ class CertificateAuthority:
             _write_atomic(ca_dir, ERROR_CERT_FILE, error.public_bytes(pem))
             encoded = cls._encode_metadata(metadata)
             _write_atomic(ca_dir, METADATA_FILE, encoded)  # the commit point: written last
-        ca = cls(_snapshot=snapshot, _state_dir=state_dir, _metadata=metadata)
+        ca = cls(_snapshot=snapshot, _state_dir=state_dir, _metadata=metadata, _token=token)
         ca._metadata_digest = hashlib.sha256(encoded).digest()
         return ca
 
@@ -1382,7 +1388,11 @@ class CertificateAuthority:
                 cls._check_pair(key, snapshot.root, root_key_path, "root")
                 del key
         ca = cls(
-            _snapshot=snapshot, _state_dir=state_dir, _metadata=metadata, _passphrase=passphrase
+            _snapshot=snapshot,
+            _state_dir=state_dir,
+            _metadata=metadata,
+            _passphrase=passphrase,
+            _token=token,
         )
         ca._metadata_digest = hashlib.sha256(encoded).digest()
         return ca
@@ -1563,14 +1573,19 @@ class CertificateAuthority:
     # -- CRL -----------------------------------------------------------------------------------
 
     def crl(
-        self, *, now: dt.datetime, passphrase: Passphrase | None = None
+        self,
+        *,
+        now: dt.datetime,
+        passphrase: Passphrase | None = None,
+        root_key_file: Path | str | None = None,
     ) -> x509.CertificateRevocationList:
         """The CRL (signed by the root) listing every retired intermediate.
 
         The stored CRL is returned while it has more than a month to live; after that it is
         re-signed (and stored) when the root key is at hand: an ephemeral CA, an unencrypted
         ``root.key``, or an encrypted one with a passphrase (this argument, or the one the CA
-        was loaded with).
+        was loaded with), or ``root_key_file``: the root key moved to a file or a PKCS#11
+        token (a ``pkcs11:`` URI; the CRL is then signed through the token).
 
         Raises:
             ConfigurationError: ``crl_stale`` when the stored CRL has expired and the root key
@@ -1592,7 +1607,7 @@ class CertificateAuthority:
         with self._lock, self._writing():
             snapshot = self._snapshot
             try:
-                root_key = self._root_key(passphrase, None)
+                root_key = self._root_key(passphrase, root_key_file)
             except ConfigurationError as exc:
                 if now < next_update:
                     return stored
@@ -1618,9 +1633,16 @@ class CertificateAuthority:
             )
             return crl
 
-    def export_crl(self, *, now: dt.datetime, passphrase: Passphrase | None = None) -> bytes:
+    def export_crl(
+        self,
+        *,
+        now: dt.datetime,
+        passphrase: Passphrase | None = None,
+        root_key_file: Path | str | None = None,
+    ) -> bytes:
         """:meth:`crl` as DER."""
-        return self.crl(now=now, passphrase=passphrase).public_bytes(serialization.Encoding.DER)
+        crl = self.crl(now=now, passphrase=passphrase, root_key_file=root_key_file)
+        return crl.public_bytes(serialization.Encoding.DER)
 
     # -- rotation ------------------------------------------------------------------------------
 
@@ -1629,7 +1651,7 @@ class CertificateAuthority:
         *,
         now: dt.datetime,
         passphrase: Passphrase | None = None,
-        root_key_file: Path | None = None,
+        root_key_file: Path | str | None = None,
         compromised: bool = False,
         intermediate_key: str | None = None,
         token: TokenAccess | None = None,
@@ -1644,7 +1666,8 @@ class CertificateAuthority:
         Args:
             now: the current time.
             passphrase: for an encrypted root key (else the one the CA was loaded with).
-            root_key_file: where the root key is when it was moved off the state directory.
+            root_key_file: where the root key is when it was moved off the state directory: a
+                file, or a PKCS#11 URI of it in a token.
             compromised: the old intermediate's key may have leaked.
             intermediate_key: a PKCS#11 URI: the new intermediate is for that token key (the
                 way to move the issuing key into a token). Required when the current one is
@@ -1737,7 +1760,7 @@ class CertificateAuthority:
         *,
         now: dt.datetime,
         passphrase: Passphrase | None = None,
-        root_key_file: Path | None = None,
+        root_key_file: Path | str | None = None,
         public_key: PublicKey | None = None,
     ) -> tuple[NodeIntermediate, PrivateKey | None]:
         """Issue an intermediate for one node of a multi-node installation, signed by the root.
@@ -1751,7 +1774,7 @@ class CertificateAuthority:
                 intermediates not revoked.
             now: the current time.
             passphrase: for an encrypted root key.
-            root_key_file: the root key, when it was moved offline.
+            root_key_file: the root key, when it was moved offline (a file or a PKCS#11 URI).
             public_key: the node's public key (its private key stays where it is, e.g. in the
                 node's token); without it a key of the CA's key type is generated and returned.
 
@@ -1826,7 +1849,7 @@ class CertificateAuthority:
         *,
         now: dt.datetime,
         passphrase: Passphrase | None = None,
-        root_key_file: Path | None = None,
+        root_key_file: Path | str | None = None,
     ) -> NodeIntermediate:
         """Revoke ``node``'s intermediate: list it in a new CRL (reason cACompromise).
 
@@ -2285,9 +2308,17 @@ class CertificateAuthority:
             nodes=tuple(nodes),
         )
 
-    def _root_key(self, passphrase: Passphrase | None, root_key_file: Path | None) -> PrivateKey:
-        """The root key for one operation: from memory (ephemeral), a file, or the state dir."""
+    def _root_key(
+        self, passphrase: Passphrase | None, root_key_file: Path | str | None
+    ) -> PrivateKey:
+        """The root key for one operation: from memory (ephemeral), a file, a PKCS#11 token
+        (``root_key_file`` a ``pkcs11:`` URI; CRLs and intermediates are then signed through
+        it), or the state dir."""
         root = self._snapshot.root
+        if isinstance(root_key_file, str) and is_pkcs11_uri(root_key_file):
+            token_key = open_token_key(root_key_file, self._token)
+            self._check_pair(token_key, root, Path(root_key_file), "root")
+            return token_key
         if root_key_file is not None:
             path = Path(root_key_file)
             data = _read_state_file(path, secret=True, what="the root CA key file")

@@ -124,6 +124,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     export.add_argument("--der", action="store_true", help="DER instead of PEM")
     export.add_argument("--crl", action="store_true", help="the CRL (DER) instead of the root")
+    export.add_argument(
+        "--root-key",
+        type=_root_key_location,
+        metavar="PATH|PKCS11-URI",
+        help="with --crl: the root key to re-sign a CRL that is due, when it was moved offline",
+    )
     export.set_defaults(func=_export)
 
     show = actions.add_parser(
@@ -141,7 +147,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "the root key once. Restart running proxies afterwards.",
     )
     rotate.add_argument(
-        "--root-key", type=Path, metavar="PATH", help="the root key, when it was moved offline"
+        "--root-key",
+        type=_root_key_location,
+        metavar="PATH|PKCS11-URI",
+        help="the root key, when it was moved offline (a file, or a PKCS#11 URI of it in a token)",
     )
     rotate.add_argument(
         "--compromised",
@@ -175,13 +184,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="certify this token key (the node's own token) instead of generating a key",
     )
     issue.add_argument(
-        "--root-key", type=Path, metavar="PATH", help="the root key, when it was moved offline"
+        "--root-key",
+        type=_root_key_location,
+        metavar="PATH|PKCS11-URI",
+        help="the root key, when it was moved offline (a file, or a PKCS#11 URI of it in a token)",
     )
     issue.set_defaults(func=_issue_node)
 
     revoke = actions.add_parser(
         "revoke-node-intermediate",
-        parents=[common, secret],
+        parents=[common, secret, token],
         help="revoke one node's intermediate (listed in a new CRL)",
         description="Revoke a node's intermediate: a new CRL signed by the root lists it (reason "
         "cACompromise). The root and the other nodes are unaffected. Distribute the CRL (ca "
@@ -189,9 +201,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     revoke.add_argument("node", metavar="NODE")
     revoke.add_argument(
-        "--root-key", type=Path, metavar="PATH", help="the root key, when it was moved offline"
+        "--root-key",
+        type=_root_key_location,
+        metavar="PATH|PKCS11-URI",
+        help="the root key, when it was moved offline (a file, or a PKCS#11 URI of it in a token)",
     )
     revoke.set_defaults(func=_revoke_node)
+
+
+def _root_key_location(text: str) -> Path | str:
+    """``--root-key``: a PKCS#11 URI (kept as text) or a file path."""
+    return text if is_pkcs11_uri(text) else Path(text)
 
 
 def add_token_arguments(parser: argparse.ArgumentParser) -> None:
@@ -520,7 +540,9 @@ def _export(args: argparse.Namespace) -> int:
     try:
         ca = CertificateAuthority.load(state_dir, token=token_access(args))
         if args.crl:
-            data = ca.export_crl(now=_now(), passphrase=_passphrase(args))
+            data = ca.export_crl(
+                now=_now(), passphrase=_passphrase(args), root_key_file=args.root_key
+            )
         else:
             data = ca.export_root(der=args.der)
     except ConfigurationError as exc:
@@ -720,7 +742,7 @@ def _issue_node(args: argparse.Namespace) -> int:
 def _revoke_node(args: argparse.Namespace) -> int:
     state_dir = _state_dir(args)
     try:
-        ca = CertificateAuthority.load(state_dir)
+        ca = CertificateAuthority.load(state_dir, token=token_access(args))
         node = ca.revoke_node_intermediate(
             args.node, now=_now(), passphrase=_passphrase(args), root_key_file=args.root_key
         )
