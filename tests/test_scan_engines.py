@@ -294,3 +294,162 @@ async def test_modified_content_is_honoured_after_a_preview(nursery: trio.Nurser
         assert scanner.connections_made == 1
     finally:
         await scanner.aclose()
+
+
+# -- ICAP servers that misbehave (written here) -------------------------------------------------
+
+OPTIONS_OK = (
+    b'ICAP/1.0 200 OK\r\nMethods: RESPMOD, REQMOD\r\nISTag: "t1"\r\nOptions-TTL: 60\r\n'
+    b"Encapsulated: null-body=0\r\n\r\n"
+)
+
+
+class Scripted:
+    """Answers OPTIONS, then each modification request with the next of ``answers``.
+
+    An answer of ``None`` closes the connection without a word; ``"hang"`` never answers.
+    """
+
+    def __init__(self, answers: list[bytes | str | None], *, close_after: bool = False) -> None:
+        self.answers = answers
+        self.close_after = close_after
+        self.options_asked = 0
+        self.connections = 0
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        buffer = bytearray()
+        async with stream:
+            while True:
+                try:
+                    head = await _read_until(stream, buffer, b"\r\n\r\n")
+                except (EOFError, trio.BrokenResourceError):
+                    return
+                if head.startswith(b"OPTIONS"):
+                    self.options_asked += 1
+                    await stream.send_all(OPTIONS_OK)
+                    continue
+                body_offset = int(
+                    head.split(b"Encapsulated: ")[1].split(b"\r\n")[0].rsplit(b"=", 1)[1]
+                )
+                while len(buffer) < body_offset:
+                    buffer += await stream.receive_some(65536)
+                del buffer[:body_offset]
+                if b"null-body" not in head.split(b"Encapsulated: ")[1].split(b"\r\n")[0]:
+                    await _read_chunks(stream, buffer)
+                answer = self.answers.pop(0)
+                if answer is None:
+                    return
+                if answer == "hang":
+                    await trio.sleep_forever()
+                assert isinstance(answer, bytes)
+                await stream.send_all(answer)
+                if self.close_after:
+                    return
+
+
+async def _serve(nursery: trio.Nursery, server: Scripted) -> int:
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1")
+    )
+    return int(listeners[0].socket.getsockname()[1])
+
+
+NO_CONTENT = b'ICAP/1.0 204 No Content\r\nISTag: "t1"\r\nEncapsulated: null-body=0\r\n\r\n'
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (b"HTTP/1.1 200 OK\r\n\r\n", "protocol"),
+        (
+            b"ICAP/1.0 200 OK\r\nEncapsulated: res-hdr=0, res-body=10\r\n\r\nshort",
+            "connection_lost",
+        ),
+        (None, "connection_lost"),
+        (b'ICAP/1.0 500 Server Error\r\nISTag: "t1"\r\n\r\n', "engine_error"),
+        (
+            b"ICAP/1.0 200 OK\r\nEncapsulated: req-hdr=0, null-body=20\r\n\r\n"
+            b"POST /x HTTP/1.1\r\n\r\n",
+            "unsupported",
+        ),
+    ],
+)
+async def test_a_misbehaving_icap_server_is_a_failure_never_clean(
+    nursery: trio.Nursery, answer: bytes | None, reason: str
+) -> None:
+    port = await _serve(nursery, Scripted([answer], close_after=True))
+    scanner = IcapScanner("127.0.0.1", port, "svc")
+    try:
+        verdict = await scanner.scan(RESPONSE, _pieces(b"some body" * 100))
+    finally:
+        await scanner.aclose()
+    assert isinstance(verdict, ScanFailed), verdict
+    assert verdict.reason == reason
+
+
+async def test_options_ttl_is_honoured_and_stale_connections_are_replaced(
+    nursery: trio.Nursery,
+) -> None:
+    server = Scripted([NO_CONTENT, NO_CONTENT, NO_CONTENT], close_after=True)
+    port = await _serve(nursery, server)
+    now = [0.0]
+    scanner = IcapScanner("127.0.0.1", port, "svc", clock=lambda: now[0])
+    try:
+        assert await scanner.scan(RESPONSE, _pieces(b"a")) == Clean(scanner=scanner.name)
+        # The server closed that connection after answering: the next scan needs a new one.
+        assert await scanner.scan(RESPONSE, _pieces(b"b")) == Clean(scanner=scanner.name)
+        assert server.options_asked == 1
+        now[0] = 61.0  # past Options-TTL: asked again before the next scan
+        assert await scanner.scan(RESPONSE, _pieces(b"c")) == Clean(scanner=scanner.name)
+        assert server.options_asked == 2
+    finally:
+        await scanner.aclose()
+
+
+async def test_a_silent_icap_server_times_out_through_the_inspection(
+    nursery: trio.Nursery,
+) -> None:
+    port = await _serve(nursery, Scripted(["hang"]))
+    scanner = IcapScanner("127.0.0.1", port, "svc")
+    settings = ScanSettings(scanners=(scanner,), timeout=1.0)
+    try:
+        with trio.fail_after(30):
+            async with open_inspection(settings, RESPONSE) as inspection:
+                await inspection.feed(b"body")
+                decision = await inspection.finish()
+    finally:
+        await scanner.aclose()
+    assert decision.action == "block"
+    assert decision.failure is not None
+    assert decision.failure.reason == "timeout"
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [(b"stream: something odd\0", "engine_error"), (b"", "connection_lost")],
+)
+async def test_a_misbehaving_clamd_is_a_failure_never_clean(
+    nursery: trio.Nursery, tmp_path: Path, reply: bytes, reason: str
+) -> None:
+    path = tmp_path / "fake-clamd.sock"
+    sock = trio.socket.socket(trio.socket.AF_UNIX)
+    await sock.bind(str(path))
+    sock.listen()
+
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while not data.endswith(b"\0\0\0\0"):  # up to the zero-length chunk
+                received = await stream.receive_some(65536)
+                if not received:
+                    return
+                data += received
+            if reply:
+                await stream.send_all(reply)
+
+    await nursery.start(trio.serve_listeners, answer, [trio.SocketListener(sock)])
+    scanner = ClamdScanner(socket_path=str(path))
+    verdict = await scanner.scan(RESPONSE, _pieces(b"x" * 1000))
+    assert isinstance(verdict, ScanFailed), verdict
+    assert verdict.reason == reason
