@@ -101,7 +101,9 @@ def test_low_port_without_privilege(tmp_path: Path) -> None:
 
 def test_address_not_on_this_machine(tmp_path: Path) -> None:
     # 192.0.2.0/24 is TEST-NET-1 (RFC 5737): never assigned to a real interface.
-    result = tlsmitm("serve", "--state-dir", str(tmp_path), "--listen", "192.0.2.1:8080")
+    result = tlsmitm(
+        "serve", "--state-dir", str(tmp_path), "--listen", "192.0.2.1:8080", "--allow", "10.0.0.0/8"
+    )
     assert result.returncode == 1
     assert "not an address of this machine" in one_line(result)
 

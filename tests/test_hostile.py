@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
+from conftest import require_tool
 from pki import Hierarchy, good_hierarchy
 from strategies import hello_message, records, sni_ext, u8, u16, vec16
 from test_relay import (
@@ -30,6 +32,7 @@ from test_relay import (
     start_proxy,
 )
 
+from tlsmitm._access import AccessPolicy, Credentials, hash_password
 from tlsmitm._policy import InterceptPolicy, RuleSet
 from tlsmitm._relay import InterceptorConfig
 from tlsmitm._relay.guard import ClientSlots, ErrorBoundary, LoopGuard, is_local_address
@@ -301,11 +304,14 @@ async def test_connections_per_client_are_limited(
         await stream.aclose()
     await settle(setup)
     slots = ClientSlots(1)
-    assert slots.try_acquire("a")
-    assert not slots.try_acquire("a")
-    assert slots.try_acquire("b")
-    slots.release("a")
-    assert slots.try_acquire("a")
+    one, two, three = object(), object(), object()
+    assert slots.try_acquire(one, "a")
+    assert not slots.try_acquire(two, "a")
+    assert slots.try_acquire(three, "b")
+    slots.release(two)  # held nothing: no effect
+    assert not slots.try_acquire(two, "a")
+    slots.release(one)
+    assert slots.try_acquire(two, "a")
 
 
 # -- fault 3: rules decided on what the connection reaches ----------------------------------------
@@ -517,3 +523,77 @@ async def test_fault6_a_trickled_head_is_cut_off_on_the_proxy_port_and_in_a_tunn
     await trio.aclose_forcefully(tls)
     await settle(setup)
     assert setup.records[-1].reason == "head_timeout"
+
+
+# -- access control ----------------------------------------------------------------------------
+
+
+async def test_clients_outside_the_allow_list_get_403_in_both_modes(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    config = InterceptorConfig(
+        resolve={HOST: "127.0.0.1"}, access=AccessPolicy.build(allow=["127.0.0.2/32"])
+    )
+    setup = await start_proxy(nursery, tmp_path, hierarchy, config=config)
+    answer = await ask(setup, connect_line(HOST, origin.port))  # from 127.0.0.1
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    allowed = await trio.to_thread.run_sync(
+        functools.partial(https_get, setup, origin.port, "/", source="127.0.0.2")
+    )
+    assert allowed == (200, b"hello from origin")
+    # Transparent mode applies it too: nothing is dialled, the connection is closed.
+    a, b = trio.testing.memory_stream_pair()
+    await setup.interceptor.handle(b, client=("203.0.113.5", 4000), destination=("127.0.0.1", 1))
+    assert await a.receive_some(100) == b""
+    await settle(setup)
+    assert setup.records[-1].reason == "not_allowed"
+
+
+async def test_proxy_authentication_with_curl(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    curl = require_tool("curl")
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    users = Credentials.parse(f"alice:{hash_password('open sesame', log_n=10)}")
+    config = InterceptorConfig(
+        resolve={HOST: "127.0.0.1"}, access=AccessPolicy.build(credentials=users)
+    )
+    setup = await start_proxy(nursery, tmp_path, hierarchy, config=config)
+    proxy = f"http://127.0.0.1:{setup.proxy_port}"
+    url = f"https://{HOST}:{origin.port}/"
+
+    async def run_curl(*extra: str) -> tuple[int, bytes, bytes]:
+        result = await trio.run_process(
+            [
+                curl,
+                "-sS",
+                "--max-time",
+                "20",
+                "--proxy",
+                proxy,
+                "--cacert",
+                str(setup.root_pem),
+                *extra,
+                url,
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        return result.returncode, result.stdout, result.stderr
+
+    code, _, err = await run_curl()
+    assert code != 0
+    assert b"407" in err  # curl: "CONNECT tunnel failed, response 407"
+    code, _, err = await run_curl("--proxy-user", "alice:wrong")
+    assert code != 0
+    assert b"407" in err
+    code, out, err = await run_curl("--proxy-user", "alice:open sesame")
+    assert code == 0, err
+    assert out == b"hello from origin"
+    challenge = await ask(setup, connect_line(HOST, origin.port))
+    assert challenge.startswith(b"HTTP/1.1 407 ")
+    assert b'proxy-authenticate: Basic realm="tlsmitm", charset="UTF-8"' in challenge
+    await settle(setup)
+    assert any(r.decision == "intercept" for r in setup.records)

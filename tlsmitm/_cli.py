@@ -27,7 +27,7 @@ __all__ = ["EXIT_RUNTIME", "EXIT_USAGE", "UsageError", "build_parser", "default_
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 
-_COMMAND_MODULES = ("_cli_ca", "_cli_check", "_cli_serve", "_cli_ops")
+_COMMAND_MODULES = ("_cli_ca", "_cli_check", "_cli_serve", "_cli_ops", "_cli_passwd")
 
 
 def default_state_dir() -> Path:

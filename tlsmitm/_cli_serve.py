@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+from datetime import timedelta
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from ._errors import ConfigurationError, TlsMitmError
 from ._websocket import DEFAULT_MAX_MESSAGE
 
 if TYPE_CHECKING:
+    from ._access import AccessPolicy
     from ._scan import ScanSettings
 
 __all__ = ["parse_bypass", "parse_listen", "parse_resolve", "register"]
@@ -203,7 +205,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "default auto = the usable CPUs; 1 = one process, no supervisor",
     )
     parser.add_argument("--worker-of-supervisor", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--max-connections", type=int, default=10_000)
+    add_hostile_client_arguments(parser)
     parser.add_argument(
         "--upstream-pool-seconds",
         type=_non_negative_seconds,
@@ -236,6 +238,92 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_ca_source_arguments(parser)
     add_token_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def add_hostile_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """Access control, limits and deadlines (docs/security.rst, "Hostile clients")."""
+    parser.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        type=_network,
+        help="only clients from this network may use the proxy (403 for others); repeatable",
+    )
+    parser.add_argument(
+        "--auth-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="require Proxy-Authorization: Basic; FILE holds USER:HASH lines made with "
+        "`tlsmitm passwd USER` (scrypt or argon2, never plain text)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=10_000,
+        metavar="N",
+        help="connections at once (default 10000, lowered to what the descriptor limit allows); "
+        "beyond it idle ones are shed, then new clients get 503",
+    )
+    parser.add_argument(
+        "--max-connections-per-client",
+        type=_non_negative_int,
+        default=512,
+        metavar="N",
+        help="connections one client address may hold (default 512; 0: no limit); then 429",
+    )
+    for name, default, what in (
+        ("head-timeout", 10.0, "for a whole request head, on the proxy port and in tunnels"),
+        ("handshake-timeout", 10.0, "for a ClientHello and each TLS handshake"),
+        ("idle-timeout", 300.0, "without a byte either way before a connection is closed"),
+    ):
+        parser.add_argument(
+            f"--{name}",
+            type=_positive_seconds,
+            default=default,
+            metavar="SECONDS",
+            help=f"seconds {what} (default {default:g})",
+        )
+    parser.add_argument(
+        "--override-minutes",
+        type=_positive_minutes,
+        default=60,
+        metavar="MINUTES",
+        help="how long a user's override of a certificate error lasts, for that user only "
+        "(--error-mode page; default 60, at most 43200)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    seconds = _non_negative_seconds(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    return seconds
+
+
+def _positive_minutes(text: str) -> float:
+    minutes = _positive_seconds(text)
+    if minutes > 30 * 24 * 60:
+        raise argparse.ArgumentTypeError(f"at most 43200 minutes (30 days): {text!r}")
+    return minutes
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
@@ -389,11 +477,17 @@ def build_interceptor(args: argparse.Namespace) -> object:
     if rules is not None:
         _check_readable(rules, "--rules")
     _check_state_dir(state_dir)
+    access = _access_policy(args)
     try:
         config = InterceptorConfig(
             resolve=dict(args.resolve),
             keylog_path=getattr(args, "keylog", None),
             max_connections=getattr(args, "max_connections", 10_000),
+            max_connections_per_client=getattr(args, "max_connections_per_client", 512),
+            head_timeout=getattr(args, "head_timeout", 10.0),
+            handshake_timeout=getattr(args, "handshake_timeout", 10.0),
+            idle_timeout=getattr(args, "idle_timeout", 300.0),
+            access=access,
             upstream_pool_seconds=getattr(args, "upstream_pool_seconds", 4.0),
             websocket_max_message=getattr(args, "websocket_max_message", DEFAULT_MAX_MESSAGE),
             shutdown_grace=getattr(args, "shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
@@ -419,6 +513,7 @@ def build_interceptor(args: argparse.Namespace) -> object:
                 config=config,
                 state=getattr(args, "state", None),
                 ca=ca_for_serve(args, state_dir),
+                override_ttl=timedelta(minutes=getattr(args, "override_minutes", 60)),
             )
     except PermissionError as exc:
         raise ConfigurationError(
@@ -433,6 +528,46 @@ def build_interceptor(args: argparse.Namespace) -> object:
             "--state-dir",
             reason="state_unreadable",
         ) from exc
+
+
+def _access_policy(args: argparse.Namespace) -> AccessPolicy:
+    """``--allow`` and ``--auth-file``; refuses an open proxy on a non-loopback address."""
+    from ._access import AccessPolicy, Credentials, open_proxy_refusal
+
+    credentials = None
+    auth_file: Path | None = getattr(args, "auth_file", None)
+    if auth_file is not None:
+        _check_readable(auth_file, "--auth-file")
+        credentials = Credentials.parse(
+            auth_file.read_text(encoding="utf-8", errors="replace"), source=str(auth_file)
+        )
+    policy = AccessPolicy.build(allow=getattr(args, "allow", ()), credentials=credentials)
+    listen = getattr(args, "listen", None)
+    if listen is not None:
+        refusal = open_proxy_refusal(listen[0], policy)
+        if refusal is not None:
+            raise UsageError(refusal)
+    return policy
+
+
+def _fit_descriptor_budget(args: argparse.Namespace) -> str | None:
+    """Raise the descriptor limit to the hard limit; lower --max-connections to fit it.
+
+    Returns a line for the banner when the cap was lowered.
+    """
+    from ._relay.guard import connection_cap, raise_descriptor_limit
+
+    soft, _ = raise_descriptor_limit()
+    pool = 256 if getattr(args, "upstream_pool_seconds", 4.0) > 0 else 0
+    wanted = getattr(args, "max_connections", 10_000)
+    cap = connection_cap(soft, wanted, idle_upstreams=pool)
+    args.max_connections = cap
+    if cap < wanted:
+        return (
+            f"At most {cap} connections at once: the descriptor limit is {soft} (two per "
+            "connection); raise it (ulimit -n, LimitNOFILE=) for more"
+        )
+    return None
 
 
 def _check_readable(path: Path, option: str) -> None:
@@ -556,6 +691,7 @@ def run(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         level="debug" if getattr(args, "debug", False) else args.log_level,
     )
+    descriptor_note = _fit_descriptor_budget(args)
     from ._workers import bind_shared_port, reuse_port_listener, supervise, usable_cpus
 
     worker_index = getattr(args, "worker_of_supervisor", None)  # "INDEX:SUPERVISOR_PID"
@@ -620,6 +756,8 @@ def run(args: argparse.Namespace) -> int:
                 shown = f"[{bound_host}]" if ":" in bound_host else bound_host
                 proxy = f"http://{shown}:{bound_port}"
                 print(f"tlsmitm is listening on {proxy}", flush=True)
+                if descriptor_note:
+                    print(descriptor_note, flush=True)
                 print(f"CA certificate (trust this in clients): {root_pem}")
                 print(
                     "Trust it: see docs/trust.rst, or e.g. "

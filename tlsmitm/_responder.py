@@ -1306,7 +1306,18 @@ def _read_template(directory: Path | None, name: str) -> str:
                 f"cannot read template {path}: {exc}; it must be a readable UTF-8 file",
                 reason="templates",
             ) from exc
-    return importlib.resources.files("tlsmitm").joinpath("templates", name).read_text("utf-8")
+    # Next to this module, not through importlib.resources.files("tlsmitm"): started from a
+    # directory that holds a folder named tlsmitm/, an editable install's "tlsmitm" can resolve
+    # to a namespace package over that folder (a MultiplexedPath without the templates; issue 15).
+    bundled = Path(__file__).with_name("templates") / name
+    if bundled.is_file():
+        return bundled.read_text(encoding="utf-8")
+    return (
+        importlib.resources.files(__package__ or "tlsmitm")
+        .joinpath("templates")
+        .joinpath(name)
+        .read_text("utf-8")
+    )  # (a zip or other loader without files on disk)
 
 
 def _check_template(text: str, allowed: frozenset[str], where: str) -> string.Template:

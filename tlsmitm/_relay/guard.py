@@ -15,23 +15,49 @@ hurting everyone else behind the same proxy:
   (RFC 5842 §7.2) instead of making the proxy connect to itself over and over. The ``Via``
   pseudonym (RFC 9110 §7.6.3) catches loops through a chain of proxies.
 * :class:`ClientSlots`: at most ``limit`` connections at once per client address.
+* :func:`admit` and :class:`Authenticator`: the allow-list and proxy authentication of
+  :class:`~tlsmitm._access.AccessPolicy` (``403``, ``407``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import ipaddress
 import logging
 import secrets
 import socket
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+import trio
+
+from .._access import Credentials, parse_basic
+from .._errors import ClientError, ConfigurationError
 from .._names import ip_address_of
+from .state import FlowRecord
+from .streams import send_simple
 
-__all__ = ["ClientSlots", "ErrorBoundary", "LoopGuard", "is_local_address"]
+if TYPE_CHECKING:
+    from .interceptor import Interceptor
+
+__all__ = [
+    "Authenticator",
+    "ClientSlots",
+    "ErrorBoundary",
+    "LoopGuard",
+    "admit",
+    "connection_cap",
+    "is_local_address",
+    "private_state_dir",
+    "raise_descriptor_limit",
+]
 
 _MAX_MESSAGE = 200  # characters of an exception's message that reach the log
 
@@ -174,19 +200,151 @@ class ClientSlots:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._open: dict[str, int] = {}
+        self._holders: dict[object, str] = {}
 
-    def try_acquire(self, address: str) -> bool:
-        """Take a slot for ``address``; ``False`` when it already holds ``limit``."""
+    def try_acquire(self, holder: object, address: str) -> bool:
+        """Take a slot of ``address`` for ``holder``; ``False`` when ``limit`` are taken."""
         count = self._open.get(address, 0)
         if self.limit and count >= self.limit:
             return False
         self._open[address] = count + 1
+        self._holders[holder] = address
         return True
 
-    def release(self, address: str) -> None:
-        """Give back a slot taken by :meth:`try_acquire`."""
+    def release(self, holder: object) -> None:
+        """Give back ``holder``'s slot, if it took one."""
+        address = self._holders.pop(holder, None)
+        if address is None:
+            return
         count = self._open.get(address, 0) - 1
         if count > 0:
             self._open[address] = count
         else:
             self._open.pop(address, None)
+
+
+async def admit(
+    ix: Interceptor,
+    stream: trio.abc.Stream,
+    client: tuple[str, int],
+    conn: FlowRecord,
+    *,
+    explicit: bool,
+) -> None:
+    """Let a new connection in, or answer and refuse it (raises :class:`ClientError`).
+
+    The allow-list first (``403``; in transparent mode a closed connection, there is no one to
+    answer in HTTP), then the per-client limit (``429``, RFC 6585 §4).
+    """
+    if not ix.config.access.client_allowed(client[0]):
+        if explicit:
+            await send_simple(stream, 403, b"Forbidden")
+        raise ClientError(f"client {client[0]} is not in the allow-list", reason="not_allowed")
+    if not ix._client_slots.try_acquire(conn, client[0]):
+        if explicit:
+            await send_simple(stream, 429, b"Too Many Requests")
+        raise ClientError(
+            f"client {client[0]} already holds {ix._client_slots.limit} connections",
+            reason="too_many_connections",
+        )
+
+
+class Authenticator:
+    """Checks ``Proxy-Authorization: Basic`` values off the event loop, with a small cache.
+
+    A password hash costs ~0.3 s of CPU and 128 MiB by design, so at most two are computed at
+    once (in threads), and a value that was right is remembered for ``ttl`` seconds (by its SHA-256,
+    never in clear) so that a browser's many connections cost one check.
+
+    Args:
+        credentials: the users; ``None`` when authentication is off.
+        ttl: seconds a verified value is remembered.
+        size: verified values remembered at most.
+    """
+
+    def __init__(self, credentials: Credentials | None, *, ttl: float = 300.0, size: int = 1024):
+        self.credentials = credentials
+        self._ttl = ttl
+        self._size = size
+        self._cache: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        self._limiter = trio.CapacityLimiter(2)
+
+    async def user_for(self, value: bytes | None) -> str | None:
+        """The user a ``Proxy-Authorization`` value proves, or ``None``."""
+        if self.credentials is None or value is None:
+            return None
+        parsed = parse_basic(value)
+        if parsed is None:
+            return None
+        key = hashlib.sha256(value).digest()
+        now = trio.current_time()
+        hit = self._cache.get(key)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        user, password = parsed
+        ok = await trio.to_thread.run_sync(
+            self.credentials.verify, user, password, limiter=self._limiter
+        )
+        if not ok:
+            return None
+        self._cache[key] = (user, now + self._ttl)
+        while len(self._cache) > self._size:
+            self._cache.popitem(last=False)
+        return user
+
+
+def raise_descriptor_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns the ``(soft, hard)`` now.
+
+    The usual soft limit of 1024 runs out long before a 10,000-connection cap (issue 15 fault 5):
+    each intercepted connection holds two descriptors. An unlimited hard limit is taken as the
+    kernel's usual ``nr_open`` (2^20); a refusal leaves the limit as it was.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, hard
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft, hard
+
+
+def connection_cap(soft_limit: int, wanted: int, *, idle_upstreams: int) -> int:
+    """The connections a descriptor budget allows: two each, after a reserve.
+
+    The reserve covers listeners, logs, the state store, verification fetches (64) and the idle
+    upstream connections the pool may keep.
+    """
+    reserve = 64 + idle_upstreams
+    return max(1, min(wanted, (soft_limit - reserve) // 2))
+
+
+def private_state_dir(path: Path) -> None:
+    """Make the state directory private (0700): it holds the users' browsing state.
+
+    Created 0700 when missing. An existing one with group or other access is tightened; when
+    that is impossible (another owner, a read-only file system), a :class:`ConfigurationError`
+    says so and what to run, instead of silently keeping it open (issue 15, item 8).
+    """
+    import os
+    import stat
+
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if not mode & 0o077 or not hasattr(os, "getuid"):
+        return
+    try:
+        os.chmod(path, 0o700)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"the state directory {path} is open to other users (mode {mode:04o}) and cannot "
+            f"be made private ({exc.strerror}); run as its owner: chmod 700 {path}, or pick "
+            "another with --state-dir",
+            reason="state_permissions",
+        ) from exc
+    logging.getLogger("tlsmitm").info(
+        "state directory %s was mode %04o; tightened to 0700", path, mode
+    )

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
+from .._access import PROXY_AUTHENTICATE
 from .._edge import BadRequest, find_head_end, parse_absolute_url, parse_connect_target, via_names
 from .._errors import ClientError, UpstreamError
 from .._names import normalize_host
@@ -45,7 +46,8 @@ async def explicit(
     try:
         await _explicit(ix, stream, client, conn)
     except BadRequest as exc:
-        await send_simple(stream, exc.status, _REASONS.get(exc.status, b"Bad Request"))
+        headers = ((b"proxy-authenticate", PROXY_AUTHENTICATE),) if exc.status == 407 else ()
+        await send_simple(stream, exc.status, _REASONS.get(exc.status, b"Bad Request"), headers)
         await _linger(stream)
         raise
 
@@ -74,6 +76,7 @@ async def _linger(stream: trio.abc.Stream) -> None:
 _REASONS = {
     400: b"Bad Request",
     403: b"Forbidden",
+    407: b"Proxy Authentication Required",
     414: b"URI Too Long",
     431: b"Request Header Fields Too Large",
     508: b"Loop Detected",
@@ -92,6 +95,12 @@ async def _explicit(
         raise BadRequest(f"malformed request head: {exc}", reason="bad_request") from exc
     if not isinstance(event, h11.Request):
         raise BadRequest("malformed request head", reason="bad_request")
+    if ix._auth.credentials is not None:
+        # RFC 9110 §11.7.1: a proxy asks for credentials with 407 and Proxy-Authenticate.
+        values = [v for k, v in event.headers if k == b"proxy-authorization"]
+        conn.user = await ix._auth.user_for(values[0] if len(values) == 1 else None)
+        if conn.user is None:
+            raise BadRequest("proxy authentication required", reason="proxy_auth", status=407)
     if ix._loop.seen_in(via_names([v for k, v in event.headers if k == b"via"])):
         # RFC 9110 §7.6.3: our own pseudonym in Via -- this request went round a proxy chain.
         raise BadRequest("request already passed through this proxy", reason="loop", status=508)

@@ -16,7 +16,7 @@ import socket
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import h11
 import trio
 from cryptography import x509
 
+from .._access import AccessPolicy
 from .._ca import CertificateAuthority
 from .._errors import ClientError, ConfigurationError, TlsMitmError
 from .._forge import CertForge
@@ -38,7 +39,14 @@ from .._tls import keylog_file_writer
 from .._verify import UpstreamVerifier, Verdict
 from .._websocket import DEFAULT_MAX_MESSAGE
 from .downstream import Downstream
-from .guard import ClientSlots, ErrorBoundary, LoopGuard
+from .guard import (
+    Authenticator,
+    ClientSlots,
+    ErrorBoundary,
+    LoopGuard,
+    admit,
+    private_state_dir,
+)
 from .hooks import Hooks
 from .intake import explicit, transparent
 from .plan import Decision
@@ -86,6 +94,8 @@ class InterceptorConfig:
             once (after idle keep-alive connections and idle tunnels were shed, oldest first).
         max_connections_per_client: connections one client address may hold at once (0: no
             limit); beyond that, ``429``.
+        access: the allow-list of client networks (``403`` outside it) and the proxy users
+            (``407`` without valid ``Proxy-Authorization``); open by default.
         shutdown_grace: seconds in-flight connections get to finish on shutdown.
         resolve: fixed name -> address mappings, like curl's ``--resolve``.
         keylog_path: append TLS secrets in NSS key log format (debugging only; off by default).
@@ -115,6 +125,7 @@ class InterceptorConfig:
     idle_timeout: float = 300.0
     max_connections: int = 10_000
     max_connections_per_client: int = 512
+    access: AccessPolicy = field(default_factory=AccessPolicy)
     shutdown_grace: float = 10.0
     resolve: Mapping[str, str] = field(default_factory=dict)
     keylog_path: Path | None = None
@@ -266,6 +277,7 @@ class Interceptor:
         self._boundary = ErrorBoundary(log)
         self._loop = LoopGuard()
         self._client_slots = ClientSlots(self.config.max_connections_per_client)
+        self._auth = Authenticator(self.config.access.credentials)
         # Open connections, oldest first: FlowRecord -> the scope that ends it (for shedding).
         self._open: dict[FlowRecord, trio.CancelScope] = {}
         self._accept_scope: trio.CancelScope | None = None
@@ -289,6 +301,7 @@ class Interceptor:
         connector: Connector | None = None,
         state: str | None = None,
         ca: CertificateAuthority | None = None,
+        override_ttl: timedelta = timedelta(hours=1),
     ) -> Interceptor:
         """A persistent installation in ``state_dir``: CA created on first use, state shared.
 
@@ -302,6 +315,7 @@ class Interceptor:
         from .._verify import TrustConfig
 
         now = _utc_now()
+        private_state_dir(state_dir)
         if ca is None:
             ca = CertificateAuthority.load_or_create(state_dir, passphrase=passphrase, now=now)
         backend, problem = open_state_store(state_dir, state)
@@ -319,7 +333,10 @@ class Interceptor:
             verifier=UpstreamVerifier(trust),
             hsts=HstsStore(store),
             responder=ErrorResponder(
-                profile=error_profile, override_store=store, token_key=token_key
+                profile=error_profile,
+                override_store=store,
+                token_key=token_key,
+                override_ttl=override_ttl,
             ),
             policy=InterceptPolicy(store=store, rules_file=rules_file, extra_rules=bypass),
             config=config,
@@ -525,16 +542,11 @@ class Interceptor:
         self.stats.active += 1
         if self.stats.active == 1:
             self._all_done = trio.Event()
-        per_client = self._client_slots.try_acquire(client[0])
         try:
             with trio.CancelScope() as scope:
                 self._open[conn] = scope
-                if not per_client:
-                    conn.reason = "too_many_connections"
-                    self.stats.count_error(conn.reason)
-                    if destination is None:
-                        await send_simple(stream, 429, b"Too Many Requests")
-                elif destination is None:
+                await admit(self, stream, client, conn, explicit=destination is None)
+                if destination is None:
                     await explicit(self, stream, client, conn)
                 else:
                     await transparent(self, stream, client, destination, conn)
@@ -559,8 +571,7 @@ class Interceptor:
         finally:
             conn.enter(FlowState.CLOSED)
             self._open.pop(conn, None)
-            if per_client:
-                self._client_slots.release(client[0])
+            self._client_slots.release(conn)
             try:
                 await close(stream)
             except Exception as exc:

@@ -84,12 +84,18 @@ def peer_ip(stream: trio.abc.Stream) -> str | None:
         return None
 
 
-async def send_simple(stream: trio.abc.Stream, status: int, reason: bytes) -> None:
+async def send_simple(
+    stream: trio.abc.Stream,
+    status: int,
+    reason: bytes,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
     """Answer a proxy client with a short plain-text error and ``Connection: close``."""
     body = reason + b"\n"
+    extra = b"".join(b"%s: %s\r\n" % (name, value) for name, value in headers)
     head = (
         b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n" % (status, reason, len(body))
+        b"connection: close\r\n%s\r\n" % (status, reason, len(body), extra)
     )
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         await stream.send_all(head + body)
