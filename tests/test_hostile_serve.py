@@ -66,6 +66,8 @@ async def serve(
             "127.0.0.1:0",
             "--state-dir",
             str(state),
+            "--workers",
+            "1",
             *args,
         ],
         stdout=subprocess.PIPE,
