@@ -42,7 +42,7 @@ from .._access import Credentials, parse_basic
 from .._errors import ClientError, ConfigurationError
 from .._names import ip_address_of
 from .state import FlowRecord
-from .streams import send_simple
+from .streams import close, send_simple
 
 if TYPE_CHECKING:
     from .interceptor import Interceptor
@@ -57,6 +57,8 @@ __all__ = [
     "is_local_address",
     "private_state_dir",
     "raise_descriptor_limit",
+    "refuse_busy",
+    "shed_idle",
 ]
 
 _MAX_MESSAGE = 200  # characters of an exception's message that reach the log
@@ -348,3 +350,39 @@ def private_state_dir(path: Path) -> None:
     logging.getLogger("tlsmitm").info(
         "state directory %s was mode %04o; tightened to 0700", path, mode
     )
+
+
+_IDLE_TO_SHED = 1.0  # a connection quiet this long may be closed to make room for a new one
+
+
+def shed_idle(ix: Interceptor) -> bool:
+    """Close the oldest idle connection (keep-alive between requests, quiet tunnel).
+
+    Returns whether one was closed (its slot comes back as soon as its task ends).
+    """
+    now = trio.current_time()
+    oldest: FlowRecord | None = None
+    for record in ix._open:
+        if (
+            record.idle_since is not None
+            and now - record.idle_since >= _IDLE_TO_SHED
+            and (oldest is None or record.idle_since < (oldest.idle_since or now))
+        ):
+            oldest = record
+    if oldest is None:
+        return False
+    scope = ix._open.pop(oldest)
+    oldest.reason = "shed_idle"
+    ix.stats.shed_idle += 1
+    scope.cancel()
+    return True
+
+
+async def refuse_busy(ix: Interceptor, stream: trio.SocketStream) -> None:
+    """``503`` at once for a client that finds every connection slot taken (issue 15 fault 5)."""
+    ix.stats.refused_busy += 1
+    try:
+        with trio.move_on_after(1.0):
+            await send_simple(stream, 503, b"Service Unavailable")
+    finally:
+        await close(stream)

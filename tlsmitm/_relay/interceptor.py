@@ -46,6 +46,8 @@ from .guard import (
     LoopGuard,
     admit,
     private_state_dir,
+    refuse_busy,
+    shed_idle,
 )
 from .hooks import Hooks
 from .intake import explicit, transparent
@@ -54,7 +56,7 @@ from .pool import UpstreamPool
 from .proxy_header import read_proxy_header
 from .state import FlowRecord, FlowState
 from .state_io import StateWriter
-from .streams import Connector, close, close_all, first_error, send_simple, tcp_connector
+from .streams import Connector, close, close_all, first_error, tcp_connector
 from .upstream import Upstreams
 
 __all__ = [
@@ -69,7 +71,6 @@ log = logging.getLogger("tlsmitm.relay")
 
 _ACCEPT_BACKOFF_MIN = 0.05
 _ACCEPT_BACKOFF_MAX = 1.0
-_IDLE_TO_SHED = 1.0  # a connection quiet this long may be closed to make room for a new one
 # On shutdown, a tunnel that moved no byte for this long counts as idle and is closed at once.
 _IDLE_TUNNEL_SECONDS = 0.25
 _DRAIN_POLL_SECONDS = 0.05
@@ -450,7 +451,7 @@ class Interceptor:
                     # Out of descriptors: make room, then back off (doubling, at most 1 s)
                     # instead of spinning on a listener that stays readable.
                     self._boundary.report(exc, client="-", where="accepting")
-                    self._shed_idle()
+                    shed_idle(self)
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, _ACCEPT_BACKOFF_MAX)
                     continue
@@ -459,39 +460,12 @@ class Interceptor:
             try:
                 slots.acquire_nowait()
             except trio.WouldBlock:
-                if not self._shed_idle():
+                if not shed_idle(self):
                     # Issue 15 fault 5: a prompt 503 rather than minutes in the listen queue.
-                    nursery.start_soon(self._refuse_busy, stream)
+                    nursery.start_soon(refuse_busy, self, stream)
                     continue
                 await slots.acquire()  # the shed connection gives its slot back at once
             nursery.start_soon(self._serve_accepted, stream, slots)
-
-    def _shed_idle(self) -> bool:
-        """Close the oldest idle connection (keep-alive between requests, quiet tunnel)."""
-        now = trio.current_time()
-        oldest: FlowRecord | None = None
-        for record in self._open:
-            if (
-                record.idle_since is not None
-                and now - record.idle_since >= _IDLE_TO_SHED
-                and (oldest is None or record.idle_since < (oldest.idle_since or now))
-            ):
-                oldest = record
-        if oldest is None:
-            return False
-        scope = self._open.pop(oldest)
-        oldest.reason = "shed_idle"
-        self.stats.shed_idle += 1
-        scope.cancel()
-        return True
-
-    async def _refuse_busy(self, stream: trio.SocketStream) -> None:
-        self.stats.refused_busy += 1
-        try:
-            with trio.move_on_after(1.0):
-                await send_simple(stream, 503, b"Service Unavailable")
-        finally:
-            await close(stream)
 
     async def _serve_accepted(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
         client = "-"
