@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import tlsmitm
 from tlsmitm import _relay
 
@@ -42,3 +44,27 @@ def test_no_class_in_the_relay_is_over_400_lines() -> None:
     assert "interceptor.py:Interceptor" in sizes  # (the walk found the classes)
     too_big = {name: lines for name, lines in sizes.items() if lines > 400}
     assert not too_big, too_big
+
+
+async def test_the_relay_registry() -> None:
+    from tlsmitm._relay.plan import RelayKind
+    from tlsmitm._relay.relays import RelayJob, RelayOutcome, RelayRegistry, run_h1, run_splice
+
+    registry = RelayRegistry()
+    assert registry.available() == {RelayKind.H1, RelayKind.SPLICE}
+    assert registry.relay_for(RelayKind.H1) is run_h1
+    assert registry.relay_for(RelayKind.SPLICE) is run_splice
+    with pytest.raises(LookupError, match="h2"):
+        registry.relay_for(RelayKind.H2)
+
+    async def fake_h2(job: RelayJob) -> RelayOutcome:
+        return RelayOutcome()
+
+    registry.register(RelayKind.H2, fake_h2)
+    assert RelayKind.H2 in registry.available()
+    assert registry.relay_for(RelayKind.H2) is fake_h2
+    with pytest.raises(TypeError):
+        registry.register("h2", fake_h2)  # type: ignore[arg-type]
+    registry.unregister(RelayKind.H2)
+    registry.unregister(RelayKind.H1)  # the built-in ones stay
+    assert registry.available() == {RelayKind.H1, RelayKind.SPLICE}
