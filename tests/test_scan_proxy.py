@@ -461,3 +461,44 @@ async def test_body_hooks_see_held_bodies_once_delivered_and_never_blocked_ones(
     assert hooks.responses == {b"/clean.gz": bytearray(CLEAN_GZ), b"/upload": b"stored"}
     assert hooks.uploads == b"notes" * 100
     assert hooks.ends == 3
+
+
+class DecodedRecorder(BodyRecorder):
+    decode_bodies = True
+
+
+@pytest.mark.parametrize("scanning", [False, True])
+async def test_body_hooks_can_get_decoded_bodies_as_the_scanners_do(
+    nursery: trio.Nursery, tmp_path: Path, clamd: Clamd, scanning: bool
+) -> None:
+    origin, roots = await start_origin(nursery, tmp_path)
+    scan = ["--scan", scan_url("clamd-unix", clamd, None)] if scanning else []
+    proxy = await start_proxy(nursery, tmp_path, roots, scan)
+    hooks = DecodedRecorder()
+    proxy.interceptor.hooks = hooks
+    fetched = await fetch(proxy, origin, "/clean.gz", tmp_path)
+    assert (fetched.status, fetched.body) == (200, CLEAN_GZ)  # the client: still gzip
+    assert hooks.responses == {b"/clean.gz": bytearray(CLEAN)}  # the hook: decoded
+
+
+async def test_body_tap_decodes_and_refuses_what_cannot_be_decoded() -> None:
+    from tlsmitm._errors import UpstreamError
+    from tlsmitm._relay.hooks import BodyTap
+
+    hooks = DecodedRecorder()
+    tap = BodyTap(hooks, FlowInfo(client="c:1", host=HOST, port=443, verified=True))
+    request = Request(method=b"GET", target=b"/a", headers=())
+    gz = Response(status=200, reason=b"OK", headers=((b"Content-Encoding", b"gzip"),))
+    for start in range(0, len(CLEAN_GZ), 7):
+        await tap.response(request, gz, CLEAN_GZ[start : start + 7], end=False)
+    await tap.response(request, gz, b"", end=True)
+    assert hooks.responses[b"/a"] == CLEAN
+    bomb = Response(status=200, reason=b"OK", headers=((b"content-encoding", b"gzip"),))
+    with pytest.raises(UpstreamError) as info:
+        await tap.response(request, bomb, gzip_bomb(), end=True)
+    assert info.value.reason == "decompression_bomb"
+    odd = Response(status=200, reason=b"OK", headers=((b"content-encoding", b"compress"),))
+    with pytest.raises(UpstreamError) as info:
+        await tap.response(request, odd, b"\x1f\x9d", end=True)
+    assert info.value.reason == "unknown_encoding"
+    assert hooks.ends == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._errors import TlsMitmError
+from .._scan._decode import BodyDecoder, parse_content_encoding
 from .._websocket import DropMessage, WebSocketClose, WebSocketMessage
 
 __all__ = [
@@ -120,9 +121,15 @@ class Hooks:
         body_limit: bytes of response body to buffer for :meth:`on_response` (0: heads only).
             Bodies larger than this are streamed and the hook sees ``truncated=True``; either
             way every byte of the body also passes :meth:`on_response_body`.
+        decode_bodies: the body hooks get bodies with their ``Content-Encoding`` undone (gzip,
+            deflate, br, zstd), as the content scanners do, under the same decompression-bomb
+            bounds; the client and the origin still get the original bytes. A body that cannot
+            be decoded (an unknown coding, corrupt data, a bomb) closes the connection, with
+            that reason in the decision log.
     """
 
     body_limit: int = 0
+    decode_bodies: bool = False
 
     async def on_request(self, flow: FlowInfo, request: Request) -> Request | Block | None:
         """Called for each request head; return a new request, a :class:`Block`, or ``None``."""
@@ -190,10 +197,38 @@ class BodyTap:
         self._flow = flow
         self._requests = overrides(hooks, "on_request_body")
         self._responses = overrides(hooks, "on_response_body")
+        self._decode = bool(getattr(hooks, "decode_bodies", False))
+        # One decoder per message whose body is under way (several at once over HTTP/2),
+        # holding the message itself so that its id cannot be reused meanwhile.
+        self._decoders: dict[int, tuple[object, BodyDecoder]] = {}
+
+    def _decoded(self, message: Request | Response, chunk: bytes, *, end: bool) -> bytes:
+        """``chunk`` with the message's Content-Encoding undone (when ``decode_bodies``).
+
+        Raises:
+            UpstreamError: the body cannot be decoded (``unknown_encoding``, ``bad_encoding``,
+                ``decompression_bomb``).
+        """
+        if not self._decode:
+            return chunk
+        entry = self._decoders.get(id(message))
+        if entry is None or entry[0] is not message:
+            codings = [v for k, v in message.headers if k.lower() == b"content-encoding"]
+            entry = (message, BodyDecoder(parse_content_encoding(codings)))
+            if len(self._decoders) >= 256:  # bodies abandoned without an end (reset streams)
+                self._decoders.clear()
+            self._decoders[id(message)] = entry
+        decoder = entry[1]
+        out = decoder.feed(chunk)
+        if end:
+            del self._decoders[id(message)]
+            out += decoder.finish()
+        return b"".join(out)
 
     async def request(self, request: Request, chunk: bytes, *, end: bool) -> None:
         """Show ``chunk`` of ``request``'s body to the hooks, before it is forwarded."""
         if self._requests:
+            chunk = self._decoded(request, chunk, end=end)
             outcome = await self._hooks.on_request_body(self._flow, request, chunk, end=end)
             if isinstance(outcome, Block):
                 raise TlsMitmError("a hook blocked the request body", reason="blocked_in_body")
@@ -203,6 +238,7 @@ class BodyTap:
     ) -> None:
         """Show ``chunk`` of ``response``'s body to the hooks, before it is forwarded."""
         if self._responses:
+            chunk = self._decoded(response, chunk, end=end)
             outcome = await self._hooks.on_response_body(
                 self._flow, request, response, chunk, end=end
             )
