@@ -10,18 +10,22 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from ca_tls import curl_through_serve, handshake, origin
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from origin import OriginStats, serve_tls, server_ssl_context
 from pki import DAY, NOW, good_hierarchy, issue, make_root
 from softhsm import PIN, SoftToken, make_token, module_path
 
@@ -29,6 +33,7 @@ from tlsmitm import ConfigurationError
 from tlsmitm._ca import CertificateAuthority
 from tlsmitm._cli import main
 from tlsmitm._forge import CertForge
+from tlsmitm._hsts import HstsStore, PreloadList
 from tlsmitm._pkcs11 import (
     MODULE_ENV,
     Pkcs11Uri,
@@ -39,6 +44,8 @@ from tlsmitm._pkcs11 import (
     parse_uri,
     pin_from_file,
 )
+from tlsmitm._relay import Interceptor
+from tlsmitm._verify import TrustConfig, UpstreamVerifier
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "www.example.test"
@@ -334,6 +341,63 @@ def test_a_root_key_moved_into_the_token_signs_node_intermediates_crls_and_rotat
     reloaded.rotate_intermediate(now=NOW, root_key_file=uri)
     reloaded.intermediate_certificate.verify_directly_issued_by(root)
     handshake(CertForge(reloaded).leaf_for(HOST, now=NOW), root, HOST, tmp_path)
+
+
+async def test_the_proxy_mints_through_a_token_off_the_event_loop(
+    nursery: trio.Nursery,
+    token: SoftToken,
+    access: TokenAccess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A smart card takes tens of milliseconds a signature: the relay must not wait for it on
+    the event loop. Every signature the token makes is recorded with the thread it ran in."""
+    ca = CertificateAuthority.create(
+        tmp_path / "state", now=NOW, intermediate_key=token.uri("issuing"), token=access
+    )
+    assert ca.signs_in_token
+    upstream = good_hierarchy(HOST)
+    origin_context = server_ssl_context(upstream.leaf, tmp_path)
+
+    async def connector(host: str, port: int) -> trio.abc.Stream:
+        ours, theirs = trio.testing.memory_stream_pair()
+        nursery.start_soon(serve_tls, theirs, origin_context, OriginStats())
+        return ours
+
+    interceptor = Interceptor(
+        ca=ca,
+        verifier=UpstreamVerifier(
+            TrustConfig(
+                replace_bundle=(upstream.root.cert,), own_certificates=ca.own_certificates()
+            )
+        ),
+        hsts=HstsStore(preload=PreloadList.empty()),
+        connector=connector,
+    )
+    signed_in: list[int] = []
+    sign = TokenKey.sign
+
+    def recording_sign(self: TokenKey, data: bytes, algorithm: object) -> bytes:
+        signed_in.append(threading.get_ident())
+        return sign(self, data, algorithm)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TokenKey, "sign", recording_sign)
+    client_end, proxy_end = trio.testing.memory_stream_pair()
+    nursery.start_soon(lambda: interceptor.handle(proxy_end, client=("192.0.2.7", 5555)))
+    await client_end.send_all(f"CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n".encode())
+    assert (await client_end.receive_some(1024)).startswith(b"HTTP/1.1 200")
+    client_context = ssl.create_default_context(cadata=ca.export_root().decode())
+    tls = trio.SSLStream(client_end, client_context, server_hostname=HOST)
+    await tls.do_handshake()  # the client accepted a leaf the token signed
+    await tls.send_all(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    answer = b""
+    with trio.fail_after(30):
+        while not answer.endswith(b"hello from origin"):
+            answer += await tls.receive_some(65536)
+    assert answer.startswith(b"HTTP/1.1 200")
+    await tls.aclose()
+    assert signed_in  # the leaf was minted through the token...
+    assert threading.get_ident() not in signed_in  # ...and never on the event loop's thread
 
 
 def _env(tmp_path: Path) -> dict[str, str]:

@@ -1433,6 +1433,11 @@ class CertificateAuthority:
         return str(key.uri) if isinstance(key, TokenKey) else None
 
     @property
+    def signs_in_token(self) -> bool:
+        """Whether leaves are signed through a PKCS#11 token (then mint off the event loop)."""
+        return isinstance(self._snapshot.intermediate.key, TokenKey)
+
+    @property
     def node_intermediates(self) -> tuple[NodeIntermediate, ...]:
         """Every intermediate issued for a node, revoked or not, oldest first."""
         return self._snapshot.nodes

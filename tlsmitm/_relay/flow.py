@@ -302,13 +302,17 @@ class Flow:
             return
         if plan.error_redirect:
             await close(upstream)
-        leaf = ix.forge.leaf_for(
+        mint = functools.partial(
+            ix.forge.leaf_for,
             name,
             verdict.leaf if plan.leaf.mirror_upstream else None,
             issuer=plan.leaf.issuer,
             upstream_verified=plan.leaf.upstream_verified,
             now=now,
         )
+        # A PKCS#11 token signs at its own pace (a smart card: tens of milliseconds a
+        # signature): then minting runs in a thread, never on the event loop.
+        leaf = await trio.to_thread.run_sync(mint) if ix.forge.ca.signs_in_token else mint()
         conn.enter(FlowState.HANDSHAKING)
         downstream = await ix._downstream.handshake(
             client_stream, peeked, leaf, plan.client_alpn, client, name, port
