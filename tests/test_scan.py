@@ -501,3 +501,16 @@ async def test_leaving_early_cancels_the_scans() -> None:
     async with open_inspection(ScanSettings(scanners=(scanner,)), CONTEXT) as inspection:
         await inspection.feed(b"abc")
     assert scanner.cancelled
+
+
+async def test_a_failure_does_not_hide_a_threat_another_scanner_finds() -> None:
+    down = Recorder("down", ScanFailed(scanner="down", reason="unreachable"), stop_after=0)
+    finder = Recorder("finder", Infected(scanner="finder", threat="T"))
+    async with open_inspection(ScanSettings(scanners=(down, finder)), CONTEXT) as inspection:
+        await inspection.feed(b"first")
+        await trio.testing.wait_all_tasks_blocked()
+        assert not inspection.settled  # "finder" is still reading
+        await inspection.feed(b"rest")
+        decision = await inspection.finish()
+    assert decision.action == "block"
+    assert decision.threat == "T"

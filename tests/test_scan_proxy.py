@@ -363,6 +363,8 @@ async def test_serve_scan_option_end_to_end_in_a_subprocess(
             "-m",
             "tlsmitm",
             "serve",
+            "--workers",
+            "1",
             "--listen",
             "127.0.0.1:0",
             "--state-dir",
@@ -373,6 +375,8 @@ async def test_serve_scan_option_end_to_end_in_a_subprocess(
             f"{HOST}=127.0.0.1",
             "--scan",
             f"clamd://{clamd.socket_path}",
+            "--scan",
+            f"clamd://{tmp_path / 'no-such-clamd.sock'}",
             "--scan-timeout",
             "30",
         ],
@@ -396,6 +400,7 @@ async def test_serve_scan_option_end_to_end_in_a_subprocess(
             cacert=ca_dir,
             records=[],
         )
+        # A threat wins over the other scanner's failure: the page names it.
         blocked = await fetch(proxy, origin, "/eicar", tmp_path)
         assert EICAR_BODY_SIGNATURE in await block_page(proxy, blocked, tmp_path)
     finally:
@@ -403,6 +408,13 @@ async def test_serve_scan_option_end_to_end_in_a_subprocess(
         with trio.fail_after(20):
             code = await process.wait()
     assert code == 0
+    assert process.stderr is not None
+    errors = b""
+    with trio.fail_after(10):
+        while chunk := await process.stderr.receive_some(65536):
+            errors += chunk
+    assert b"no-such-clamd.sock is not answering" in errors
+    assert b"--scan-failure closed" in errors
 
 
 def test_bad_scan_options_are_refused(tmp_path: Path) -> None:

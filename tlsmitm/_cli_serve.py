@@ -664,10 +664,13 @@ async def open_scanners(interceptor: object) -> None:
             with trio.fail_after(settings.timeout):
                 await scanner.open()
         except (TlsMitmError, trio.TooSlowError) as exc:
-            print(
-                f"tlsmitm: warning: scanner {scanner.name} is not answering ({exc}); "
-                f"bodies are handled by --scan-failure {settings.failure.value} until it does",
-                file=sys.stderr,
+            logging.getLogger("tlsmitm.scan").warning(
+                "scanner %s is not answering (%s); bodies are handled by --scan-failure %s "
+                "until it does",
+                scanner.name,
+                exc,
+                settings.failure.value,
+                extra={"event": "scanner_down"},
             )
         else:
             print(f"Scanning with {scanner.name}", flush=True)

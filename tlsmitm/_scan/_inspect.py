@@ -177,14 +177,21 @@ class BodyInspection:
 
     @property
     def settled(self) -> bool:
-        """Whether the decision is already known whatever the rest of the body holds."""
+        """Whether the decision is already known whatever the rest of the body holds.
+
+        A threat settles it at once. A failure under ``closed`` blocks too, but only settles it
+        once no other scanner is still reading: one that goes on may yet name a threat, for
+        the page and the log.
+        """
         if self._stopped is not None:
             return True
-        verdicts = [lane.verdict for lane in self._lanes if lane.verdict is not None]
+        verdicts = [lane.verdict for lane in self._lanes]
         if any(isinstance(v, Infected) for v in verdicts):
             return True
-        return self.settings.failure is FailureMode.CLOSED and any(
-            isinstance(v, ScanFailed) for v in verdicts
+        return (
+            self.settings.failure is FailureMode.CLOSED
+            and None not in verdicts
+            and any(isinstance(v, ScanFailed) for v in verdicts)
         )
 
     async def feed(self, data: bytes) -> None:
