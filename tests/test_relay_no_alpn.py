@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -28,9 +29,11 @@ from test_relay import (
     start_proxy,
 )
 
+from tlsmitm._hsts import HstsStore, PreloadList
 from tlsmitm._policy import ConnectionRecord
 from tlsmitm._relay.hooks import Block, FlowInfo, Hooks, Request
 from tlsmitm._responder import ErrorResponder
+from tlsmitm._store import MemoryStore
 
 pytestmark = pytest.mark.e2e
 
@@ -100,6 +103,48 @@ async def test_sts_learned_without_alpn_stops_a_later_override(
     await settle(setup)
     (blocked,) = records_for(setup, bad.port)
     assert (blocked.decision, blocked.reason) == ("block", "block_page")
+
+
+class SlowStore(MemoryStore):
+    """A store whose writes take a while (a busy SQLite disk, a far Redis)."""
+
+    def put(self, namespace: str, key: str, value: bytes, *, expires: float) -> None:
+        time.sleep(1.5)  # (runs in the state writer's thread)
+        super().put(namespace, key, value, expires=expires)
+
+
+async def test_sts_is_known_before_its_write_reaches_a_slow_store(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    # The STS write goes to the store after the response; a connection that starts before it
+    # lands must already see a Known HSTS Host, or an attacker who lets the first connection
+    # through and fails the next one would get the user an override page (RFC 6797 §12.1).
+    good = await start_origin(nursery, tmp_path, hierarchy, alpn=())
+    bad = await start_origin(nursery, tmp_path, hierarchy, _expired_leaf(hierarchy), alpn=())
+    store = SlowStore()
+    setup = await start_proxy(
+        nursery,
+        tmp_path,
+        hierarchy,
+        responder=ErrorResponder(profile="page"),
+        hsts=HstsStore(store, preload=PreloadList.empty()),
+    )
+    await trio.to_thread.run_sync(
+        functools.partial(https_via_proxy, setup, good.port, [("GET", "/hsts", None)])
+    )
+    assert store.get("hsts", HOST) is None  # (the write is still on its way)
+    results = await trio.to_thread.run_sync(
+        functools.partial(https_via_proxy, setup, bad.port, [("GET", "/", None)])
+    )
+    assert results[0][0] == 303
+    path = results[0][1]["location"][len("https://error.invalid") :]
+    page = await trio.to_thread.run_sync(
+        functools.partial(https_via_proxy, setup, 443, [("GET", path, None)], host="error.invalid")
+    )
+    assert b"/override" not in page[0][2]
+    await settle(setup)
+    (blocked,) = records_for(setup, bad.port)
+    assert blocked.reason == "block_page"
 
 
 async def test_a_client_without_alpn_to_an_origin_without_alpn_is_inspected(
@@ -233,3 +278,30 @@ async def test_binary_data_without_alpn_is_spliced_as_not_http(
     await settle(setup)
     (record,) = records_for(setup, port)
     assert (record.relay, record.splice) == ("splice", "not_http")
+
+
+def test_recent_sts_follows_the_header_rules() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from tlsmitm._relay.state_io import StateWriter
+
+    writer = StateWriter()
+    hsts = HstsStore(preload=PreloadList.empty())
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    writer.observe_sts(hsts, "Shop.Example.TEST", [b"max-age=600; includeSubDomains"], now=now)
+    writer.observe_sts(hsts, "plain.test", [b"max-age=600", b"max-age=0"], now=now)  # 1st counts
+    writer.observe_sts(hsts, "10.0.0.1", [b"max-age=600"], now=now)  # RFC 6797 §8.1.1
+    writer.observe_sts(hsts, "bad.test", [b"max-age=oops"], now=now)
+    assert writer.recently_known("shop.example.test", now)
+    assert writer.recently_known("a.b.shop.example.test", now)  # includeSubDomains
+    assert writer.recently_known("plain.test", now)
+    assert not writer.recently_known("a.plain.test", now)
+    assert not writer.recently_known("example.test", now)
+    assert not writer.recently_known("10.0.0.1", now)
+    assert not writer.recently_known("bad.test", now)
+    assert not writer.recently_known("shop.example.test", now + timedelta(seconds=601))
+    writer.observe_sts(hsts, "plain.test", [b"max-age=0"], now=now)
+    assert not writer.recently_known("plain.test", now)
+    # Without a running writer task the writes ran inline: the store agrees.
+    assert hsts.is_known_host("shop.example.test", now=now)
+    assert not hsts.is_known_host("10.0.0.1", now=now)

@@ -378,12 +378,8 @@ class Flow:
         assert plan.relay is not None
 
         def on_sts(values: Sequence[bytes]) -> None:
-            # Recorded off the event loop; the response is not held back by it.
-            ix.state_writer.submit(
-                functools.partial(
-                    ix.hsts.observe, name, list(values), now=ix.clock(), secure_and_verified=True
-                )
-            )
+            # Known at once; written to the store off the event loop, after the response.
+            ix.state_writer.observe_sts(ix.hsts, name, values, now=ix.clock())
 
         job = RelayJob(
             client=downstream,

@@ -9,19 +9,24 @@ connections of this worker.
 Writes (``Strict-Transport-Security`` observations) are queued to :class:`StateWriter`, whose one
 task runs them in a thread, in order. The response they came with is never held back by them,
 and a failing store costs nothing but the write (the cache keeps the knowledge in memory).
+What an STS observation teaches is known at once all the same: :meth:`StateWriter.observe_sts`
+notes the host in memory before queueing the write, so a connection that starts while the write
+is still queued already finds a Known HSTS Host (RFC 6797 §12.1: no override for it).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 import trio
 
-from .._hsts import UNANSWERED
+from .._hsts import UNANSWERED, HstsStore, parse_sts
+from .._names import is_ip_literal, try_normalize_host
 
 if TYPE_CHECKING:
     from .interceptor import Interceptor
@@ -31,10 +36,14 @@ __all__ = ["StateWriter", "hsts_known", "warm_policy"]
 log = logging.getLogger("tlsmitm.state")
 
 _QUEUE = 1024  # pending writes; past that a write runs inline (the loop pays, nothing is lost)
+_RECENT_STS_SECONDS = 120.0  # how long an observation is known from memory (the write is long done)
+_RECENT_STS_HOSTS = 4096
 
 
 async def hsts_known(ix: Interceptor, name: str, now: datetime) -> bool:
     """Whether ``name`` is a Known HSTS Host: from memory when possible, else from a thread."""
+    if ix.state_writer.recently_known(name, now):
+        return True
     answer = ix.hsts.known_host_nowait(name, now=now)
     if answer is UNANSWERED:
         answer = await trio.to_thread.run_sync(functools.partial(ix.hsts.known_host, name, now=now))
@@ -68,6 +77,46 @@ class StateWriter:
         self._send, self._receive = trio.open_memory_channel[Callable[[], object]](_QUEUE)
         self._running = False
         self.written = 0
+        # Host -> (until, includeSubDomains) for STS observed here, whether or not written yet.
+        self._recent_sts: OrderedDict[str, tuple[float, bool]] = OrderedDict()
+
+    def observe_sts(
+        self, hsts: HstsStore, host: str, values: Sequence[bytes], *, now: datetime
+    ) -> None:
+        """Queue the observation of a verified response's STS headers; know it at once.
+
+        Only the first header counts (RFC 6797 §8.1), never for an IP literal (§8.1.1); a
+        ``max-age=0`` drops the in-memory note (the store drops the host when it gets there).
+        """
+        policy = parse_sts(values[0]) if values else None
+        name = try_normalize_host(host)
+        if policy is not None and name is not None and not is_ip_literal(name):
+            if policy.max_age == 0:
+                self._recent_sts.pop(name, None)
+            else:
+                seconds = min(float(policy.max_age), _RECENT_STS_SECONDS)
+                self._recent_sts[name] = (now.timestamp() + seconds, policy.include_subdomains)
+                self._recent_sts.move_to_end(name)
+                while len(self._recent_sts) > _RECENT_STS_HOSTS:
+                    self._recent_sts.popitem(last=False)
+        self.submit(
+            functools.partial(hsts.observe, host, list(values), now=now, secure_and_verified=True)
+        )
+
+    def recently_known(self, host: str, now: datetime) -> bool:
+        """Did an STS header observed in the last minutes make ``host`` a Known HSTS Host?"""
+        if not self._recent_sts:
+            return False
+        name = try_normalize_host(host)
+        if name is None:
+            return False
+        stamp = now.timestamp()
+        labels = name.split(".")
+        for index in range(len(labels)):
+            entry = self._recent_sts.get(".".join(labels[index:]))
+            if entry is not None and entry[0] > stamp and (index == 0 or entry[1]):
+                return True
+        return False
 
     def submit(self, write: Callable[[], object]) -> None:
         """Queue ``write``; runs it at once when no :meth:`run` task is serving the queue."""
