@@ -514,3 +514,19 @@ async def test_a_failure_does_not_hide_a_threat_another_scanner_finds() -> None:
         decision = await inspection.finish()
     assert decision.action == "block"
     assert decision.threat == "T"
+
+
+def test_a_hostile_threat_name_cannot_forge_log_fields() -> None:
+    from tlsmitm._relay.scanning import ScanReport
+
+    decision = decide(
+        [Infected(scanner="icap", threat="Evil\nhost=bank.test scan=clean")], FailureMode.CLOSED
+    )
+    line = ScanReport(
+        host="a.test", direction="response", decision=decision, latencies={"x y": 0.5}, size=3
+    ).line()
+    assert "\n" not in line
+    assert line.count("host=") == 1
+    assert line.count("scan=") == 1
+    assert "threat=Evil_host_bank.test_scan_clean" in line
+    assert "latency_ms[x_y]=500.0" in line

@@ -11,6 +11,7 @@ decision goes to the ``tlsmitm.scan`` logger as one line (:func:`log_decision`),
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("tlsmitm.scan")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._:/@+-]")
 
 
 def response_has_body(method: bytes, status: int) -> bool:
@@ -123,12 +125,12 @@ class ScanReport:
             f"action={decision.action}",
             f"bytes={self.size}",
         ]
-        if decision.threat is not None:
-            words.append(f"threat={decision.threat.replace(' ', '_')}")
+        if decision.threat is not None:  # named by the engine: never trusted to be clean text
+            words.append(f"threat={_UNSAFE.sub('_', decision.threat)[:200]}")
         if decision.failure is not None:
             words.append(f"failure={decision.failure.reason}")
         for name, seconds in self.latencies.items():
-            words.append(f"latency_ms[{name}]={seconds * 1000:.1f}")
+            words.append(f"latency_ms[{_UNSAFE.sub('_', name)}]={seconds * 1000:.1f}")
         return " ".join(words)
 
 
