@@ -191,6 +191,19 @@ def test_a_token_key_signs_and_never_leaves_the_token(
         assert excinfo.value.reason == reason
 
 
+def test_a_lost_session_is_reopened_and_a_closed_key_stays_closed(
+    token: SoftToken, access: TokenAccess
+) -> None:
+    key = open_token_key(token.uri("second"), access)
+    key._session.close()  # what a restarted HSM or a re-inserted card does to a session
+    signature = key.sign(b"after", ec.ECDSA(hashes.SHA256()))
+    key.public_key().verify(signature, b"after", ec.ECDSA(hashes.SHA256()))
+    key.close()
+    with pytest.raises(ConfigurationError) as excinfo:
+        key.sign(b"closed", ec.ECDSA(hashes.SHA256()))
+    assert excinfo.value.reason == "pkcs11_token"
+
+
 def test_leaves_minted_through_the_token_are_accepted_by_a_client_trusting_the_root(
     token: SoftToken, access: TokenAccess, tmp_path: Path
 ) -> None:

@@ -25,14 +25,17 @@ templates sign through it without knowing.
 
 Only ECDSA keys on P-256 and P-384 are supported. A session is used by one thread at a time
 (PKCS#11 v2.40 §5.1.1 leaves concurrent use of one session to the module): signatures are
-serialised by a lock.
+serialised by a lock. A session that the token lost (re-inserted, restarted, logged out) is
+reopened once, with the same PIN source, and must still hold the same key.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -56,6 +59,8 @@ __all__ = [
     "open_token_key",
     "parse_uri",
 ]
+
+log = logging.getLogger("tlsmitm.pkcs11")
 
 PIN_ENV = "TLSMITM_PKCS11_PIN"
 MODULE_ENV = "TLSMITM_PKCS11_MODULE"
@@ -377,6 +382,26 @@ def _pin(uri: Pkcs11Uri, access: TokenAccess) -> bytes:
 # -- the key ------------------------------------------------------------------------------------
 
 
+def _lost_session_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from pkcs11 import exceptions as e
+    except ImportError:  # pragma: no cover - the extra is not installed
+        return ()
+    return (
+        e.SessionHandleInvalid,
+        e.SessionClosed,
+        e.DeviceRemoved,
+        e.TokenNotPresent,
+        e.UserNotLoggedIn,
+        e.DeviceError,
+    )
+
+
+#: PKCS#11 errors after which a new session may work (PKCS#11 v2.40 §5.1: CKR_SESSION_*,
+#: CKR_DEVICE_*, CKR_TOKEN_NOT_PRESENT, CKR_USER_NOT_LOGGED_IN).
+_LOST = _lost_session_errors()
+
+
 def _token_error(what: str, exc: BaseException) -> NoReturn:
     detail = type(exc).__name__
     raise ConfigurationError(f"{what}: the token said {detail}", reason="pkcs11_token") from exc
@@ -397,12 +422,15 @@ class TokenKey(ec.EllipticCurvePrivateKey):
         session: Any,
         key: Any,
         public_key: ec.EllipticCurvePublicKey,
+        reconnect: Callable[[], tuple[Any, Any, ec.EllipticCurvePublicKey]] | None = None,
     ) -> None:
         self._uri = uri
         self._module = module
         self._session = session
         self._key = key
         self._public = public_key
+        self._reconnect = reconnect
+        self._closed = False
         self._lock = threading.Lock()
 
     @property
@@ -442,12 +470,34 @@ class TokenKey(ec.EllipticCurvePrivateKey):
             digest = bytes(data)
         else:
             digest = hashlib.new(algorithm.name, bytes(data)).digest()
-        try:
-            with self._lock:
+        with self._lock:
+            if self._closed:
+                raise ConfigurationError(
+                    f"the token key {self._uri} was closed", reason="pkcs11_token"
+                )
+            try:
                 # PKCS#11 v2.40 §2.3.6 CKM_ECDSA: the input is the hash; the output is r || s.
                 raw = self._key.sign(digest, mechanism=Mechanism.ECDSA)
-        except PKCS11Error as exc:
-            _token_error(f"the token key {self._uri} could not sign", exc)
+            except PKCS11Error as exc:
+                if not isinstance(exc, _LOST) or self._reconnect is None:
+                    _token_error(f"the token key {self._uri} could not sign", exc)
+                # The session is gone (the token was re-inserted, the HSM restarted, the
+                # module logged out): open a new one once, with the same PIN, and sign again.
+                log.warning("PKCS#11 session for %s lost (%s); reopening", self._uri, exc)
+                with contextlib.suppress(PKCS11Error):
+                    self._session.close()
+                session, key, public = self._reconnect()
+                if public != self._public:
+                    session.close()
+                    raise ConfigurationError(
+                        f"the token key {self._uri} is another key since it was opened",
+                        reason="pkcs11_key",
+                    ) from None
+                self._session, self._key = session, key
+                try:
+                    raw = self._key.sign(digest, mechanism=Mechanism.ECDSA)
+                except PKCS11Error as again:
+                    _token_error(f"the token key {self._uri} could not sign", again)
         half = len(raw) // 2
         return utils.encode_dss_signature(
             int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
@@ -483,6 +533,7 @@ class TokenKey(ec.EllipticCurvePrivateKey):
         from pkcs11.exceptions import PKCS11Error
 
         with self._lock, contextlib.suppress(PKCS11Error):  # a dead session is closed
+            self._closed = True
             self._session.close()
 
     def __repr__(self) -> str:
@@ -540,14 +591,7 @@ def open_token_key(uri: str | Pkcs11Uri, access: TokenAccess | None = None) -> T
             (no, several or an unsupported key).
     """
     try:
-        import pkcs11
-        from pkcs11 import Attribute, ObjectClass
-        from pkcs11.exceptions import (
-            PinIncorrect,
-            PinLenRange,
-            PKCS11Error,
-            UserAlreadyLoggedIn,
-        )
+        import pkcs11  # noqa: F401 - only to say what is missing
     except ImportError:  # pragma: no cover - the extra is not installed
         raise ConfigurationError(
             "PKCS#11 keys need python-pkcs11: pip install 'tlsmitm[pkcs11]'",
@@ -556,6 +600,41 @@ def open_token_key(uri: str | Pkcs11Uri, access: TokenAccess | None = None) -> T
     parsed = uri if isinstance(uri, Pkcs11Uri) else parse_uri(uri)
     access = access or TokenAccess()
     module = find_module(parsed, access.module)
+    connect = functools.partial(_connect, parsed, module, access)
+    session, key, public_key = connect()
+    token_key = TokenKey(
+        uri=parsed,
+        module=module,
+        session=session,
+        key=key,
+        public_key=public_key,
+        reconnect=connect,
+    )
+    # Prove the pair now rather than at the first mint: the token signs, we verify.
+    probe = b"tlsmitm token key check"
+    try:
+        public_key.verify(
+            token_key.sign(probe, ec.ECDSA(hashes.SHA256())), probe, ec.ECDSA(hashes.SHA256())
+        )
+    except Exception as exc:
+        token_key.close()
+        if isinstance(exc, ConfigurationError):
+            raise
+        raise ConfigurationError(
+            f"the token's private and public keys for {parsed} do not belong together",
+            reason="pkcs11_key",
+        ) from None
+    return token_key
+
+
+def _connect(
+    parsed: Pkcs11Uri, module: Path, access: TokenAccess
+) -> tuple[Any, Any, ec.EllipticCurvePublicKey]:
+    """Find the token, log in, find the key pair: ``(session, private key, public key)``."""
+    import pkcs11
+    from pkcs11 import Attribute, ObjectClass
+    from pkcs11.exceptions import PinIncorrect, PinLenRange, PKCS11Error, UserAlreadyLoggedIn
+
     try:
         library = pkcs11.lib(str(module))
         slots = library.get_slots(token_present=True)
@@ -624,19 +703,4 @@ def open_token_key(uri: str | Pkcs11Uri, access: TokenAccess | None = None) -> T
     except PKCS11Error as exc:
         session.close()
         _token_error(f"cannot read the key {parsed}", exc)
-    token_key = TokenKey(uri=parsed, module=module, session=session, key=key, public_key=public_key)
-    # Prove the pair now rather than at the first mint: the token signs, we verify.
-    probe = b"tlsmitm token key check"
-    try:
-        public_key.verify(
-            token_key.sign(probe, ec.ECDSA(hashes.SHA256())), probe, ec.ECDSA(hashes.SHA256())
-        )
-    except Exception as exc:
-        token_key.close()
-        if isinstance(exc, ConfigurationError):
-            raise
-        raise ConfigurationError(
-            f"the token's private and public keys for {parsed} do not belong together",
-            reason="pkcs11_key",
-        ) from None
-    return token_key
+    return session, key, public_key
