@@ -25,6 +25,7 @@ from cryptography import x509
 
 from ._cli import UsageError, default_state_dir
 from ._errors import ConfigurationError, TlsMitmError
+from ._metrics import MULTIPROC_ENV
 from ._websocket import DEFAULT_MAX_MESSAGE
 
 if TYPE_CHECKING:
@@ -231,6 +232,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="on SIGINT/SIGTERM, exchanges in flight get this long to finish (default "
         f"{DEFAULT_SHUTDOWN_GRACE:g}); idle connections are closed at once; a second Ctrl-C "
         "exits immediately",
+    )
+    parser.add_argument(
+        "--metrics",
+        type=parse_listen,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics and a health check on "
+        "/healthz (off by default); with several workers the supervisor serves the sum",
     )
     add_logging_arguments(parser)
     from ._cli_ca import add_ca_source_arguments, add_token_arguments
@@ -684,6 +693,35 @@ async def _watchdog(interval: float) -> None:
         await trio.sleep(interval)
 
 
+def open_metrics_sockets(args: argparse.Namespace) -> list[socket.socket]:
+    """The ``--metrics`` listening sockets (none without the option), one-line errors.
+
+    Opened before anything else starts, so a busy metrics port fails like a busy proxy port.
+    """
+    if getattr(args, "metrics", None) is None:
+        return []
+    host, port = args.metrics
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return [socket.create_server((host, port), family=family)]
+    except OSError as exc:
+        error = listen_error(exc, host, port)
+        message = str(error).replace("--listen HOST:PORT", "--metrics HOST:PORT")
+        raise ConfigurationError(
+            message.replace("cannot listen on", "cannot serve --metrics on"), reason="listen"
+        ) from exc
+
+
+def _http_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def metrics_listeners(sockets: list[socket.socket]) -> list[trio.SocketListener]:
+    """``sockets`` as trio listeners (inside ``trio.run``)."""
+    return [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets]
+
+
 def run(args: argparse.Namespace) -> int:
     """Start the proxy; returns when it was stopped by SIGINT or SIGTERM."""
     from ._ca import ROOT_CERT_FILE
@@ -711,11 +749,12 @@ def run(args: argparse.Namespace) -> int:
         if callable(close_store):
             close_store()
         host, port = args.listen
+        metrics_sockets = open_metrics_sockets(args)
         try:
             holder = bind_shared_port(host, port)
         except OSError as exc:
             raise listen_error(exc, host, port) from exc
-        return supervise(args, workers, holder)
+        return supervise(args, workers, holder, metrics_sockets)
     interceptor = build_interceptor(args)
     assert isinstance(interceptor, Interceptor)
     if interceptor.state_problem:
@@ -738,6 +777,14 @@ def run(args: argparse.Namespace) -> int:
                 for scanner in scan.scanners if scan is not None else ():
                     await scanner.aclose()
 
+    metrics_sockets = open_metrics_sockets(args) if worker_index is None else []
+    metrics = None
+    if metrics_sockets or (worker_index is not None and os.environ.get(MULTIPROC_ENV)):
+        from ._metrics import Metrics
+
+        metrics = Metrics()  # a worker's values go to the supervisor's multiprocess directory
+        interceptor.metrics = metrics
+
     async def serve_until_signal() -> None:
         from . import _systemd
 
@@ -746,6 +793,7 @@ def run(args: argparse.Namespace) -> int:
                 listeners = await open_listeners(host, port)
             else:  # one of the supervisor's workers: its own socket on the shared port
                 listeners = [reuse_port_listener(host, port)]
+            listening = False
             async with trio.open_nursery() as nursery:
 
                 async def serve_then_stop(
@@ -754,7 +802,23 @@ def run(args: argparse.Namespace) -> int:
                     await interceptor.serve_listeners(listeners, task_status=task_status)
                     nursery.cancel_scope.cancel()  # served to the end: stop the signal loop too
 
+                if metrics is not None:
+                    from ._metrics import interceptor_health, serve_metrics
+
+                    nursery.start_soon(metrics.run_sampler, interceptor)
+                    if metrics_sockets:
+
+                        async def health() -> str | None:
+                            return await interceptor_health(interceptor, lambda: listening)
+
+                        await nursery.start(
+                            serve_metrics,
+                            metrics_listeners(metrics_sockets),
+                            metrics.registry,
+                            health,
+                        )
                 addresses = await nursery.start(serve_then_stop)
+                listening = True
                 bound_host, bound_port = addresses[0][0], addresses[0][1]
                 shown = f"[{bound_host}]" if ":" in bound_host else bound_host
                 proxy = f"http://{shown}:{bound_port}"
@@ -771,6 +835,8 @@ def run(args: argparse.Namespace) -> int:
                     f"Try it (needs internet): curl --proxy {proxy} --cacert {root_pem} "
                     "https://example.com/"
                 )
+                for sock in metrics_sockets:
+                    print(f"Metrics:  {_http_url(sock)}/metrics (health: /healthz)")
                 print(
                     "Stop with Ctrl-C; SIGHUP reloads the bypass rules, the trust store and the "
                     "preload list.",
@@ -791,6 +857,7 @@ def run(args: argparse.Namespace) -> int:
                         nursery.cancel_scope.cancel()
                         break
                     stopping = True
+                    listening = False
                     if worker_index is None:
                         _systemd.notify("STOPPING=1")
                     log.warning(

@@ -40,7 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import trio
@@ -172,6 +172,16 @@ async def _watchdog(interval: float, until: trio.CancelScope) -> None:
             await trio.sleep(interval)
 
 
+def _mark_dead(pid: int) -> None:
+    """A worker's live gauges no longer count (multiprocess metrics, when they are on)."""
+    from ._metrics import MULTIPROC_ENV
+
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
 class _Worker:
     def __init__(self, index: int, argv: list[str]) -> None:
         self.index = index
@@ -189,6 +199,9 @@ class Supervisor:
             _Worker(index, _worker_argv(argv, host, port, index)) for index in range(workers)
         ]
         self.stopping = False
+        self.metrics_sockets: list[socket.socket] = []
+        self.state: tuple[Path | None, str | None] = (None, None)
+        self._store_check: Callable[[], str | None] | None = None
 
     async def _run_worker(
         self,
@@ -242,6 +255,7 @@ class Supervisor:
                     if process.returncode is None:
                         process.kill()
                     code = await process.wait()
+                    _mark_dead(process.pid)
             if self.stopping:
                 return
             if first:
@@ -277,7 +291,13 @@ class Supervisor:
                 banners = [await nursery.start(self._run_worker, w) for w in self.workers]
                 pids = ", ".join(str(w.process.pid) for w in self.workers if w.process)
                 print(f"tlsmitm: {len(self.workers)} workers (pids {pids})")
+                for sock in self.metrics_sockets:
+                    from ._cli_serve import _http_url
+
+                    print(f"Metrics:  {_http_url(sock)}/metrics (health: /healthz, all workers)")
                 print("\n".join(banners[0]), flush=True)
+                if self.metrics_sockets:
+                    await nursery.start(self._serve_metrics)
                 _systemd.notify(
                     f"READY=1\nSTATUS={len(self.workers)} workers\nMAINPID={os.getpid()}"
                 )
@@ -305,6 +325,40 @@ class Supervisor:
                         nursery.start_soon(self._end_when_done, (signal_loop, watchdog))
                 # The worker tasks return as their processes exit.
 
+    async def _serve_metrics(self, task_status: trio.TaskStatus[None]) -> None:
+        """``/metrics`` (the workers' files added up) and ``/healthz`` until the workers end."""
+        from ._cli_serve import metrics_listeners
+        from ._metrics import multiprocess_registry, serve_metrics
+
+        state_dir, state = self.state
+        if state_dir is not None or state is None:
+            from ._cli import default_state_dir
+            from ._relay.interceptor import open_state_store
+
+            backend, _ = open_state_store(state_dir or default_state_dir(), state)
+            check = getattr(backend, "check_writable", None)
+            self._store_check = check if callable(check) else None
+        with trio.CancelScope() as scope:
+            self._metrics_scope = scope
+            await serve_metrics(
+                metrics_listeners(self.metrics_sockets),
+                multiprocess_registry(),
+                self._health,
+                task_status=task_status,
+            )
+
+    async def _health(self) -> str | None:
+        if self.stopping:
+            return "shutting down"
+        for worker in self.workers:
+            if worker.process is None or worker.process.returncode is not None:
+                return f"worker {worker.index} is not running (restarting)"
+        if self._store_check is not None:
+            problem: str | None = await trio.to_thread.run_sync(self._store_check)
+            if problem:
+                return f"state store not writable: {problem}"
+        return None
+
     async def _end_when_done(self, scopes: Sequence[trio.CancelScope]) -> None:
         """Once every worker exited (none is restarted while stopping): end ``scopes``."""
         for worker in self.workers:
@@ -312,14 +366,37 @@ class Supervisor:
                 await worker.process.wait()
         for scope in scopes:
             scope.cancel()
+        metrics = getattr(self, "_metrics_scope", None)
+        if metrics is not None:
+            metrics.cancel()
 
 
-def supervise(args: argparse.Namespace, workers: int, holder: socket.socket) -> int:
+def supervise(
+    args: argparse.Namespace,
+    workers: int,
+    holder: socket.socket,
+    metrics_sockets: Sequence[socket.socket] = (),
+) -> int:
     """Run ``serve`` as ``workers`` processes on the port ``holder`` holds; returns when they
-    have all stopped (0), or 2 when a worker could not start."""
+    have all stopped (0), or 2 when a worker could not start.
+
+    With ``metrics_sockets`` (``--metrics``), the workers write their metrics to a directory made
+    for this run (``prometheus_client``'s multiprocess mode) and the supervisor serves the sum.
+    """
+    import shutil
+    import tempfile
+
+    from ._metrics import MULTIPROC_ENV
+
     host = args.listen[0]
     bound_port = int(holder.getsockname()[1])
     supervisor = Supervisor(args.argv, host, bound_port, workers)
+    metrics_dir = None
+    if metrics_sockets:
+        metrics_dir = tempfile.mkdtemp(prefix="tlsmitm-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by every worker
+        supervisor.metrics_sockets = list(metrics_sockets)
+        supervisor.state = (args.state_dir, getattr(args, "state", None))
     try:
         trio.run(supervisor.run)
     except (RuntimeError, BaseExceptionGroup) as exc:
@@ -328,4 +405,9 @@ def supervise(args: argparse.Namespace, workers: int, holder: socket.socket) -> 
         return 2
     finally:
         holder.close()
+        for sock in metrics_sockets:
+            sock.close()
+        if metrics_dir is not None:
+            os.environ.pop(MULTIPROC_ENV, None)
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

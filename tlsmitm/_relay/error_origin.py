@@ -147,6 +147,12 @@ async def _serve_requests(ix: Interceptor, stream: trio.abc.Stream, client: str)
                 client=client,
             )
         )
+        if (
+            request.method == b"POST"
+            and bytes(request.target).split(b"?")[0] == b"/override"
+            and response.status < 400
+        ):
+            ix.stats.override_grants += 1
         await send_response(
             parser, stream, response.status, response.reason, response.headers, response.body
         )

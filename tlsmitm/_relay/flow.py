@@ -41,6 +41,7 @@ import trio
 from .._clienthello import ClientHello
 from .._errors import ClientError, UpstreamError
 from .._policy import Decision as PolicyDecision
+from .._responder import ActionKind
 from .._tls import TLSStream
 from .._verify import Verdict
 from .downstream import NotTLS
@@ -260,7 +261,9 @@ class Flow:
             upstream, verdict = pooled.stream, pooled.verdict
         else:
             assert upstream_tcp is not None
+            started = trio.current_time()
             probe = await ix._upstreams.probe(upstream_tcp, name, port, upstream_plan.alpn_offer)
+            conn.upstream_handshake_s = trio.current_time() - started
             upstream = probe.stream
             if probe.client_certificate_requested:
                 await self._save_client_cert_site(client_stream, peeked, upstream, name, port)
@@ -274,6 +277,7 @@ class Flow:
             )
         now = ix.clock()
         hsts_is_known = await hsts_known(ix, name, now)
+        conn.hsts_known = hsts_is_known
         respond = functools.partial(
             ix.responder.plan,
             verdict,
@@ -296,6 +300,8 @@ class Flow:
         )
         conn.decide(plan.decision, plan.reason)
         self._count(plan)
+        if action.kind is ActionKind.OVERRIDE_PAGE:
+            ix.stats.override_pages += 1
         if plan.leaf is None:  # ActionKind.ALERT: a client that cannot be shown a page
             await close(upstream)
             await client_stream.send_all(_HANDSHAKE_FAILURE_ALERT)
@@ -314,9 +320,11 @@ class Flow:
         # signature): then minting runs in a thread, never on the event loop.
         leaf = await trio.to_thread.run_sync(mint) if ix.forge.ca.signs_in_token else mint()
         conn.enter(FlowState.HANDSHAKING)
+        started = trio.current_time()
         downstream = await ix._downstream.handshake(
             client_stream, peeked, leaf, plan.client_alpn, client, name, port
         )
+        conn.client_handshake_s = trio.current_time() - started
         if plan.error_redirect:
             conn.enter(FlowState.ERROR_PAGE)
             await redirect_to_error(ix, downstream, action, port, conn.identity)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
+from typing import Protocol
 
 import h11
 import trio
@@ -163,6 +164,13 @@ class InterceptorConfig:
             )
 
 
+class ConnectionObserver(Protocol):
+    """Told about every connection once it closed (the metrics; see :mod:`tlsmitm._metrics`)."""
+
+    def connection_closed(self, conn: FlowRecord) -> None:
+        """Read what ``conn`` learned; must be quick and must not raise."""
+
+
 @dataclass
 class InterceptorStats:
     """Counters an embedder can read at any time (``interceptor.stats``)."""
@@ -185,6 +193,8 @@ class InterceptorStats:
     scanned: int = 0  # bodies that went to the content scanners
     scan_blocked: int = 0  # of which blocked (a threat, or a failure under --scan-failure closed)
     scan_unscanned: int = 0  # of which delivered unscanned (--scan-failure open)
+    override_pages: int = 0  # connections sent to an error page that offers an override
+    override_grants: int = 0  # overrides a user granted on such a page
     errors: dict[str, int] = field(default_factory=dict)
     spliced: dict[str, int] = field(default_factory=dict)  # decrypted bytes spliced, by reason
     cert_errors: dict[str, int] = field(default_factory=dict)
@@ -273,6 +283,8 @@ class Interceptor:
         #: Why the state store cannot be written, if it cannot (``from_state_dir`` checks).
         self.state_problem: str | None = None
         self._draining = False
+        #: Told about every closed connection (:class:`tlsmitm._metrics.Metrics`); ``None``: off.
+        self.metrics: ConnectionObserver | None = None
         #: Set by :meth:`shutdown`, for relays that wait rather than poll (WebSocket: 1001).
         self._stopping = trio.Event()
         self._boundary = ErrorBoundary(log)
@@ -561,6 +573,8 @@ class Interceptor:
                 self._boundary.report(exc, client=conn.client, where="logging")
 
     def _emit(self, conn: FlowRecord) -> None:
+        if self.metrics is not None:
+            self.metrics.connection_closed(conn)
         self.decision_log.emit(conn.to_record())
 
     async def check_upstream(

@@ -128,6 +128,7 @@ async def run_h1(job: RelayJob) -> RelayOutcome:
     finally:
         job.record.bytes_up += relay.counters.bytes_up
         job.record.bytes_down += relay.counters.bytes_down
+        job.record.requests += relay.counters.requests
     if isinstance(switched, Switched):
         return RelayOutcome(switched=switched)
     return RelayOutcome(

@@ -75,6 +75,11 @@ class FlowRecord:
     user: str | None = None  # the authenticated proxy user, when proxy authentication is on
     scan: str | None = None  # the most severe outcome of the scanned bodies (SCAN_RESULTS)
     scan_ms: float | None = None  # the scanners' time on this connection's bodies
+    # For the metrics (read once, when the connection closes; never on the hot path):
+    requests: int = 0  # HTTP requests relayed (by the relay in ``relay``)
+    upstream_handshake_s: float | None = None  # upstream TLS handshake and verification
+    client_handshake_s: float | None = None  # the client's TLS handshake with our leaf
+    hsts_known: bool = False  # the host was a known HSTS host when its action was planned
 
     @property
     def identity(self) -> str:
