@@ -8,6 +8,7 @@ arrives byte for byte as the origin sent it (still encoded).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -514,3 +515,51 @@ async def test_body_tap_decodes_and_refuses_what_cannot_be_decoded() -> None:
         await tap.response(request, odd, b"\x1f\x9d", end=True)
     assert info.value.reason == "unknown_encoding"
     assert hooks.ends == 1
+
+
+async def test_plain_http_downloads_and_uploads_are_scanned_too(
+    nursery: trio.Nursery, tmp_path: Path, clamd: Clamd
+) -> None:
+    table = routes()
+    uploads: list[bytes] = []
+
+    async def plain(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        async with stream:
+            received = await read_request(conn, stream)
+            if received is None:
+                return
+            request, body = received
+            target = bytes(request.target)
+            if target == b"/upload":
+                uploads.append(body)
+                headers, payload = [(b"content-type", b"text/plain")], b"stored"
+            else:
+                headers, make = table[target]
+                payload = make()
+            headers = [*headers, (b"content-length", str(len(payload)).encode())]
+            with contextlib.suppress(trio.BrokenResourceError):
+                await send_events(
+                    conn,
+                    stream,
+                    h11.Response(status_code=200, headers=headers),
+                    h11.Data(data=payload),
+                    h11.EndOfMessage(),
+                )
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, plain, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    _, roots = await start_origin(nursery, tmp_path)
+    proxy = await start_proxy(
+        nursery,
+        tmp_path,
+        roots,
+        ["--scan", scan_url("clamd-unix", clamd, None), "--scan-requests"],
+    )
+    clean = await curl(proxy, f"http://{HOST}:{port}/clean.gz", tmp_path)
+    assert (clean.status, clean.body) == (200, CLEAN_GZ)
+    blocked = await curl(proxy, f"http://{HOST}:{port}/eicar.gz", tmp_path)
+    assert EICAR_BODY_SIGNATURE in await block_page(proxy, blocked, tmp_path)
+    upload = await curl(proxy, f"http://{HOST}:{port}/upload", tmp_path, upload=EICAR)
+    assert EICAR_BODY_SIGNATURE in await block_page(proxy, upload, tmp_path)
+    assert uploads == []

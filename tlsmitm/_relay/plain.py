@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ from .error_origin import block_answer
 from .hooks import Block, FlowInfo, Hooks, Request, Response, WebSocketMessage
 from .plan import Decision, RelayKind
 from .relays import RelayJob, run_relays
+from .scanning import note_scan
 from .state import FlowRecord, FlowState
 from .streams import close, send_simple
 
@@ -85,6 +87,8 @@ async def plain_http(
         stopping=ix._stopping,
         record=conn,
         to_upstream=raw,
+        scan=ix.config.scan,
+        on_scan=functools.partial(note_scan, ix.stats, conn),
     )
     try:
         await run_relays(job, RelayKind.H1, None, spliced=ix.stats.spliced)
@@ -99,6 +103,7 @@ class _RewritingHooks(Hooks):
         self._inner = inner
         self._rewrite = rewrite
         self.body_limit = inner.body_limit
+        self.decode_bodies = inner.decode_bodies
 
     async def on_request(self, flow: FlowInfo, request: Request) -> Request | Block | None:
         rewritten = self._rewrite(request)
