@@ -505,6 +505,45 @@ async def test_end_of_transport_inside_a_record_is_truncation() -> None:
         await client.receive_some()
 
 
+async def test_truncation_after_a_refill_of_many_records() -> None:
+    """A refill is fed to OpenSSL piece by piece; the framing check still sees the cut record."""
+    client, server = await connected_pair()
+    await server.send_all(b"first")
+    assert await client.receive_some() == b"first"
+    payload = os.urandom(60_000)  # four records, more than one 32 KiB feed piece
+    ciphertext = b"".join(
+        [
+            await _server_writes_raw(server, payload[i : i + 16384])
+            for i in range(0, len(payload), 16384)
+        ]
+    )
+    cut = await _server_writes_raw(server, b"cut short")
+    await server.transport_stream.send_all(ciphertext + cut[:-4])
+    await server.transport_stream.aclose()
+    # Everything before the cut arrives first (in one call: it all came in one refill).
+    assert await client.receive_some(1_000_000) == payload
+    with pytest.raises(UpstreamTLSError) as info:
+        await client.receive_some(1_000_000)
+    assert info.value.reason == "tls_truncated"
+
+
+async def test_one_refill_serves_many_records() -> None:
+    """Ciphertext already in the transport is read at once, not one record per transport read."""
+    a, b = trio.testing.memory_stream_pair()
+    recorder = Recorder(a)
+    client, server = client_stream(recorder), server_stream(b)
+    await handshake_both(client, server)
+    await server.send_all(b"tickets")
+    assert await client.receive_some() == b"tickets"
+    payload = os.urandom(100_000)  # seven records, about 100 KiB of ciphertext
+    await server.send_all(payload)  # buffered by the memory stream
+    reads_before = len(recorder.receive_sizes)
+    assert await client.receive_some(1_000_000) == payload
+    assert len(recorder.receive_sizes) == reads_before + 1
+    assert recorder.receive_sizes[-1] == 128 * 1024  # the default refill
+    assert client.is_idle()
+
+
 async def test_corrupt_record_is_a_tls_error() -> None:
     client, server = await connected_pair()
     await server.send_all(b"first")
@@ -998,7 +1037,8 @@ async def test_refills_and_writes_are_bounded() -> None:
     assert received == payload
     assert set(recorder.receive_sizes) == {1000}
     assert isinstance(server.transport_stream, Recorder)
-    assert max(len(s) for s in server.transport_stream.sent) < 70_000  # 64 KiB slices
+    # 256 KiB batches, each sent before the next is encrypted.
+    assert max(len(s) for s in server.transport_stream.sent) < 256 * 1024 + 1000
 
 
 async def test_concurrent_handshakes_share_one() -> None:
