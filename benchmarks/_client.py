@@ -437,6 +437,17 @@ def keepalive_latency(target: Target, *, name: str, seconds: float) -> Latency:
     )
 
 
+def keepalive_rate(target: Target, *, name: str, seconds: float, connections: int = 4) -> float:
+    """Small requests per second over ``connections`` warm keep-alive connections at once
+    (one client process each, one request at a time on each)."""
+    reports, _ = _run_processes(
+        _latency_worker,
+        [(target, name, seconds)] * connections,
+        timeout=seconds + 3 * IO_TIMEOUT,
+    )
+    return sum(report.completed for report in reports) / seconds
+
+
 # -- bulk transfers -----------------------------------------------------------------------------
 
 

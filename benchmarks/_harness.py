@@ -67,7 +67,11 @@ SETUP_CELLS = (
     ("fresh", 1),
     ("fresh", 16),
 )
-PROXIES = frozenset({"tlsmitm", "tlsmitm-nopool", "mitmproxy", "squid"})
+PROXIES = frozenset(
+    {"tlsmitm", "tlsmitm-w2", "tlsmitm-auto", "tlsmitm-nopool", "mitmproxy", "squid"}
+)
+# ``serve --workers 2`` and ``--workers auto``: measured for setup and keep-alive (scaling).
+WORKER_PEERS = frozenset({"tlsmitm-w2", "tlsmitm-auto"})
 # Peers measured for connection setup only (pooling changes nothing on one long connection).
 SETUP_ONLY = frozenset({"tlsmitm-nopool"})
 SLOW_TO_OPEN = frozenset({"mitmproxy", "squid"})
@@ -360,6 +364,12 @@ class _Measurer:
             f"p99 {result.p99_ms:.3f} ms ({result.requests} requests)"
         )
 
+    def keepalive(self, running: Running, repeat: int) -> None:
+        """One repetition of warm keep-alive requests/s over four connections at once."""
+        per_s = _client.keepalive_rate(running.target, name=BENCH_DOMAIN, seconds=self.plan.seconds)
+        self._sample("keepalive.c4.per_s", per_s)
+        _log(f"[{self.record.label}] keep-alive, 4 connections #{repeat + 1}: {per_s:,.0f} req/s")
+
     def bulk(self) -> None:
         running = self._start()
         try:
@@ -492,6 +502,7 @@ def _setup_in_turns(plan: Plan, measurers: Sequence[_Measurer]) -> None:
             for naming, concurrency in SETUP_CELLS
         ]
         turns.append(("latency", lambda m, r, i: m.latency(r, i)))  # (not SETUP_ONLY peers)
+        turns.append(("keepalive", lambda m, r, i: m.keepalive(r, i)))  # (not SETUP_ONLY peers)
         for scenario, measure in turns:
             for repeat in range(plan.repeats):
                 for measurer in measurers:
@@ -503,7 +514,7 @@ def _setup_in_turns(plan: Plan, measurers: Sequence[_Measurer]) -> None:
                         scenario == f"setup.{n}.c{c}" for n, c in measurer.setup_cells()
                     ):
                         continue
-                    if scenario == "latency" and label in SETUP_ONLY:
+                    if scenario in ("latency", "keepalive") and label in SETUP_ONLY:
                         continue
                     try:
                         measurer._guard(
@@ -514,7 +525,17 @@ def _setup_in_turns(plan: Plan, measurers: Sequence[_Measurer]) -> None:
                         del running[label]
                         peer.stop()
     finally:
-        for peer in running.values():
+        for label, peer in running.items():
+            if label in WORKER_PEERS or label == "tlsmitm":
+                # CPU seconds of each process (supervisor and workers): contention is visible.
+                per_process = [(pid, cpu_seconds([pid])) for pid in peer.pids()]
+                _log(
+                    f"[{label}] CPU seconds per process: "
+                    + ", ".join(f"pid {pid} {cpu:.1f} s" for pid, cpu in per_process)
+                )
+                record = next(m.record for m in measurers if m.record.label == label)
+                for index, (_, cpu) in enumerate(per_process):
+                    record.metrics[f"cpu_s.process{index}"] = cpu
             peer.stop()
         for measurer in measurers:
             measurer.finish_samples()
@@ -563,7 +584,7 @@ def run_benchmarks(
             for measurer in measurers:
                 record = measurer.record
                 label = record.label
-                if record.status == "missing" or label in SETUP_ONLY:
+                if record.status == "missing" or label in SETUP_ONLY or label in WORKER_PEERS:
                     continue
                 counts = plan.held_counts_slow if label in SLOW_TO_OPEN else plan.held_counts
                 groups: list[tuple[str, Callable[[], None]]] = []

@@ -45,7 +45,16 @@ from ._system import Unavailable, ensure_debian_package, free_port, wait_for_por
 
 __all__ = ["PEERS", "PeerEnv", "Running", "start_peer"]
 
-PEERS = ("direct", "terminator", "tlsmitm", "tlsmitm-nopool", "mitmproxy", "squid")
+PEERS = (
+    "direct",
+    "terminator",
+    "tlsmitm",
+    "tlsmitm-w2",
+    "tlsmitm-auto",
+    "tlsmitm-nopool",
+    "mitmproxy",
+    "squid",
+)
 REPO = Path(__file__).resolve().parent.parent
 PEERS_DIR = Path(__file__).resolve().parent / ".peers"
 MITMPROXY_PYTHONS = (
@@ -229,7 +238,9 @@ def _start_terminator(env: PeerEnv) -> Running:
 # -- tlsmitm ----------------------------------------------------------------------------------
 
 
-def _start_tlsmitm(env: PeerEnv, *, label: str = "tlsmitm", pool: bool = True) -> Running:
+def _start_tlsmitm(
+    env: PeerEnv, *, label: str = "tlsmitm", pool: bool = True, workers: str = "1"
+) -> Running:
     state = env.work / f"{label}-state"
     log = _fresh_log(env, label)
     resolve = [arg for name in env.names for arg in ("--resolve", f"{name}=127.0.0.1")]
@@ -241,7 +252,7 @@ def _start_tlsmitm(env: PeerEnv, *, label: str = "tlsmitm", pool: bool = True) -
             "tlsmitm",
             "serve",
             "--workers",
-            "1",
+            workers,
             "--listen",
             "127.0.0.1:0",
             "--state-dir",
@@ -540,6 +551,10 @@ def start_peer(label: str, env: PeerEnv, *, origin_pids: list[int], origin_versi
         return _start_terminator(env)
     if label == "tlsmitm":
         return _start_tlsmitm(env)
+    if label == "tlsmitm-w2":
+        return _start_tlsmitm(env, label=label, workers="2")
+    if label == "tlsmitm-auto":
+        return _start_tlsmitm(env, label=label, workers="auto")
     if label == "tlsmitm-nopool":
         return _start_tlsmitm(env, label=label, pool=False)
     if label == "mitmproxy":

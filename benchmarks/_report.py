@@ -21,13 +21,24 @@ from ._harness import SETUP_CELLS, RunResult
 
 __all__ = ["Goal", "evaluate_goals", "rst_include", "text_report", "to_json", "write_chart"]
 
-PEER_ORDER = ("direct", "terminator", "tlsmitm", "tlsmitm-nopool", "mitmproxy", "squid")
+PEER_ORDER = (
+    "direct",
+    "terminator",
+    "tlsmitm",
+    "tlsmitm-w2",
+    "tlsmitm-auto",
+    "tlsmitm-nopool",
+    "mitmproxy",
+    "squid",
+)
 RATIO_PEERS = ("mitmproxy", "squid", "terminator", "direct")
 NAMING = {"one": "1 name", "fifty": "50 names", "fresh": "new name each"}
 COLORS = {
     "direct": "#7f7f7f",
     "terminator": "#bcbd22",
     "tlsmitm": "#1f77b4",
+    "tlsmitm-w2": "#17becf",
+    "tlsmitm-auto": "#2ca02c",
     "tlsmitm-nopool": "#aec7e8",
     "mitmproxy": "#d62728",
     "squid": "#9467bd",
@@ -56,6 +67,13 @@ def _rows(result: RunResult) -> list[_Row]:
             _Row(title="  server CPU per connection", key=f"{key}.cpu_ms", unit="ms", digits=2),
         ]
     rows += [
+        _Row(
+            title="warm keep-alive, 4 connections",
+            key="keepalive.c4.per_s",
+            unit="req/s",
+            ratio=True,
+            digits=0,
+        ),
         _Row(title="warm keep-alive request, p50", key="latency.p50_ms", unit="ms", digits=3),
         _Row(title="warm keep-alive request, p99", key="latency.p99_ms", unit="ms", digits=3),
     ]
@@ -74,6 +92,23 @@ def _rows(result: RunResult) -> list[_Row]:
                 title="  RSS growth during it", key=f"bulk.{direction}.rss_growth_mib", unit="MiB"
             ),
         ]
+    processes = max(
+        (
+            int(key.removeprefix("cpu_s.process")) + 1
+            for record in result.peers.values()
+            for key in record.metrics
+            if key.startswith("cpu_s.process")
+        ),
+        default=0,
+    )
+    for index in range(processes):
+        rows.append(
+            _Row(
+                title=f"CPU seconds, process {index + 1} (setup and keep-alive)",
+                key=f"cpu_s.process{index}",
+                unit="s",
+            )
+        )
     counts = sorted({*result.plan.held_counts, *result.plan.held_counts_slow})
     for count in counts:
         rows += [
@@ -151,6 +186,40 @@ def evaluate_goals(result: RunResult) -> list[Goal]:
                     ours_label=label,
                 )
             )
+    # Issue 16: scaling with workers, on a 2-core machine, and --workers auto against mitmproxy.
+    for naming, concurrency in SETUP_CELLS:
+        if concurrency > 1:
+            goals.append(
+                _ratio_goal(
+                    result,
+                    f"--workers 2 / 1: setup ({NAMING[naming]}, {concurrency} in flight) >= 1.6x",
+                    f"setup.{naming}.c{concurrency}.per_s",
+                    "tlsmitm",
+                    1.6,
+                    ours_label="tlsmitm-w2",
+                )
+            )
+        goals.append(
+            _ratio_goal(
+                result,
+                f"--workers auto: setup ({NAMING[naming]}, {concurrency} in flight) >= 4x "
+                "mitmproxy",
+                f"setup.{naming}.c{concurrency}.per_s",
+                "mitmproxy",
+                4,
+                ours_label="tlsmitm-auto",
+            )
+        )
+    goals.append(
+        _ratio_goal(
+            result,
+            "--workers 2 / 1: warm keep-alive requests/s (4 connections) >= 1.6x",
+            "keepalive.c4.per_s",
+            "tlsmitm",
+            1.6,
+            ours_label="tlsmitm-w2",
+        )
+    )
     for naming, concurrency in SETUP_CELLS[:2]:
         goals.append(
             _ratio_goal(

@@ -42,6 +42,9 @@ def test_one_connection_setup_measurement_produces_numbers(bench: None, tmp_path
         )
         used = cpu_seconds(terminator.pids()) - before[0]
         latency = _client.keepalive_latency(terminator.target, name=BENCH_DOMAIN, seconds=0.3)
+        keepalive = _client.keepalive_rate(
+            terminator.target, name=BENCH_DOMAIN, seconds=0.3, connections=2
+        )
     finally:
         terminator.stop()
     assert terminator.process is not None
@@ -54,6 +57,7 @@ def test_one_connection_setup_measurement_produces_numbers(bench: None, tmp_path
     assert latency.errors == {}
     assert latency.requests > 0
     assert 0 < latency.p50_ms <= latency.p99_ms
+    assert keepalive > 0
 
     # The measured figures go through every output the harness writes.
     record = _harness.PeerRecord(label="terminator", version=terminator.version)
@@ -107,3 +111,16 @@ def test_percentile_is_nearest_rank(bench: None) -> None:
     assert percentile(values, 1.0) == 100.0
     assert percentile([7.0], 0.99) == 7.0
     assert math.isnan(percentile([], 0.5))
+
+
+def test_the_state_benchmark_measures_sqlite_redis_and_the_cache(bench: None) -> None:
+    from conftest import require_tool
+
+    require_tool("redis-server")
+    from benchmarks import bench_state
+
+    figures = bench_state.run(0.2)
+    for key in ("sqlite_new_name_us", "redis_new_name_us", "sqlite_observe_us", "redis_observe_us"):
+        assert figures[key] > 0, key
+    assert 0 < figures["cache_hit_rate"] < 1
+    assert figures["redis_over_sqlite_new_name"] > 0

@@ -736,15 +736,15 @@ def run(args: argparse.Namespace) -> int:
     from ._workers import bind_shared_port, reuse_port_listener, supervise, usable_cpus
 
     worker_index = getattr(args, "worker_of_supervisor", None)  # "INDEX:SUPERVISOR_PID"
-    if worker_index is not None:
-        from ._workers import die_with_supervisor
 
-        die_with_supervisor(int(worker_index.split(":")[1]))
     workers = args.workers if getattr(args, "workers", None) is not None else usable_cpus()
     if workers > 1 and worker_index is None:
         # The same checks and one-line errors as one process -- and the CA created once, here,
         # before any worker starts.
         first = build_interceptor(args)
+        problem = getattr(first, "state_problem", None)
+        if problem:  # said once, by the supervisor, not once per worker
+            logging.getLogger("tlsmitm.state").warning("%s", problem)
         close_store = getattr(getattr(getattr(first, "hsts", None), "store", None), "close", None)
         if callable(close_store):
             close_store()
@@ -757,7 +757,7 @@ def run(args: argparse.Namespace) -> int:
         return supervise(args, workers, holder, metrics_sockets)
     interceptor = build_interceptor(args)
     assert isinstance(interceptor, Interceptor)
-    if interceptor.state_problem:
+    if interceptor.state_problem and worker_index is None:
         # One line, at start: the deployer hears about it now, not at the first HSTS header.
         logging.getLogger("tlsmitm.state").warning("%s", interceptor.state_problem)
     log = logging.getLogger("tlsmitm.serve")
@@ -817,6 +817,12 @@ def run(args: argparse.Namespace) -> int:
                             metrics.registry,
                             health,
                         )
+                if worker_index is not None:
+                    from ._workers import watch_supervisor
+
+                    supervisor_pid = int(worker_index.split(":")[1])
+                    # Cancelled with the nursery when serving ends.
+                    nursery.start_soon(watch_supervisor, supervisor_pid, trio.Event())
                 addresses = await nursery.start(serve_then_stop)
                 listening = True
                 bound_host, bound_port = addresses[0][0], addresses[0][1]

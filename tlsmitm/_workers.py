@@ -47,11 +47,11 @@ import trio
 
 __all__ = [
     "bind_shared_port",
-    "die_with_supervisor",
     "parse_workers",
     "reuse_port_listener",
     "state_lock",
     "supervise",
+    "watch_supervisor",
 ]
 
 log = logging.getLogger("tlsmitm.workers")
@@ -62,18 +62,21 @@ _STABLE_AFTER = 60.0  # a worker up this long resets the backoff
 _BANNER_END = b"Stop with Ctrl-C"
 
 
-def die_with_supervisor(supervisor_pid: int) -> None:
-    """In a worker: be sent SIGTERM when the supervisor dies, however it dies (Linux
-    ``PR_SET_PDEATHSIG``), so that no worker outlives it; exit now if it is already gone."""
-    import ctypes
-    import ctypes.util
+async def watch_supervisor(supervisor_pid: int, done: trio.Event) -> None:
+    """In a worker: stop (SIGTERM to itself, so it drains) once the supervisor is gone; return
+    when ``done`` is set.
 
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != supervisor_pid:
-        raise SystemExit(0)  # the supervisor died before the signal was armed
+    A worker never outlives its supervisor, however that one died (``kill -9`` included): when
+    it does, the worker is re-parented and :func:`os.getppid` changes. (``PR_SET_PDEATHSIG`` is
+    not used: it fires when the parent *thread* that forked exits, and trio forks from threads.)
+    """
+    # Polling: the kernel offers no event for "my parent changed" that trio can wait on.
+    while os.getppid() == supervisor_pid:
+        with trio.move_on_after(0.5):
+            await done.wait()
+        if done.is_set():
+            return  # this worker is stopping anyway
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def usable_cpus() -> int:
