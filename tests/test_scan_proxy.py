@@ -101,6 +101,16 @@ async def start_origin(nursery: trio.Nursery, tmp: Path) -> tuple[Origin, Path]:
                     return
                 request, body = received
                 target = bytes(request.target)
+                if target == b"/trailers":  # chunked, with a trailer field after the body
+                    await send_events(
+                        conn,
+                        tls,
+                        h11.Response(status_code=200, headers=[(b"transfer-encoding", b"chunked")]),
+                        h11.Data(data=CLEAN),
+                        h11.EndOfMessage(headers=[(b"x-checksum", b"abc123")]),
+                    )
+                    conn.start_next_cycle()
+                    continue
                 if target == b"/upload":
                     origin.uploads.append(body)
                     headers, payload = [(b"content-type", b"text/plain")], b"stored"
@@ -184,7 +194,9 @@ class Fetched:
     body: bytes
 
 
-async def curl(proxy: Proxy, url: str, tmp: Path, *, upload: bytes | None = None) -> Fetched:
+async def curl(
+    proxy: Proxy, url: str, tmp: Path, *, upload: bytes | None = None, extra: tuple[str, ...] = ()
+) -> Fetched:
     exe = require_tool("curl")
     out = tmp / f"body-{os.urandom(4).hex()}"
     command = [
@@ -201,6 +213,7 @@ async def curl(proxy: Proxy, url: str, tmp: Path, *, upload: bytes | None = None
         "-w",
         "%{http_code} %{redirect_url}",
     ]
+    command += extra
     if upload is not None:
         sent = tmp / f"upload-{os.urandom(4).hex()}"
         sent.write_bytes(upload)
@@ -563,3 +576,18 @@ async def test_plain_http_downloads_and_uploads_are_scanned_too(
     upload = await curl(proxy, f"http://{HOST}:{port}/upload", tmp_path, upload=EICAR)
     assert EICAR_BODY_SIGNATURE in await block_page(proxy, upload, tmp_path)
     assert uploads == []
+
+
+async def test_a_held_chunked_body_keeps_its_trailer_fields(
+    nursery: trio.Nursery, tmp_path: Path, clamd: Clamd
+) -> None:
+    origin, roots = await start_origin(nursery, tmp_path)
+    proxy = await start_proxy(
+        nursery, tmp_path, roots, ["--scan", scan_url("clamd-unix", clamd, None)]
+    )
+    fetched = await curl(
+        proxy, f"https://{HOST}:{origin.port}/trailers", tmp_path, extra=("--raw",)
+    )
+    assert fetched.status == 200
+    assert fetched.body.endswith(b"0\r\nx-checksum: abc123\r\n\r\n")
+    assert CLEAN in fetched.body

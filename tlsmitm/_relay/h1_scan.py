@@ -76,7 +76,7 @@ async def exchange_scanned_request(
                 out.clear()
         if complete:
             await relay._bodies.request(request, b"", end=True)
-            out += relay._up.send(h11.EndOfMessage()) or b""
+            out += relay._up.send(first) or b""  # (the EndOfMessage, with any trailers)
         await relay.upstream.send_all(out)
         relay._touch()
     if complete:
@@ -180,7 +180,7 @@ async def scanned_response(
                 await relay._flush(out)
     if complete:
         await relay._bodies.response(request, response, b"", end=True)
-        out += relay._down.send(h11.EndOfMessage()) or b""
+        out += relay._down.send(event) or b""  # (the EndOfMessage, with any trailers)
         await relay._flush(out)
     else:  # delivered unscanned (--scan-failure open): the rest streams as it comes
         await relay._stream_response_body(bytes(out), request, response)
