@@ -8,6 +8,7 @@ by a client that trusts only the root, and one runs through ``serve`` and curl.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 import ssl
 import stat
@@ -93,6 +94,80 @@ def test_an_imported_intermediate_signs_leaves_that_clients_of_the_org_root_acce
         with pytest.raises(ConfigurationError) as excinfo:
             call()
         assert excinfo.value.reason == reason
+
+
+def test_the_chains_permitted_subtrees_bound_what_the_forge_mints(tmp_path: Path) -> None:
+    """RFC 5280 §4.2.1.10: clients refuse a leaf outside a CA's permitted subtrees, so the
+    forge refuses to mint one (the policy must bypass those names) instead."""
+    root = make_root("ACME Root CA")
+    policy = issue(
+        subject_cn="ACME Policy CA",
+        issuer=root,
+        ca=True,
+        path_length=1,
+        eku=None,
+        extra=[
+            (
+                x509.NameConstraints(
+                    [x509.DNSName("corp.example"), x509.DNSName("lab.example")], None
+                ),
+                True,
+            )
+        ],
+    )
+    intermediate = org_intermediate(
+        policy,
+        extra=[
+            (
+                x509.NameConstraints(
+                    [
+                        x509.DNSName("corp.example"),
+                        x509.IPAddress(ipaddress.ip_network("10.0.0.0/8")),
+                    ],
+                    [x509.DNSName("hr.corp.example")],
+                ),
+                True,
+            )
+        ],
+    )
+    ca = CertificateAuthority.import_intermediate(
+        tmp_path / "state",
+        certificates=[intermediate.cert, policy.cert, root.cert],
+        key=intermediate.key,
+        now=NOW,
+    )
+    assert ca.name_constraints_permitted == (  # the intermediate's, then the policy CA's
+        ("corp.example", "10.0.0.0/8"),
+        ("corp.example", "lab.example"),
+    )
+    forge = CertForge(ca)
+    for host in ("intranet.corp.example", "corp.example"):
+        leaf = forge.leaf_for(host, now=NOW)
+        handshake(leaf, root.cert, host, tmp_path)
+    # Not permitted; the last one because OpenSSL checks an IP leaf's CN (its address) against
+    # the DNS subtrees, so clients would refuse it even inside 10.0.0.0/8.
+    for host in ("www.example.test", "x.lab.example", "payroll.hr.corp.example", "10.1.2.3"):
+        with pytest.raises(ConfigurationError) as excinfo:
+            forge.leaf_for(host, now=NOW)
+        assert excinfo.value.reason == "name_excluded"
+    # Mirrored upstream names outside the permitted subtrees are left out of the leaf.
+    upstream = good_hierarchy("intranet.corp.example")
+    mirrored = issue(
+        subject_cn="intranet.corp.example",
+        issuer=upstream.intermediate,
+        sans=[
+            "intranet.corp.example",
+            "*.dev.corp.example",
+            "*.corp.example",  # would cover hr.corp.example, which is excluded
+            "www.example.test",
+            "*.example",
+        ],
+    )
+    leaf = forge.leaf_for("intranet.corp.example", mirrored.cert, upstream_verified=True, now=NOW)
+    assert leaf.names == ("intranet.corp.example", "*.dev.corp.example")
+    handshake(leaf, root.cert, "intranet.corp.example", tmp_path)
+    reloaded = CertificateAuthority.load(tmp_path / "state")
+    assert reloaded.name_constraints_permitted == ca.name_constraints_permitted
 
 
 def _refusal(certificates: list[x509.Certificate], key: object) -> str:

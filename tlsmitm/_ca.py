@@ -656,24 +656,47 @@ def check_imported_intermediate(
     return intermediate, chain, root, inspect_intermediate(intermediate, now=now)
 
 
-def _excluded_by(certificates: Sequence[x509.Certificate]) -> list[str]:
-    """The excluded subtrees of ``certificates``' name constraints that tlsmitm can express."""
+def _subtrees(subtrees: Sequence[x509.GeneralName] | None) -> list[str]:
+    """DNS and IP subtrees, canonical (see :func:`_canonical_exclusion`); others are skipped."""
     out: list[str] = []
+    for general in subtrees or ():
+        if not isinstance(general, x509.DNSName | x509.IPAddress):
+            continue  # e-mail, URI, directory names: never in a TLS server leaf's SAN
+        value = general.value
+        text = value.lstrip(".") if isinstance(value, str) else str(value)
+        try:
+            canonical = _canonical_exclusion(text)
+        except ConfigurationError:
+            continue
+        if canonical not in out:
+            out.append(canonical)
+    return out
+
+
+def _name_constraints_of(
+    certificates: Sequence[x509.Certificate],
+) -> tuple[list[str], list[list[str]]]:
+    """``(excluded subtrees, permitted subtrees per certificate)`` of a chain's name
+    constraints, as far as tlsmitm can express them (DNS names and IP networks).
+
+    RFC 5280 §4.2.1.10: each CA's constraints apply to every name below it, so a name must
+    lie outside every excluded subtree and, for each certificate with permitted subtrees of
+    the name's type, inside one of them.
+    """
+    excluded: list[str] = []
+    permitted: list[list[str]] = []
     for certificate in certificates:
         try:
             constraints = certificate.extensions.get_extension_for_class(x509.NameConstraints)
         except x509.ExtensionNotFound:
             continue
-        for general in constraints.value.excluded_subtrees or ():
-            value = general.value
-            text = value.lstrip(".") if isinstance(value, str) else str(value)
-            try:
-                canonical = _canonical_exclusion(text)
-            except ConfigurationError:
-                continue
-            if canonical not in out:
-                out.append(canonical)
-    return out
+        excluded += [
+            name for name in _subtrees(constraints.value.excluded_subtrees) if name not in excluded
+        ]
+        group = _subtrees(constraints.value.permitted_subtrees)
+        if group:
+            permitted.append(group)
+    return excluded, permitted
 
 
 # --------------------------------------------------------------------------------------------
@@ -1247,6 +1270,7 @@ class CertificateAuthority:
             crl=None,
             crl_number=0,
         )
+        excluded, permitted = _name_constraints_of((intermediate, *chain, root))
         metadata: dict[str, Any] = {
             "format": FORMAT_VERSION,
             "software": "tlsmitm",
@@ -1255,7 +1279,8 @@ class CertificateAuthority:
             "created": _iso(now),
             "key_type": key_type,
             "organization": organization,
-            "name_constraints_excluded": _excluded_by((intermediate, *chain, root)),
+            "name_constraints_excluded": excluded,
+            "name_constraints_permitted": permitted,
         }
         cls._fill_metadata(metadata, snapshot)
         pem = serialization.Encoding.PEM
@@ -1519,14 +1544,35 @@ class CertificateAuthority:
         """
         return self._excludes(normalize_host(host))
 
+    @property
+    def name_constraints_permitted(self) -> tuple[tuple[str, ...], ...]:
+        """Permitted subtrees, one group per certificate of an imported chain that has them
+        (a name must lie in one subtree of each group of its type); empty otherwise."""
+        return tuple(tuple(group) for group in self._metadata.get("name_constraints_permitted", []))
+
     def _excludes(self, name: str) -> bool:
-        """``name`` is normalised; wildcards ``*.rest`` count if they could match an exclusion."""
+        """``name`` is normalised; wildcards ``*.rest`` count if they could match an exclusion,
+        or if not all of the names they match are permitted."""
         excluded = self._metadata["name_constraints_excluded"]
-        if not excluded:
+        permitted = self._metadata.get("name_constraints_permitted", [])
+        if not excluded and not permitted:
             return False
         address = ip_address_of(name)
         wildcard = name.startswith("*.")
         base = name[2:] if wildcard else name
+        for group in permitted:
+            if address is not None:
+                networks = [ipaddress.ip_network(entry) for entry in group if "/" in entry]
+                if networks and not any(address in network for network in networks):
+                    return True
+                if len(networks) < len(group):
+                    # An IP leaf's commonName is its address; with no DNS name in the SAN,
+                    # OpenSSL checks that CN against the DNS subtrees, and it never matches.
+                    return True
+            else:
+                domains = [entry for entry in group if "/" not in entry]
+                if domains and not any(is_same_or_subdomain(base, d) for d in domains):
+                    return True
         for entry in excluded:
             if "/" in entry:
                 if address is not None and address in ipaddress.ip_network(entry):
@@ -2135,7 +2181,15 @@ class CertificateAuthority:
                 _parse_iso(node["issued"])
                 if node["revoked"] is not None:
                     _parse_iso(node["revoked"])
-            for name in metadata["name_constraints_excluded"]:
+            permitted = metadata.get("name_constraints_permitted", [])
+            checks.append(isinstance(permitted, list) and not (permitted and not imported))
+            if not all(
+                isinstance(group, list) and all(isinstance(n, str) for n in group)
+                for group in permitted
+            ):
+                corrupt("malformed permitted name constraints")
+            permitted_names = [name for group in permitted for name in group]
+            for name in [*metadata["name_constraints_excluded"], *permitted_names]:
                 if _canonical_exclusion(name) != name:
                     checks.append(False)
         except (KeyError, TypeError, ValueError, ConfigurationError):

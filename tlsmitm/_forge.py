@@ -468,9 +468,8 @@ class CertForge:
     ) -> list[str]:
         if trusted and self._ca._excludes(host):
             raise ConfigurationError(
-                f"{host} is excluded by the CA's name constraints "
-                f"({', '.join(self._ca.name_constraints_excluded)}), so no trusted leaf can be "
-                "minted for it; add a bypass rule for it",
+                f"{host} is excluded by (or not permitted under) the CA's name constraints, so "
+                "no trusted leaf can be minted for it; add a bypass rule for it",
                 reason="name_excluded",
             )
         names = [host]
