@@ -591,3 +591,27 @@ async def test_a_held_chunked_body_keeps_its_trailer_fields(
     assert fetched.status == 200
     assert fetched.body.endswith(b"0\r\nx-checksum: abc123\r\n\r\n")
     assert CLEAN in fetched.body
+
+
+async def test_a_large_upload_waiting_for_100_continue_is_held_then_sent_whole(
+    nursery: trio.Nursery, tmp_path: Path, clamd: Clamd
+) -> None:
+    origin, roots = await start_origin(nursery, tmp_path)
+    proxy = await start_proxy(
+        nursery, tmp_path, roots, ["--scan", scan_url("clamd-unix", clamd, None), "--scan-requests"]
+    )
+    body = _BLOCK * 3  # 3 MiB: curl sends "Expect: 100-continue" and waits for the 100
+    # curl gives up waiting after --expect100-timeout; the proxy must answer long before.
+    with trio.fail_after(60):
+        fetched = await curl(
+            proxy,
+            f"https://{HOST}:{origin.port}/upload",
+            tmp_path,
+            upload=body,
+            extra=("--expect100-timeout", "600", "-H", "Expect: 100-continue"),
+        )
+    assert (fetched.status, fetched.body) == (200, b"stored")
+    assert origin.uploads == [body]
+    blocked = await fetch(proxy, origin, "/upload", tmp_path, upload=body + EICAR)
+    assert EICAR_BODY_SIGNATURE in await block_page(proxy, blocked, tmp_path)
+    assert origin.uploads == [body]
