@@ -487,3 +487,8 @@ async def test_serve_with_the_issuing_key_in_the_token_is_trusted_by_curl(
     intermediate.verify_directly_issued_by(root)
     token_key = open_token_key(token.uri("issuing"), TokenAccess(pin=PIN.encode()))
     assert intermediate.public_key() == token_key.public_key()
+
+
+def test_a_process_without_token_keys_never_loads_the_pkcs11_library() -> None:
+    check = "import sys, tlsmitm, tlsmitm._cli_ca; assert 'pkcs11' not in sys.modules"
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=60, cwd=REPO)

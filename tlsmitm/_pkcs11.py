@@ -382,11 +382,13 @@ def _pin(uri: Pkcs11Uri, access: TokenAccess) -> bytes:
 # -- the key ------------------------------------------------------------------------------------
 
 
+@functools.cache
 def _lost_session_errors() -> tuple[type[BaseException], ...]:
-    try:
-        from pkcs11 import exceptions as e
-    except ImportError:  # pragma: no cover - the extra is not installed
-        return ()
+    """PKCS#11 errors after which a new session may work (PKCS#11 v2.40 §5.1: CKR_SESSION_*,
+    CKR_DEVICE_*, CKR_TOKEN_NOT_PRESENT, CKR_USER_NOT_LOGGED_IN). Imported on first use: a
+    process without token keys never loads the module."""
+    from pkcs11 import exceptions as e
+
     return (
         e.SessionHandleInvalid,
         e.SessionClosed,
@@ -395,11 +397,6 @@ def _lost_session_errors() -> tuple[type[BaseException], ...]:
         e.UserNotLoggedIn,
         e.DeviceError,
     )
-
-
-#: PKCS#11 errors after which a new session may work (PKCS#11 v2.40 §5.1: CKR_SESSION_*,
-#: CKR_DEVICE_*, CKR_TOKEN_NOT_PRESENT, CKR_USER_NOT_LOGGED_IN).
-_LOST = _lost_session_errors()
 
 
 def _token_error(what: str, exc: BaseException) -> NoReturn:
@@ -479,7 +476,7 @@ class TokenKey(ec.EllipticCurvePrivateKey):
                 # PKCS#11 v2.40 §2.3.6 CKM_ECDSA: the input is the hash; the output is r || s.
                 raw = self._key.sign(digest, mechanism=Mechanism.ECDSA)
             except PKCS11Error as exc:
-                if not isinstance(exc, _LOST) or self._reconnect is None:
+                if not isinstance(exc, _lost_session_errors()) or self._reconnect is None:
                     _token_error(f"the token key {self._uri} could not sign", exc)
                 # The session is gone (the token was re-inserted, the HSM restarted, the
                 # module logged out): open a new one once, with the same PIN, and sign again.
