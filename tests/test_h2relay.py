@@ -1,0 +1,697 @@
+"""The HTTP/2 relay over socket pairs: h2 <-> h2, h2 <-> HTTP/1.1, HTTP/1.1 <-> h2, the hooks,
+backpressure, coalescing (421) and the protections against hostile clients.
+
+Clients and origins are written with ``h2`` directly (``tests/h2peers.py``) or h11
+(``tests/origin.py``); the relay runs between them over real kernel socket pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import h11
+import hpack
+import pytest
+import trio
+from h2peers import Exchange, H2Peer, origin_handler, pattern
+from hyperframe.frame import ContinuationFrame, HeadersFrame
+from origin import OriginStats, serve_http
+
+from tlsmitm._errors import ClientError
+from tlsmitm._h2relay import (
+    FloodGuard,
+    H1Front,
+    H1Upstream,
+    H2Front,
+    H2Limits,
+    H2Upstream,
+    h1_request_headers,
+    h2_request_headers,
+    request_from_h2,
+    same_authority_only,
+)
+from tlsmitm._http import Block, FlowInfo, Headers, Hooks, Request, Response
+
+HOST = "www.example.test"
+FLOW = FlowInfo(client="127.0.0.1:50000", host=HOST, port=443, verified=True)
+ERR = h2.errors.ErrorCodes
+# What a hostile client meets once the relay cut it off.
+GONE = (trio.BrokenResourceError, trio.ClosedResourceError, h2.exceptions.ProtocolError)
+
+
+def _pair(opened: list[trio.SocketStream]) -> tuple[trio.SocketStream, trio.SocketStream]:
+    a, b = trio.socket.socketpair()
+    pair = trio.SocketStream(a), trio.SocketStream(b)
+    opened.extend(pair)
+    return pair
+
+
+async def _close_all(opened: list[trio.SocketStream]) -> None:
+    with trio.CancelScope(shield=True):
+        for stream in opened:
+            await trio.aclose_forcefully(stream)
+
+
+class RecordingHooks(Hooks):
+    def __init__(self, *, body_limit: int = 0) -> None:
+        self.body_limit = body_limit
+        self.requests: list[Request] = []
+        self.responses: list[Response] = []
+        self.flows: list[FlowInfo] = []
+
+    async def on_request(self, flow: FlowInfo, request: Request) -> Request | Block | None:
+        self.flows.append(flow)
+        self.requests.append(request)
+        if request.target == b"/blocked":
+            return Block(title="Blocked", explanation="by policy")
+        return None
+
+    async def on_response(
+        self, flow: FlowInfo, request: Request, response: Response
+    ) -> Response | Block | None:
+        self.responses.append(response)
+        if response.body is not None and b"virus" in response.body:
+            return Block(title="Malware", explanation="found")
+        if request.target == b"/replace":
+            return replace_body(response, b"replaced by a hook")
+        return None
+
+
+def replace_body(response: Response, body: bytes) -> Response:
+    return Response(
+        status=response.status, reason=response.reason, headers=response.headers, body=body
+    )
+
+
+async def answer_block(block: Block, target: bytes) -> tuple[int, bytes, Headers, bytes]:
+    body = block.title.encode()
+    headers = (
+        (b"location", b"https://error.invalid/block"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),  # hop-by-hop: must not reach an h2 client
+    )
+    return 303, b"See Other", headers, body
+
+
+@dataclass
+class Setup:
+    client: H2Peer
+    front: H2Front
+    upstream: H2Upstream | H1Upstream
+    hooks: RecordingHooks
+    sts: list[Sequence[bytes]]
+    origin: H2Peer | None = None
+    origin_stats: OriginStats = field(default_factory=OriginStats)
+    front_error: list[BaseException] = field(default_factory=list)
+    front_done: trio.Event = field(default_factory=trio.Event)
+    authorities: list[bytes] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def relay(
+    *,
+    upstream: str = "h2",
+    hooks: RecordingHooks | None = None,
+    limits: H2Limits | None = None,
+    client_auto_ack: bool = True,
+    client_settings: dict[int, int] | None = None,
+    start_client: bool = True,
+) -> AsyncIterator[Setup]:
+    hooks = hooks or RecordingHooks()
+    limits = limits or H2Limits()
+    opened: list[trio.SocketStream] = []
+    async with trio.open_nursery() as nursery:
+        client_sock, front_sock = _pair(opened)
+        stats = OriginStats()
+        origin: H2Peer | None = None
+        up: H2Upstream | H1Upstream
+        if upstream == "h2":
+            up_sock, origin_sock = _pair(opened)
+            origin = H2Peer(origin_sock, client=False, handler=origin_handler)
+            nursery.start_soon(origin.run)
+            up = H2Upstream(up_sock, limits=limits)
+        else:
+
+            async def serve(stream: trio.SocketStream) -> None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await serve_http(stream, stats)  # (the relay may hang up mid-response)
+
+            async def connect() -> trio.abc.Stream:
+                ours, theirs = _pair(opened)
+                nursery.start_soon(serve, theirs)
+                return ours
+
+            up = H1Upstream(await connect(), connect=connect)
+        sts: list[Sequence[bytes]] = []
+        authorities: list[bytes] = []
+        strict = same_authority_only(HOST, 443)
+
+        async def misdirected(authority: bytes) -> str | None:
+            authorities.append(authority)
+            return await strict(authority)
+
+        front = H2Front(
+            client=front_sock,
+            upstream=up,
+            flow=FLOW,
+            hooks=hooks,
+            on_sts=sts.append,
+            answer_block=answer_block,
+            misdirected=misdirected,
+            limits=limits,
+        )
+        client = H2Peer(client_sock, auto_ack=client_auto_ack, settings=client_settings)
+        setup = Setup(client, front, up, hooks, sts, origin, stats, authorities=authorities)
+
+        async def run_front() -> None:
+            try:
+                await front.run()
+            except ClientError as exc:
+                setup.front_error.append(exc)
+            finally:
+                setup.front_done.set()
+                await trio.aclose_forcefully(front_sock)
+
+        nursery.start_soon(run_front)
+        if start_client:
+            nursery.start_soon(client.run)
+        try:
+            yield setup
+        finally:
+            nursery.cancel_scope.cancel()
+            await _close_all(opened)
+
+
+# -- pure parts -------------------------------------------------------------------------------
+
+
+def test_request_from_h2_puts_authority_first_as_host() -> None:
+    request = request_from_h2(
+        [
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+            (b":authority", b"a.test"),
+            (b":path", b"/x?y"),
+            (b"cookie", b"a=1"),
+            (b"cookie", b"b=2"),
+        ]
+    )
+    assert request.method == b"GET"
+    assert request.target == b"/x?y"
+    assert request.headers[0] == (b"host", b"a.test")
+    assert request.http_version == b"2"
+    # Towards HTTP/1.1 the split cookie is joined (RFC 9113 §8.2.3), Host stays first.
+    assert h1_request_headers(request, has_body=False) == [
+        (b"host", b"a.test"),
+        (b"cookie", b"a=1; b=2"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b":scheme", b"https"), (b":path", b"/")],
+        [(b":method", b"GET"), (b":scheme", b"https")],
+        [(b":method", b"GET"), (b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/")],
+    ],
+)
+def test_request_from_h2_rejects_missing_or_repeated_pseudo_headers(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    with pytest.raises(ClientError):
+        request_from_h2(headers)
+
+
+def test_h2_request_headers_drop_hop_by_hop_and_keep_te_trailers() -> None:
+    request = Request(
+        method=b"POST",
+        target=b"/svc/Method",
+        headers=(
+            (b"Host", b"a.test"),
+            (b"Connection", b"keep-alive, X-Private"),
+            (b"X-Private", b"1"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"TE", b"trailers"),
+            (b"Content-Type", b"application/grpc"),
+        ),
+    )
+    assert h2_request_headers(request) == [
+        (b":method", b"POST"),
+        (b":scheme", b"https"),
+        (b":authority", b"a.test"),
+        (b":path", b"/svc/Method"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    # A body without a length is sent chunked towards HTTP/1.1.
+    assert (b"transfer-encoding", b"chunked") in h1_request_headers(request, has_body=True)
+
+
+def test_flood_guard_counts_per_window() -> None:
+    guard = FloodGuard(window=10.0, limits={"ping": 3})
+    assert [guard.count("ping", now) for now in (0.0, 1.0, 2.0, 3.0)] == [
+        False,
+        False,
+        False,
+        True,
+    ]
+    assert guard.count("ping", 10.5) is False  # a new window
+
+
+async def test_same_authority_only() -> None:
+    check = same_authority_only(HOST, 443)
+    assert await check(b"www.example.test") is None
+    assert await check(b"WWW.Example.TEST.:443") is None
+    assert await check(b"www.example.test:8443") is not None
+    assert await check(b"other.example.test") is not None
+    assert await check(b"") is not None
+    assert await check(b"[::1]:443") is not None
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match="stream_window"):
+        H2Limits(stream_window=10)
+    with pytest.raises(ValueError, match="connection_window"):
+        H2Limits(stream_window=1 << 20, connection_window=1 << 16)
+
+
+# -- relaying ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("upstream", ["h2", "h1"])
+async def test_get_passes_the_hooks_and_returns_the_origin_answer(upstream: str) -> None:
+    async with relay(upstream=upstream) as s:
+        _, ex = await s.client.request(b"/")
+        assert ex.status == 200
+        body = b"hello" if upstream == "h2" else b"hello from origin"
+        assert bytes(ex.body) == body
+        assert [r.target for r in s.hooks.requests] == [b"/"]
+        assert s.hooks.requests[0].header(b"host") == HOST.encode()
+        assert s.hooks.responses[0].status == 200
+        assert s.hooks.flows == [FLOW]
+        assert s.authorities == [HOST.encode()]
+        # Extended CONNECT (RFC 8441) is not offered: browsers use HTTP/1.1 WebSockets.
+        await s.client.remote_settings_seen.wait()
+        assert s.client.conn.remote_settings.enable_connect_protocol == 0
+        assert s.client.conn.remote_settings.max_concurrent_streams == 100
+
+
+@pytest.mark.parametrize("upstream", ["h2", "h1"])
+async def test_one_mib_post_round_trips(upstream: str) -> None:
+    payload = pattern(1 << 20)
+    async with relay(upstream=upstream) as s:
+        _, ex = await s.client.request(b"/echo", method=b"POST", body=payload)
+        assert ex.status == 200
+        assert bytes(ex.body) == payload
+        if upstream == "h2":  # trailers travel end to end (gRPC's grpc-status)
+            assert ex.trailers == [(b"grpc-status", b"0")]
+
+
+@pytest.mark.parametrize("upstream", ["h2", "h1"])
+async def test_a_hundred_concurrent_streams(upstream: str) -> None:
+    async with relay(upstream=upstream) as s:
+        results: list[Exchange] = []
+
+        async def one(i: int) -> None:
+            _, ex = await s.client.request(b"/big/%d" % (1000 + i) if upstream == "h2" else b"/")
+            results.append(ex)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(100):
+                nursery.start_soon(one, i)
+        assert len(results) == 100
+        assert all(ex.status == 200 and ex.reset is None for ex in results)
+        if upstream == "h2":
+            assert sorted(len(ex.body) for ex in results) == list(range(1000, 1100))
+        else:  # several HTTP/1.1 connections to the origin, bounded
+            assert isinstance(s.upstream, H1Upstream)
+            assert 1 < s.upstream._open <= 6
+
+
+@pytest.mark.parametrize("upstream", ["h2", "h1"])
+async def test_sts_from_the_response_reaches_on_sts(upstream: str) -> None:
+    async with relay(upstream=upstream) as s:
+        _, ex = await s.client.request(b"/sts" if upstream == "h2" else b"/hsts")
+        assert ex.status == 200
+        assert ex.header(b"strict-transport-security") is not None  # forwarded unchanged
+        assert len(s.sts) == 1
+        assert s.sts[0][0].startswith(b"max-age=")
+
+
+@pytest.mark.parametrize("upstream", ["h2", "h1"])
+async def test_a_blocked_request_is_answered_with_the_error_origin_redirect(upstream: str) -> None:
+    async with relay(upstream=upstream) as s:
+        _, blocked = await s.client.request(b"/blocked")
+        assert blocked.status == 303
+        assert blocked.header(b"location") == b"https://error.invalid/block"
+        assert blocked.header(b"connection") is None
+        assert bytes(blocked.body) == b"Blocked"
+        # The connection stays usable for other streams.
+        _, ok = await s.client.request(b"/")
+        assert ok.status == 200
+        if upstream == "h1":
+            assert (b"GET", b"/blocked") not in s.origin_stats.requests
+
+
+async def test_a_response_hook_with_body_limit_blocks_malware_and_replaces_bodies() -> None:
+    async with relay(upstream="h1", hooks=RecordingHooks(body_limit=1 << 16)) as s:
+        _, infected = await s.client.request(b"/eicar")
+        assert infected.status == 303
+        assert b"virus" not in bytes(infected.body)
+        assert s.hooks.responses[-1].body is not None
+        _, big = await s.client.request(b"/size/100000")  # over body_limit: streamed
+        assert len(big.body) == 100000
+        assert s.hooks.responses[-1].truncated
+        _, ok = await s.client.request(b"/")
+        assert bytes(ok.body) == b"hello from origin"
+        assert s.hooks.responses[-1].body == b"hello from origin"
+
+
+async def test_a_replaced_body_gets_its_own_length() -> None:
+    async with relay(upstream="h2", hooks=RecordingHooks(body_limit=1024)) as s:
+        _, ex = await s.client.request(b"/replace")
+        assert bytes(ex.body) == b"replaced by a hook"
+        assert ex.header(b"content-length") == b"18"
+
+
+async def test_another_authority_gets_421_and_never_reaches_the_origin() -> None:
+    async with relay(upstream="h1") as s:
+        _, ex = await s.client.request(b"/", authority=b"other.example.test")
+        assert ex.status == 421
+        assert s.hooks.requests == []
+        assert s.origin_stats.requests == []
+        _, ok = await s.client.request(b"/")
+        assert ok.status == 200
+
+
+async def test_cookies_split_by_the_client_are_joined_for_an_http1_origin() -> None:
+    async with relay(upstream="h1") as s:
+        headers = [(b"cookie", b"a=1"), (b"cookie", b"b=2")]
+        _, ex = await s.client.request(b"/headers", headers=headers)
+        assert b"cookie: a=1; b=2" in bytes(ex.body)
+        assert b"host: www.example.test" in bytes(ex.body)
+
+
+async def test_an_origin_reset_reaches_the_client() -> None:
+    async with relay(upstream="h2") as s:
+        _, ex = await s.client.request(b"/reset")
+        assert ex.reset == ERR.CANCEL
+
+
+async def test_an_origin_goaway_lets_streams_in_flight_finish_and_refuses_new_ones() -> None:
+    async with relay(upstream="h2") as s:
+        _, ex = await s.client.request(b"/goaway")
+        assert (ex.status, ex.reset, bytes(ex.body)) == (200, None, pattern(200_000))
+        _, refused = await s.client.request(b"/")
+        assert refused.reset == ERR.REFUSED_STREAM  # RFC 9113 §8.7: safe to retry
+
+
+async def test_a_client_reset_cancels_the_origin_stream() -> None:
+    async with relay(upstream="h2", client_auto_ack=False) as s:
+        sid, ex = await s.client.request(b"/big/%d" % (8 << 20), wait=False)
+        while len(ex.body) < 16384:
+            await trio.sleep(0.01)
+        s.client.conn.reset_stream(sid, ERR.CANCEL)
+        await s.client.flush()
+        assert s.origin is not None
+        origin_side = next(iter(s.origin.exchanges.values()))
+        with trio.fail_after(10):
+            await origin_side.done.wait()
+        assert origin_side.reset == ERR.CANCEL
+        s.client.auto_ack = True
+        s.client.ack_all()  # the connection window the reset stream used
+        _, ok = await s.client.request(b"/")
+        assert ok.status == 200
+
+
+@pytest.mark.parametrize("upstream", ["h2", "h1"])
+async def test_a_client_that_stops_reading_stalls_the_origin_not_the_proxy_memory(
+    upstream: str,
+) -> None:
+    size = 16 << 20
+    limits = H2Limits()
+    async with relay(upstream=upstream, limits=limits, client_auto_ack=False) as s:
+        _, ex = await s.client.request(
+            b"/big/%d" % size if upstream == "h2" else b"/chunked/%d" % size, wait=False
+        )
+        # The client's window (65,535 bytes) fills, then nothing more is acknowledged.
+        while len(ex.body) < 65535:
+            await trio.sleep(0.01)
+        peak = 0
+        for _ in range(50):
+            await trio.sleep(0.01)
+            buffered = s.front.buffered + (
+                s.upstream.buffered if isinstance(s.upstream, H2Upstream) else 0
+            )
+            peak = max(peak, buffered)
+            if s.origin is not None:
+                # What the origin could send is bounded by what the client took plus the
+                # proxy's windows, not by the body size.
+                assert s.origin.sent <= len(ex.body) + limits.connection_window + 65535
+        assert peak <= limits.connection_window
+        assert len(ex.body) < size // 4
+        # Reading again: the rest arrives, intact.
+        s.client.auto_ack = True
+        s.client.ack_all()
+        await s.client.flush()
+        with trio.fail_after(60):
+            await ex.done.wait()
+        expected = pattern(size) if upstream == "h2" else b"y" * size
+        assert bytes(ex.body) == expected
+
+
+async def test_a_zero_window_stall_resets_the_stream_after_the_deadline() -> None:
+    limits = H2Limits(stall_timeout=0.5)
+    async with relay(upstream="h2", limits=limits, client_auto_ack=False) as s:
+        _, ex = await s.client.request(b"/big/%d" % (4 << 20))  # waits for the reset
+        assert ex.reset == ERR.INTERNAL_ERROR
+        assert len(ex.body) == 65535
+        assert s.front.active_streams == 0
+
+
+async def test_graceful_shutdown_finishes_streams_in_flight_and_refuses_new_ones() -> None:
+    async with relay(upstream="h2", client_auto_ack=False) as s:
+        sid, slow = await s.client.request(b"/big/%d" % (1 << 20), wait=False)
+        while len(slow.body) < 1000:
+            await trio.sleep(0.01)
+        s.front.begin_shutdown()
+        while s.client.terminated is None:
+            await trio.sleep(0.01)
+        assert s.client.terminated.error_code == ERR.NO_ERROR
+        assert s.client.terminated.last_stream_id == sid
+        s.client.auto_ack = True
+        s.client.ack_all()
+        await s.client.flush()
+        with trio.fail_after(20):
+            await slow.done.wait()
+        assert len(slow.body) == 1 << 20
+        with trio.fail_after(20):
+            await s.front_done.wait()
+        assert s.front_error == []
+
+
+# -- HTTP/1.1 client, HTTP/2 origin -------------------------------------------------------------
+
+
+async def test_an_http1_client_through_an_h2_origin() -> None:
+    hooks = RecordingHooks()
+    sts: list[Sequence[bytes]] = []
+    opened: list[trio.SocketStream] = []
+    async with trio.open_nursery() as nursery:
+        client, front_sock = _pair(opened)
+        up_sock, origin_sock = _pair(opened)
+        origin = H2Peer(origin_sock, client=False, handler=origin_handler)
+        nursery.start_soon(origin.run)
+        front = H1Front(
+            client=front_sock,
+            upstream=H2Upstream(up_sock),
+            flow=FLOW,
+            hooks=hooks,
+            on_sts=sts.append,
+            answer_block=answer_block,
+        )
+        nursery.start_soon(front.run)
+        conn = h11.Connection(h11.CLIENT)
+
+        async def exchange(method: bytes, target: bytes, body: bytes = b"") -> tuple[int, bytes]:
+            headers = [(b"host", HOST.encode()), (b"content-length", b"%d" % len(body))]
+            await client.send_all(
+                conn.send(h11.Request(method=method, target=target, headers=headers))
+                + conn.send(h11.Data(data=body))
+                + conn.send(h11.EndOfMessage())
+            )
+            status, out = 0, bytearray()
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await client.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    out += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                        conn.start_next_cycle()
+                    return status, bytes(out)
+                else:
+                    raise AssertionError(event)
+
+        assert await exchange(b"GET", b"/") == (200, b"hello")
+        payload = pattern(300_000)
+        assert await exchange(b"POST", b"/echo", payload) == (200, payload)
+        status, _ = await exchange(b"GET", b"/sts")
+        assert status == 200
+        assert len(sts) == 1
+        assert [r.target for r in hooks.requests] == [b"/", b"/echo", b"/sts"]
+        assert all(r.http_version == b"1.1" for r in hooks.requests)
+        assert hooks.responses[0].http_version == b"2"
+        status, body = await exchange(b"GET", b"/blocked")
+        assert (status, body) == (303, b"Blocked")
+        nursery.cancel_scope.cancel()
+    await _close_all(opened)
+
+
+# -- hostile clients ----------------------------------------------------------------------------
+
+
+def _head(path: bytes) -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":authority", HOST.encode()),
+        (b":path", path),
+    ]
+
+
+async def _normal_client_still_served(upstream: str = "h2") -> None:
+    async with relay(upstream=upstream) as other:
+        _, ex = await other.client.request(b"/echo", method=b"POST", body=b"still here")
+        assert bytes(ex.body) == b"still here"
+
+
+async def _expect_goaway(s: Setup, code: int, reason: str) -> None:
+    with trio.fail_after(20):
+        await s.front_done.wait()
+        await s.client.closed.wait()
+    assert s.client.terminated is not None
+    assert s.client.terminated.error_code == code
+    assert [getattr(e, "reason", None) for e in s.front_error] == [reason]
+    assert s.front.active_streams == 0
+
+
+async def test_rapid_reset_gets_goaway_enhance_your_calm() -> None:
+    limits = H2Limits(max_resets=50)
+    async with relay(upstream="h2", limits=limits) as s:
+        await s.client.remote_settings_seen.wait()
+        with contextlib.suppress(*GONE):
+            for _ in range(200):
+                sid = s.client.conn.get_next_available_stream_id()
+                s.client.conn.send_headers(
+                    sid,
+                    _head(b"/big/1000000"),
+                )
+                s.client.conn.reset_stream(sid, ERR.CANCEL)
+                await s.client.flush()
+        await _expect_goaway(s, ERR.ENHANCE_YOUR_CALM, "h2_flood")
+        assert s.front.buffered == 0
+        await _normal_client_still_served()
+
+
+@pytest.mark.parametrize("kind", ["ping", "settings"])
+async def test_ping_and_settings_floods_get_goaway(kind: str) -> None:
+    limits = H2Limits(max_pings=20, max_settings=20)
+    async with relay(upstream="h2", limits=limits) as s:
+        await s.client.remote_settings_seen.wait()
+        with contextlib.suppress(*GONE):
+            for i in range(100):
+                if kind == "ping":
+                    s.client.conn.ping(b"%08d" % i)
+                else:
+                    s.client.conn.update_settings({h2.settings.SettingCodes.MAX_FRAME_SIZE: 16384})
+                await s.client.flush()
+        await _expect_goaway(s, ERR.ENHANCE_YOUR_CALM, "h2_flood")
+        await _normal_client_still_served()
+
+
+async def test_a_continuation_flood_is_cut_off() -> None:
+    async with relay(upstream="h2") as s:
+        await s.client.remote_settings_seen.wait()
+        encoder = hpack.Encoder()
+        block = encoder.encode(_head(b"/"))
+        headers = HeadersFrame(1)
+        headers.data = block
+        await s.client.send_raw(headers.serialize())
+        try:
+            for _ in range(500):  # never END_HEADERS
+                frame = ContinuationFrame(1)
+                frame.data = b"\x40\x01a\x01b" * 100  # literal headers a: b
+                await s.client.send_raw(frame.serialize())
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        with trio.fail_after(20):
+            await s.front_done.wait()
+        assert [getattr(e, "reason", None) for e in s.front_error] == ["bad_http2"]
+        await _normal_client_still_served()
+
+
+async def test_an_hpack_bomb_is_refused_by_the_header_list_limit() -> None:
+    async with relay(upstream="h2") as s:
+        await s.client.remote_settings_seen.wait()
+        # One 4 KiB header in the dynamic table, then referenced again and again: a few
+        # hundred bytes on the wire, megabytes once decoded.
+        encoder = hpack.Encoder()
+        first = encoder.encode([(b"x-bomb", b"b" * 4000)])
+        index = b"\xbe"  # indexed field 62: the entry just added
+        block = encoder.encode(_head(b"/")) + first + index * 1000
+        frame = HeadersFrame(1)
+        frame.data = block
+        frame.flags.add("END_HEADERS")
+        frame.flags.add("END_STREAM")
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await s.client.send_raw(frame.serialize())
+        with trio.fail_after(20):
+            await s.front_done.wait()
+            await s.client.closed.wait()
+        assert s.client.terminated is not None
+        assert s.client.terminated.error_code != ERR.NO_ERROR
+        assert s.hooks.requests == []
+        await _normal_client_still_served()
+
+
+async def test_streams_over_the_concurrency_limit_are_not_served() -> None:
+    limits = H2Limits(max_concurrent_streams=4)
+    async with relay(upstream="h2", limits=limits, client_auto_ack=False) as s:
+        await s.client.remote_settings_seen.wait()
+        # Ignore the advertised limit, as a hostile client would.
+        encoder = hpack.Encoder()
+        with contextlib.suppress(*GONE):
+            for sid in range(1, 17, 2):
+                frame = HeadersFrame(sid)
+                frame.data = encoder.encode(_head(b"/hold"))
+                frame.flags.add("END_HEADERS")
+                frame.flags.add("END_STREAM")
+                await s.client.send_raw(frame.serialize())
+        with trio.fail_after(20):
+            await s.front_done.wait()
+        # RFC 9113 §5.1.2: a connection error (GOAWAY), not more work.
+        assert [getattr(e, "reason", None) for e in s.front_error] == ["bad_http2"]
+        assert "Max inbound streams is 4" in str(s.front_error[0])
+        await _normal_client_still_served()
+
+
+async def test_a_client_that_vanishes_mid_stream_ends_the_relay() -> None:
+    async with relay(upstream="h1", client_auto_ack=False) as s:
+        await s.client.request(b"/chunked/%d" % (8 << 20), wait=False)
+        while s.front.active_streams == 0:
+            await trio.sleep(0.01)
+        await s.client.stream.aclose()
+        with trio.fail_after(20):
+            await s.front_done.wait()
+        assert s.front.active_streams == 0
