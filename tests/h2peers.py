@@ -7,6 +7,7 @@ Both run over any ``trio.abc.Stream`` (socket pairs, TLS streams).
 from __future__ import annotations
 
 import hashlib
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -17,8 +18,9 @@ import h2.exceptions
 import h2.settings
 import trio
 from hyperframe.frame import GoAwayFrame
+from origin import EICAR
 
-from tlsmitm._h2relay import _GracefulGoaway
+from tlsmitm._relay.h2 import _GracefulGoaway
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -282,7 +284,17 @@ async def origin_handler(peer: H2Peer, stream_id: int, ex: Exchange) -> None:
             trailers=[(b"grpc-status", b"0")],
         )
     elif path.startswith(b"/big/"):
-        await peer.respond(stream_id, 200, pattern(int(path[5:])))
+        # Generated as it is sent: the origin itself holds no more than a block.
+        size = int(path[5:])
+        length = [(b"content-length", b"%d" % size)]
+        peer.conn.send_headers(stream_id, [(b":status", b"200"), *length], end_stream=not size)
+        await peer.flush()
+        block = pattern(1 << 16)
+        for offset in range(0, size, len(block)):
+            chunk = block[: min(len(block), size - offset)]
+            await peer.send_body(stream_id, chunk, end=offset + len(chunk) >= size)
+    elif path == b"/eicar":
+        await peer.respond(stream_id, 200, b"virus: " + EICAR)
     elif path == b"/sts":
         await peer.respond(
             stream_id, 200, b"sts", headers=[(b"strict-transport-security", b"max-age=600")]
@@ -304,3 +316,23 @@ async def origin_handler(peer: H2Peer, stream_id: int, ex: Exchange) -> None:
         await peer.respond(stream_id, 200, cookies)
     else:
         await peer.respond(stream_id, 200, b"hello", headers=[(b"content-type", b"text/plain")])
+
+
+async def serve_h2_tls(stream: trio.abc.Stream, context: ssl.SSLContext) -> None:
+    """A real HTTP/2 origin over TLS (the routes of :func:`origin_handler`) on ``stream``.
+
+    Speaks HTTP/2 when ALPN selected ``h2``, else HTTP/1.1 (``origin.serve_http``).
+    """
+    from origin import OriginStats, serve_http
+
+    tls = trio.SSLStream(stream, context, server_side=True)
+    try:
+        await tls.do_handshake()
+        if tls.selected_alpn_protocol() == "h2":
+            await H2Peer(tls, client=False, handler=origin_handler).run()
+        else:
+            await serve_http(tls, OriginStats())
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+    finally:
+        await trio.aclose_forcefully(tls)

@@ -1094,7 +1094,7 @@ SPECS: tuple[Spec, ...] = (
         "MIR-03",
         "upstream selects http/1.1",
         "alpn-http11.badssl.test",
-        ALPN("http/1.1"),
+        ALPN("h2"),
         b_alpn(("http/1.1",)),
         kind="alpn",
     ),
@@ -1103,7 +1103,7 @@ SPECS: tuple[Spec, ...] = (
         "MIR-03",
         "upstream without ALPN",
         "alpn-none.badssl.test",
-        ALPN(None),
+        ALPN("h2"),
         b_alpn(()),
         clients=("python",),
         kind="alpn",
@@ -1481,9 +1481,8 @@ def _run_alpn(
         outcome = curl_request(require_tool("curl"), proxy, url, tmp)
         if outcome.label != DELIVERED:
             return outcome
-        return Outcome(
-            "ALPN http/1.1" if outcome.version == "1.1" else f"HTTP version {outcome.version}"
-        )
+        versions = {"1.1": "ALPN http/1.1", "2": "ALPN h2"}
+        return Outcome(versions.get(outcome.version or "", f"HTTP version {outcome.version}"))
     outcome = chromium_goto(page, url, built.origin.marker)
     if outcome.label != DELIVERED:
         return outcome

@@ -10,14 +10,18 @@ One module per concern (see ``docs/relay.rst``):
   relay; :mod:`.upstream` and :mod:`.downstream` are its two sides;
 * :mod:`.hooks` -- what embedders see (:class:`FlowInfo`, :class:`Request`, :class:`Response`,
   :class:`Block`, :class:`Hooks`);
-* :mod:`.h1` (HTTP/1.1 through h11), :mod:`.ws` (WebSocket messages through wsproto, after a
-  ``101``), :mod:`.splice` (raw bytes), :mod:`.plain` (``http://`` proxying);
+* :mod:`.h1` (HTTP/1.1 through h11), :mod:`.h2` (HTTP/2 through h2, either side, translated
+  to and from HTTP/1.1 with :mod:`.exchange`), :mod:`.ws` (WebSocket messages through wsproto,
+  after a ``101``), :mod:`.splice` (raw bytes), :mod:`.plain` (``http://`` proxying);
 * :mod:`.pool` -- idle upstream connections; :mod:`.error_origin` -- ``https://error.invalid/``.
 """
 
 from __future__ import annotations
 
-from . import ws  # noqa: F401 -- registers the WebSocket relay in relays.RELAYS
+from . import (
+    h2,  # noqa: F401 -- registers the HTTP/2 relay in relays.RELAYS
+    ws,  # noqa: F401 -- registers the WebSocket relay in relays.RELAYS
+)
 from .hooks import Block, FlowInfo, Hooks, Request, Response
 from .interceptor import (
     CheckResult,

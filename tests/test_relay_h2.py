@@ -24,19 +24,17 @@ from hyperframe.frame import ContinuationFrame, HeadersFrame
 from origin import OriginStats, serve_http
 
 from tlsmitm._errors import ClientError
-from tlsmitm._h2relay import (
+from tlsmitm._relay.exchange import H1Front, H1Upstream
+from tlsmitm._relay.h2 import H2Front, H2Upstream
+from tlsmitm._relay.h2_rules import (
     FloodGuard,
-    H1Front,
-    H1Upstream,
-    H2Front,
     H2Limits,
-    H2Upstream,
     h1_request_headers,
     h2_request_headers,
     request_from_h2,
     same_authority_only,
 )
-from tlsmitm._http import Block, FlowInfo, Headers, Hooks, Request, Response
+from tlsmitm._relay.hooks import Block, FlowInfo, Headers, Hooks, Request, Response
 
 HOST = "www.example.test"
 FLOW = FlowInfo(client="127.0.0.1:50000", host=HOST, port=443, verified=True)

@@ -1,0 +1,282 @@
+"""The pure rules of the HTTP/2 relay: its limits, flood counting, and the translation of heads
+between HTTP/2 and HTTP/1.1 (RFC 9113 §8). No I/O: the driver is :mod:`.h2`."""
+
+from __future__ import annotations
+
+import http
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+from .._errors import ClientError, UpstreamError
+from .._names import try_normalize_host
+from .hooks import Headers, Request, Response
+
+__all__ = [
+    "HOP_BY_HOP",
+    "FloodGuard",
+    "H2Limits",
+    "forwardable",
+    "h1_request_headers",
+    "h2_request_headers",
+    "h2_response_headers",
+    "request_from_h2",
+    "response_from_h2",
+    "same_authority_only",
+]
+
+
+# RFC 9113 §8.2.2: connection-specific header fields are not allowed in HTTP/2; RFC 9110 §7.6.1
+# hop-by-hop fields are not forwarded by a proxy either.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"te",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"http2-settings",
+        b"host",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class H2Limits:
+    """The bounds one HTTP/2 connection lives within.
+
+    Attributes:
+        max_concurrent_streams: SETTINGS_MAX_CONCURRENT_STREAMS we advertise (RFC 9113 §6.5.2).
+        stream_window: our initial stream window: what the proxy buffers per stream at most.
+        connection_window: our connection window: what it buffers per connection at most.
+        max_header_list_size: decoded header-list bytes accepted (HPACK bombs, RFC 9113 §6.5.2).
+        stall_timeout: seconds a peer may keep a window at zero, or not drain its socket,
+            before the stream is reset or the connection closed.
+        flood_window: seconds over which the flood counters below are kept.
+        max_resets: streams the client may reset per window (rapid reset, CVE-2023-44487).
+        max_settings: SETTINGS frames per window.
+        max_pings: PING frames per window.
+        max_empty_frames: DATA frames without payload nor END_STREAM, and PRIORITY frames,
+            per window.
+    """
+
+    max_concurrent_streams: int = 100
+    stream_window: int = 256 * 1024
+    connection_window: int = 1024 * 1024
+    max_header_list_size: int = 64 * 1024
+    stall_timeout: float = 60.0
+    flood_window: float = 10.0
+    max_resets: int = 200
+    max_settings: int = 100
+    max_pings: int = 100
+    max_empty_frames: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_concurrent_streams <= 10_000:
+            raise ValueError("max_concurrent_streams must be within 1..10000")
+        # RFC 9113 §6.9.1: windows are at most 2**31 - 1.
+        if not 65_535 <= self.stream_window <= 2**31 - 1:
+            raise ValueError("stream_window must be within 65535..2**31-1")
+        if not self.stream_window <= self.connection_window <= 2**31 - 1:
+            raise ValueError("connection_window must be within stream_window..2**31-1")
+        if self.max_header_list_size < 4096:
+            raise ValueError("max_header_list_size must be at least 4096")
+
+
+@dataclass(slots=True)
+class FloodGuard:
+    """Counts frames by kind over a fixed window; says when a peer went over a limit.
+
+    Pure: the caller passes ``now``. A new window starts ``window`` seconds after the last one
+    began, with all counts at zero.
+    """
+
+    window: float
+    limits: dict[str, int]
+    _start: float = 0.0
+    _counts: dict[str, int] = field(default_factory=dict)
+
+    def count(self, kind: str, now: float) -> bool:
+        """Count one ``kind`` frame at ``now``; ``True`` when the limit for it is exceeded."""
+        if now - self._start >= self.window:
+            self._start = now
+            self._counts.clear()
+        seen = self._counts.get(kind, 0) + 1
+        self._counts[kind] = seen
+        return seen > self.limits[kind]
+
+
+# -- header translation (pure) ---------------------------------------------------------------
+
+
+def request_from_h2(headers: Iterable[tuple[bytes, bytes]]) -> Request:
+    """The protocol-neutral request for an h2 header list (pseudo-headers checked).
+
+    ``:authority`` becomes the first ``host`` header, as an HTTP/1.1 request carries it
+    (RFC 9113 §8.3.1); split ``cookie`` fields stay split (joined only towards HTTP/1.1).
+
+    Raises:
+        ClientError: a pseudo-header is missing or repeated (RFC 9113 §8.3.1).
+    """
+    pseudo: dict[bytes, bytes] = {}
+    regular: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        if name.startswith(b":"):
+            if name in pseudo:
+                raise ClientError(f"repeated {name.decode()}", reason="bad_http2")
+            pseudo[name] = value
+        else:
+            regular.append((name, value))
+    method = pseudo.get(b":method")
+    if method is None:
+        raise ClientError("request without :method", reason="bad_http2")
+    authority = pseudo.get(b":authority")
+    if method == b"CONNECT":
+        target = authority or b""
+    else:
+        path = pseudo.get(b":path")
+        if not path or pseudo.get(b":scheme") is None:
+            raise ClientError("request without :path or :scheme", reason="bad_http2")
+        target = path
+    if authority is None:
+        authority = first_value(regular, b"host") or b""
+    head = [(b"host", authority)] if authority else []
+    head += [(k, v) for k, v in regular if k != b"host"]
+    return Request(method=method, target=target, headers=tuple(head), http_version=b"2")
+
+
+def first_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _connection_options(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The header names a ``Connection`` field lists (RFC 9110 §7.6.1): hop-by-hop too."""
+    return frozenset(
+        option.strip().lower()
+        for key, value in headers
+        if key.lower() == b"connection"
+        for option in value.split(b",")
+        if option.strip()
+    )
+
+
+def forwardable(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` lower-cased, without hop-by-hop and connection-specific fields."""
+    listed = _connection_options(headers)
+    out: list[tuple[bytes, bytes]] = []
+    for key, value in headers:
+        name = key.lower()
+        if name.startswith(b":") or name in HOP_BY_HOP or name in listed:
+            continue
+        out.append((name, value))
+    return out
+
+
+def h2_request_headers(request: Request) -> list[tuple[bytes, bytes]]:
+    """The h2 header list for ``request`` (RFC 9113 §8.3.1); ``Host`` becomes ``:authority``."""
+    authority = request.header(b"host") or b""
+    if request.method == b"CONNECT":
+        out = [(b":method", request.method), (b":authority", request.target)]
+    else:
+        out = [
+            (b":method", request.method),
+            (b":scheme", b"https"),
+            (b":authority", authority),
+            (b":path", request.target),
+        ]
+    rest = forwardable(request.headers)
+    te = request.header(b"te")
+    if te is not None and te.strip().lower() == b"trailers":
+        rest.append((b"te", b"trailers"))  # RFC 9113 §8.2.2: the one TE value allowed
+    return out + rest
+
+
+def h1_request_headers(request: Request, *, has_body: bool) -> list[tuple[bytes, bytes]]:
+    """The HTTP/1.1 header list for ``request`` coming from an h2 client.
+
+    ``Host`` first; split ``cookie`` fields joined with ``"; "`` (RFC 9113 §8.2.3); a request
+    with a body and no length is sent chunked (h2 frames bodies itself, RFC 9112 §6.1 does not).
+    """
+    host = request.header(b"host")
+    out = [(b"host", host)] if host is not None else []
+    cookies: list[bytes] = []
+    for name, value in forwardable(request.headers):
+        if name == b"cookie":
+            cookies.append(value)
+        else:
+            out.append((name, value))
+    if cookies:
+        out.append((b"cookie", b"; ".join(cookies)))
+    if has_body and first_value(out, b"content-length") is None:
+        out.append((b"transfer-encoding", b"chunked"))
+    return out
+
+
+def h2_response_headers(status: int, headers: Headers) -> list[tuple[bytes, bytes]]:
+    """The h2 header list of a response (RFC 9113 §8.3.2): ``:status`` and no hop-by-hop."""
+    return [(b":status", str(status).encode()), *forwardable(headers)]
+
+
+def response_from_h2(headers: Iterable[tuple[bytes, bytes]]) -> Response:
+    """The protocol-neutral response for an h2 response header list.
+
+    Raises:
+        UpstreamError: ``:status`` is missing or not a number.
+    """
+    status = None
+    regular: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        if name == b":status":
+            status = value
+        elif not name.startswith(b":"):
+            regular.append((name, value))
+    if status is None or not status.isdigit():
+        raise UpstreamError("h2 response without a valid :status", reason="bad_http2")
+    code = int(status)
+    return Response(
+        status=code, reason=_reason_phrase(code), headers=tuple(regular), http_version=b"2"
+    )
+
+
+def _reason_phrase(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def same_authority_only(host: str, port: int) -> Callable[[bytes], Awaitable[str | None]]:
+    """The strictest coalescing rule: only the connection's own host and port.
+
+    Returns a ``misdirected`` callback for :class:`H2Front`: any other authority gets 421
+    and its own connection, where it is decided on its own.
+    """
+
+    async def misdirected(authority: bytes) -> str | None:
+        name, port_of = _split_authority(authority)
+        normal = try_normalize_host(name) if name else None
+        if normal != host or (port_of if port_of is not None else 443) != port:
+            return f"{authority.decode('ascii', 'replace')} is not this connection's origin"
+        return None
+
+    return misdirected
+
+
+def _split_authority(authority: bytes) -> tuple[bytes, int | None]:
+    """``host`` and ``port`` of an ``:authority`` value (``[v6]:port`` included)."""
+    if authority.startswith(b"["):
+        end = authority.find(b"]")
+        if end < 0:
+            return b"", None
+        host, rest = authority[1:end], authority[end + 1 :]
+        port = rest[1:] if rest.startswith(b":") else b""
+    else:
+        host, _, port = authority.rpartition(b":") if b":" in authority else (authority, b"", b"")
+    if port and not port.isdigit():
+        return b"", None
+    return host, int(port) if port else None
