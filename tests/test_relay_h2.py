@@ -21,7 +21,7 @@ import pytest
 import trio
 from h2peers import Exchange, H2Peer, origin_handler, pattern
 from hyperframe.frame import ContinuationFrame, HeadersFrame
-from origin import OriginStats, serve_http
+from origin import EICAR, OriginStats, serve_http
 
 from tlsmitm._errors import ClientError
 from tlsmitm._relay.exchange import H1Front, H1Upstream
@@ -35,6 +35,8 @@ from tlsmitm._relay.h2_rules import (
     same_authority_only,
 )
 from tlsmitm._relay.hooks import Block, FlowInfo, Headers, Hooks, Request, Response
+from tlsmitm._relay.scanning import ScanReport
+from tlsmitm._scan import Clean, Infected, ScanContext, Scanner, ScanSettings, ScanVerdict
 
 HOST = "www.example.test"
 FLOW = FlowInfo(client="127.0.0.1:50000", host=HOST, port=443, verified=True)
@@ -109,6 +111,7 @@ class Setup:
     front_error: list[BaseException] = field(default_factory=list)
     front_done: trio.Event = field(default_factory=trio.Event)
     authorities: list[bytes] = field(default_factory=list)
+    reports: list[ScanReport] = field(default_factory=list)
 
 
 @contextlib.asynccontextmanager
@@ -120,6 +123,7 @@ async def relay(
     client_auto_ack: bool = True,
     client_settings: dict[int, int] | None = None,
     start_client: bool = True,
+    scan: ScanSettings | None = None,
 ) -> AsyncIterator[Setup]:
     hooks = hooks or RecordingHooks()
     limits = limits or H2Limits()
@@ -148,6 +152,7 @@ async def relay(
             up = H1Upstream(await connect(), connect=connect)
         sts: list[Sequence[bytes]] = []
         authorities: list[bytes] = []
+        reports: list[ScanReport] = []
         strict = same_authority_only(HOST, 443)
 
         async def misdirected(authority: bytes) -> str | None:
@@ -163,9 +168,12 @@ async def relay(
             answer_block=answer_block,
             misdirected=misdirected,
             limits=limits,
+            scan=scan,
+            on_scan=reports.append,
         )
         client = H2Peer(client_sock, auto_ack=client_auto_ack, settings=client_settings)
         setup = Setup(client, front, up, hooks, sts, origin, stats, authorities=authorities)
+        setup.reports = reports
 
         async def run_front() -> None:
             try:
@@ -407,8 +415,65 @@ async def test_an_origin_goaway_lets_streams_in_flight_finish_and_refuses_new_on
     async with relay(upstream="h2") as s:
         _, ex = await s.client.request(b"/goaway")
         assert (ex.status, ex.reset, bytes(ex.body)) == (200, None, pattern(200_000))
-        _, refused = await s.client.request(b"/")
-        assert refused.reset == ERR.REFUSED_STREAM  # RFC 9113 §8.7: safe to retry
+        # The relay sent GOAWAY at once (the client goes to a new connection); a request
+        # still sent on this one is refused: never processed, safe to retry (RFC 9113 §8.7).
+        assert s.client.terminated is not None
+        assert s.client.terminated.error_code == ERR.NO_ERROR
+        sid, refused = await s.client.request(b"/")
+        assert refused.status == 0
+        assert refused.reset == ERR.REFUSED_STREAM or sid > s.client.terminated.last_stream_id
+
+
+async def test_an_http1_origin_that_closes_sends_the_client_to_a_new_connection() -> None:
+    # The origin closes after each response; the relay never re-dials inside the client's
+    # connection (a new upstream connection is the flow's, with its own verification): it
+    # sends GOAWAY, and a request that still arrives is refused, to be retried elsewhere.
+    async with trio.open_nursery() as nursery:
+        opened: list[trio.SocketStream] = []
+        client_sock, front_sock = _pair(opened)
+        up_sock, origin_sock = _pair(opened)
+
+        async def closing_origin() -> None:
+            conn = h11.Connection(h11.SERVER)
+            while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await origin_sock.receive_some(65536))
+            headers = [(b"content-length", b"2"), (b"connection", b"close")]
+            await origin_sock.send_all(
+                conn.send(h11.Response(status_code=200, headers=headers))
+                + conn.send(h11.Data(data=b"ok"))
+                + conn.send(h11.EndOfMessage())
+            )
+            await origin_sock.aclose()
+
+        nursery.start_soon(closing_origin)
+        front = H2Front(
+            client=front_sock,
+            upstream=H1Upstream(up_sock),
+            flow=FLOW,
+            hooks=RecordingHooks(),
+            on_sts=None,
+            answer_block=answer_block,
+            misdirected=same_authority_only(HOST, 443),
+        )
+
+        async def run_front() -> None:
+            await front.run()  # ends by itself once the stream in flight is done
+            await front_sock.aclose()
+
+        nursery.start_soon(run_front)
+        client = H2Peer(client_sock)
+        nursery.start_soon(client.run)
+        _, first = await client.request(b"/")
+        assert (first.status, bytes(first.body)) == (200, b"ok")
+        with trio.fail_after(10):
+            while client.terminated is None:
+                await trio.sleep(0.01)
+        assert client.terminated.error_code == ERR.NO_ERROR
+        with trio.fail_after(10):
+            await client.closed.wait()  # and the connection ends
+        nursery.cancel_scope.cancel()
+    await _close_all(opened)
 
 
 async def test_a_client_reset_cancels_the_origin_stream() -> None:
@@ -493,6 +558,71 @@ async def test_graceful_shutdown_finishes_streams_in_flight_and_refuses_new_ones
         with trio.fail_after(20):
             await s.front_done.wait()
         assert s.front_error == []
+
+
+# -- scanners and body hooks: the same on every protocol ------------------------------------------
+
+
+class EicarScanner(Scanner):
+    name = "eicar-test"
+
+    async def scan(self, context: ScanContext, body: AsyncIterator[bytes]) -> ScanVerdict:
+        seen = bytearray()
+        async for chunk in body:
+            seen += chunk
+        if EICAR in seen:
+            return Infected(scanner=self.name, threat="Eicar-Test-Signature")
+        return Clean(scanner=self.name)
+
+
+@pytest.mark.parametrize("upstream", ["h2", "h1"])
+async def test_the_scanners_answer_before_the_first_byte_over_h2(upstream: str) -> None:
+    settings = ScanSettings(scanners=(EicarScanner(),))
+    async with relay(upstream=upstream, scan=settings) as s:
+        _, infected = await s.client.request(b"/eicar")
+        assert infected.status == 303
+        assert EICAR not in bytes(infected.body)
+        assert infected.header(b"location") == b"https://error.invalid/block"
+        path = b"/big/300000" if upstream == "h2" else b"/size/300000"
+        _, clean = await s.client.request(path)
+        assert clean.status == 200
+        assert bytes(clean.body) == (pattern(300_000) if upstream == "h2" else b"x" * 300_000)
+        assert [r.decision.action for r in s.reports] == ["block", "deliver"]
+
+
+class BodyRecorder(RecordingHooks):
+    def __init__(self) -> None:
+        super().__init__()
+        self.request_body = bytearray()
+        self.response_body = bytearray()
+        self.ends: list[str] = []
+
+    async def on_request_body(
+        self, flow: FlowInfo, request: Request, chunk: bytes, *, end: bool
+    ) -> Block | None:
+        self.request_body += chunk
+        if end:
+            self.ends.append("request")
+        return None
+
+    async def on_response_body(
+        self, flow: FlowInfo, request: Request, response: Response, chunk: bytes, *, end: bool
+    ) -> Block | None:
+        self.response_body += chunk
+        if end:
+            self.ends.append("response")
+        return None
+
+
+async def test_body_hooks_see_every_byte_over_h2() -> None:
+    hooks = BodyRecorder()
+    payload = pattern(200_000)
+    async with relay(upstream="h2", hooks=hooks) as s:
+        _, ex = await s.client.request(b"/echo", method=b"POST", body=payload)
+        assert bytes(ex.body) == payload
+    assert bytes(hooks.request_body) == payload
+    assert bytes(hooks.response_body) == payload
+    assert sorted(hooks.ends) == ["request", "response"]
 
 
 # -- HTTP/1.1 client, HTTP/2 origin -------------------------------------------------------------

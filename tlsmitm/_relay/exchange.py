@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -15,9 +16,19 @@ import h11
 import trio
 
 from .._errors import ClientError, UpstreamError
+from .._scan import BodyInspection, ScanSettings, open_inspection
 from .h1 import BlockAnswer, StsCallback
 from .h2_rules import HOP_BY_HOP, forwardable, h1_request_headers
-from .hooks import Block, FlowInfo, Headers, Hooks, Request, Response
+from .hooks import Block, BodyTap, FlowInfo, Headers, Hooks, Request, Response
+from .scanning import (
+    ScanCallback,
+    ScanReport,
+    block_for,
+    content_encoding,
+    log_decision,
+    response_context,
+    response_has_body,
+)
 
 __all__ = [
     "MAX_INFORMATIONAL",
@@ -32,6 +43,7 @@ __all__ = [
     "Refused",
     "ResponseSink",
     "StreamGone",
+    "TappedBody",
     "Upstream",
     "UpstreamReset",
     "leaf_exception",
@@ -114,12 +126,15 @@ class ResponseSink(Protocol):
     async def head(self, response: Response) -> None: ...
     async def data(self, chunk: bytes) -> None: ...
     async def end(self, trailers: Headers) -> None: ...
+    async def aclose(self) -> None: ...
 
 
 class Upstream(Protocol):
     """The origin side of a relay: :class:`H2Upstream` or :class:`H1Upstream`."""
 
     protocol: str
+    on_gone: Callable[[], None]
+    """Set by the front: called once the upstream takes no new request (closed, GOAWAY)."""
 
     async def run(self) -> None:
         """Background work for the connection's lifetime (a frame reader), or nothing."""
@@ -162,8 +177,13 @@ async def send_block(
 
 
 class HookedSink:
-    """The response path every protocol shares: STS recording, ``on_response`` with
-    ``body_limit`` buffering, blocks and replaced bodies; writes through a protocol's sink."""
+    """The response path every protocol shares: STS recording, the content scanners (the body
+    held until they answer), ``on_response`` with ``body_limit`` buffering, the body hooks,
+    blocks and replaced bodies; writes through a protocol's sink.
+
+    An upstream calls :meth:`aclose` when the exchange ends, however it ends (a held body's
+    scanners stop and its spool is dropped).
+    """
 
     def __init__(
         self,
@@ -174,6 +194,8 @@ class HookedSink:
         request: Request,
         on_sts: StsCallback | None,
         answer_block: BlockAnswer,
+        scan: ScanSettings | None = None,
+        on_scan: ScanCallback = log_decision,
     ) -> None:
         self.raw = raw
         self.flow = flow
@@ -181,8 +203,14 @@ class HookedSink:
         self.request = request
         self.on_sts = on_sts
         self.answer_block = answer_block
+        self.scan = scan
+        self.on_scan = on_scan
+        self._tap = BodyTap(hooks, flow)
+        self._response: Response | None = None
         self._held: Response | None = None  # a head waiting for its body (body_limit)
         self._buffer = bytearray()
+        self._inspection: BodyInspection | None = None  # a body held for the scanners
+        self._scope: AsyncExitStack | None = None
 
     async def informational(self, status: int, headers: Headers) -> None:
         await self.raw.informational(status, headers)
@@ -191,6 +219,80 @@ class HookedSink:
         sts = [v for k, v in response.headers if k.lower() == b"strict-transport-security"]
         if self.on_sts is not None and sts:
             self.on_sts(sts)  # RFC 6797 §8.1: the flow sets on_sts only when verified
+        self._response = response
+        if self.scan is not None and response_has_body(self.request.method, response.status):
+            # The verdict before the first byte: nothing of the response goes out until the
+            # scanners answered (as on HTTP/1.1, :mod:`.h1_scan`).
+            context = response_context(self.flow, self.request, response)
+            self._scope = AsyncExitStack()
+            self._inspection = await self._scope.enter_async_context(
+                open_inspection(self.scan, context, content_encoding(response.headers))
+            )
+            return
+        await self._head(response)
+
+    async def data(self, chunk: bytes) -> None:
+        inspection = self._inspection
+        if inspection is None:
+            await self._data(chunk)
+            return
+        await inspection.feed(chunk)
+        if inspection.settled:
+            await self._release(inspection, complete=False, trailers=())
+
+    async def end(self, trailers: Headers) -> None:
+        inspection = self._inspection
+        if inspection is None:
+            await self._end(trailers)
+        else:
+            await self._release(inspection, complete=True, trailers=trailers)
+
+    async def aclose(self) -> None:
+        """End a scan still in progress (the exchange failed or was cancelled)."""
+        scope, self._scope, self._inspection = self._scope, None, None
+        if scope is not None:
+            await scope.aclose()
+
+    async def _release(
+        self, inspection: BodyInspection, *, complete: bool, trailers: Headers
+    ) -> None:
+        """The scanners' decision: a block or a replacement answers here and ends the
+        exchange; a delivery sends the held body on (the rest streams when incomplete)."""
+        try:
+            decision = await inspection.finish(complete=complete)
+            self.on_scan(
+                ScanReport(
+                    host=self.flow.host,
+                    direction=inspection.context.direction,
+                    decision=decision,
+                    latencies=inspection.latencies,
+                    size=inspection.spool.size,
+                )
+            )
+            if decision.action == "block":
+                await send_block(self.raw, block_for(decision), self.request, self.answer_block)
+                raise Blocked
+            if decision.action == "replace":
+                replaced = decision.replacement
+                assert replaced is not None
+                await self._send_replaced(
+                    replaced.status, replaced.reason, replaced.headers, replaced.body
+                )
+                if replaced.body:
+                    await self.raw.data(replaced.body)
+                await self.raw.end(())
+                raise Blocked  # the origin's body is not wanted
+            self._inspection = None
+            assert self._response is not None
+            await self._head(self._response)
+            async for chunk in inspection.spool.chunks():
+                await self._data(chunk)
+            if complete:
+                await self._end(trailers)
+        finally:
+            await self.aclose()
+
+    async def _head(self, response: Response) -> None:
         if self.hooks.body_limit > 0:
             self._held = response
             return
@@ -204,22 +306,35 @@ class HookedSink:
         head = outcome or response
         await self.raw.head(head.status, head.reason, head.headers)
 
-    async def data(self, chunk: bytes) -> None:
+    async def _send_replaced(
+        self, status: int, reason: bytes, headers: Headers, body: bytes
+    ) -> None:
+        """A head for a replaced body: its own length, no transfer coding."""
+        framing = (b"content-length", b"transfer-encoding")
+        kept = [(k, v) for k, v in headers if k.lower() not in framing]
+        kept.append((b"content-length", b"%d" % len(body)))
+        await self.raw.head(status, reason, tuple(kept))
+
+    async def _forward(self, chunk: bytes) -> None:
+        assert self._response is not None
+        await self._tap.response(self.request, self._response, chunk, end=False)
+        await self.raw.data(chunk)
+
+    async def _data(self, chunk: bytes) -> None:
         held = self._held
         if held is None:
-            await self.raw.data(chunk)
+            await self._forward(chunk)
             return
         self._buffer += chunk
         if len(self._buffer) > self.hooks.body_limit:
             self._held = None
             shown = replace(held, body=None, truncated=True)
-            await self._send_head(
-                await self.hooks.on_response(self.flow, self.request, shown), held
-            )
+            outcome = await self.hooks.on_response(self.flow, self.request, shown)
+            await self._send_head(outcome, held)
             buffered, self._buffer = bytes(self._buffer), bytearray()
-            await self.raw.data(buffered)
+            await self._forward(buffered)
 
-    async def end(self, trailers: Headers) -> None:
+    async def _end(self, trailers: Headers) -> None:
         held = self._held
         if held is not None:
             self._held = None
@@ -227,19 +342,37 @@ class HookedSink:
             shown = replace(held, body=body, truncated=False)
             outcome = await self.hooks.on_response(self.flow, self.request, shown)
             if isinstance(outcome, Response) and outcome.body is not None:
-                headers = [
-                    (k, v)
-                    for k, v in outcome.headers
-                    if k.lower() not in (b"content-length", b"transfer-encoding")
-                ]
-                headers.append((b"content-length", str(len(outcome.body)).encode()))
-                await self.raw.head(outcome.status, outcome.reason, tuple(headers))
-                body = outcome.body
-            else:
-                await self._send_head(outcome, held)
+                await self._send_replaced(
+                    outcome.status, outcome.reason, outcome.headers, outcome.body
+                )
+                if outcome.body:
+                    await self.raw.data(outcome.body)
+                await self.raw.end(trailers)
+                return
+            await self._send_head(outcome, held)
             if body:
-                await self.raw.data(body)
+                await self._forward(body)
+        if self._response is not None:
+            await self._tap.response(self.request, self._response, b"", end=True)
         await self.raw.end(trailers)
+
+
+class TappedBody:
+    """A request body shown to the body hooks chunk by chunk, before it is forwarded."""
+
+    def __init__(self, body: BodySource, tap: BodyTap, request: Request) -> None:
+        self._body = body
+        self._tap = tap
+        self._request = request
+
+    @property
+    def trailers(self) -> Headers:
+        return self._body.trailers
+
+    async def read(self) -> bytes | None:
+        chunk = await self._body.read()
+        await self._tap.request(self._request, chunk or b"", end=chunk is None)
+        return chunk
 
 
 # -- the origin side: HTTP/1.1 -------------------------------------------------------------------
@@ -281,6 +414,7 @@ class H1Upstream:
         self.max_connections = max_connections if connect is not None else 1
         self.counters = counters or Counters()
         self.first = first
+        self.on_gone: Callable[[], None] = lambda: None
         self._idle: list[_H1Conn] = [_H1Conn(first)]
         self._open = 1
         self._released = trio.lowlevel.ParkingLot()
@@ -307,7 +441,9 @@ class H1Upstream:
                     self._open -= 1
                     raise
             if self._open == 0:
-                raise UpstreamError("the origin closed the connection", reason="upstream_gone")
+                # The client's connection goes away too (on_gone): its next connection gets
+                # a new upstream through the whole flow (verified), and this request retried.
+                raise Refused("the origin closed the connection")
             await self._released.park()
 
     async def exchange(self, request: Request, body: BodySource | None, sink: ResponseSink) -> None:
@@ -322,6 +458,8 @@ class H1Upstream:
                 self._idle.append(conn)
             else:
                 self._open -= 1
+                if self._open == 0 and self.connect is None:
+                    self.on_gone()
             self._released.unpark_all()
             if not reusable:  # mid-message or told to close: this connection is done
                 await trio.aclose_forcefully(conn.stream)
@@ -341,7 +479,10 @@ class H1Upstream:
         async with trio.open_nursery() as nursery:
             if body is not None:
                 nursery.start_soon(self._send_body, conn, body)
-            await self._receive(conn, sink)
+            try:
+                await self._receive(conn, sink)
+            finally:
+                await sink.aclose()  # (inside the nursery the sink's scan was opened in)
             if conn.parser.our_state is not h11.DONE:
                 nursery.cancel_scope.cancel()  # answered before the upload ended: not reusable
 
@@ -463,9 +604,15 @@ class H1Front:
         idle_timeout: float = 300.0,
         should_stop: Callable[[], bool] = lambda: False,
         initial_client_data: bytes = b"",
+        scan: ScanSettings | None = None,
+        on_scan: ScanCallback = log_decision,
     ) -> None:
+        self.scan = scan
+        self.on_scan = on_scan
         self.client = client
         self.upstream = upstream
+        self._upstream_gone = False
+        upstream.on_gone = self._on_upstream_gone
         self.flow = flow
         self.hooks = hooks
         self.on_sts = on_sts
@@ -481,6 +628,9 @@ class H1Front:
 
     def _touch(self) -> None:
         self._idle.deadline = trio.current_time() + self.idle_timeout
+
+    def _on_upstream_gone(self) -> None:
+        self._upstream_gone = True  # this connection ends after the exchange in progress
 
     async def _next(self) -> Any:
         while True:
@@ -529,6 +679,7 @@ class H1Front:
                 self._parser.our_state is not h11.DONE
                 or self._parser.their_state is not h11.DONE
                 or self.should_stop()
+                or self._upstream_gone
             ):
                 return
             self._parser.start_next_cycle()
@@ -559,7 +710,11 @@ class H1Front:
             request=request,
             on_sts=self.on_sts,
             answer_block=self.answer_block,
+            scan=self.scan,
+            on_scan=self.on_scan,
         )
+        if body is not None:
+            body = TappedBody(body, BodyTap(self.hooks, self.flow), request)
         try:
             await self.upstream.exchange(request, body, hooked)
         except Exception as exc:

@@ -54,6 +54,7 @@ import trio
 from hyperframe.frame import GoAwayFrame
 
 from .._errors import ClientError, UpstreamError
+from .._scan import ScanSettings
 from .exchange import (
     MAX_INFORMATIONAL,
     Blocked,
@@ -66,6 +67,7 @@ from .exchange import (
     Refused,
     ResponseSink,
     StreamGone,
+    TappedBody,
     Upstream,
     UpstreamReset,
     leaf_exception,
@@ -82,9 +84,10 @@ from .h2_rules import (
     response_from_h2,
     same_authority_only,
 )
-from .hooks import Block, FlowInfo, Headers, Hooks, Request
+from .hooks import Block, BodyTap, FlowInfo, Headers, Hooks, Request
 from .plan import RelayKind
 from .relays import RELAYS, RelayJob, RelayOutcome
+from .scanning import ScanCallback, log_decision
 
 __all__ = ["H2Front", "H2Upstream", "Misdirected", "run_h2"]
 
@@ -356,7 +359,11 @@ class H2Front:
         should_stop: Callable[[], bool] = lambda: False,
         initial_client_data: bytes = b"",
         clock: Callable[[], float] = trio.current_time,
+        scan: ScanSettings | None = None,
+        on_scan: ScanCallback = log_decision,
     ) -> None:
+        self.scan = scan
+        self.on_scan = on_scan
         self.client = client
         self.upstream = upstream
         self.flow = flow
@@ -388,6 +395,9 @@ class H2Front:
         self.conn = _open_connection(limits_, client_side=False)
         self._wire = _Wire(self.conn, client, limits_.stall_timeout)
         self._wire.on_io = self._touch
+        # When the origin takes no new request, neither does this connection (GOAWAY): the
+        # client's next request opens a connection of its own, through the whole flow.
+        upstream.on_gone = self.begin_shutdown
 
     @property
     def active_streams(self) -> int:
@@ -622,7 +632,9 @@ class H2Front:
             return
         if outcome is not None:
             request = outcome
-        body = None if stream.body_ended else _H2RequestBody(self._wire, stream)
+        body: BodySource | None = None
+        if not stream.body_ended:
+            body = _H2RequestBody(self._wire, stream)
         hooked = HookedSink(
             sink,
             flow=self.flow,
@@ -630,7 +642,11 @@ class H2Front:
             request=request,
             on_sts=self.on_sts,
             answer_block=self.answer_block,
+            scan=self.scan,
+            on_scan=self.on_scan,
         )
+        if body is not None:
+            body = TappedBody(body, BodyTap(self.hooks, self.flow), request)
         await self.upstream.exchange(request, body, hooked)
 
 
@@ -662,6 +678,7 @@ class H2Upstream:
         self.stream = stream
         self.clock = clock
         self._inboxes: dict[int, Inbox] = {}
+        self.on_gone: Callable[[], None] = lambda: None
         self._slots = trio.lowlevel.ParkingLot()
         self._ready = trio.Event()
         self._gone: str | None = None  # why no new stream may start
@@ -690,6 +707,7 @@ class H2Upstream:
 
     def _fail_all(self, why: str) -> None:
         self._gone = self._gone or why
+        self.on_gone()
         for inbox in self._inboxes.values():
             inbox.put("gone", why)
         self._slots.unpark_all()
@@ -747,6 +765,7 @@ class H2Upstream:
                 self._fail_all("origin flooded control frames")
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._gone = f"origin sent GOAWAY ({event.error_code})"
+            self.on_gone()
             last = event.last_stream_id if event.last_stream_id is not None else 0
             for sid, box in self._inboxes.items():
                 if sid > last:  # RFC 9113 §6.8: not processed, safe to retry
@@ -776,7 +795,10 @@ class H2Upstream:
             async with trio.open_nursery() as nursery:
                 if body is not None:
                     nursery.start_soon(self._send_body, stream_id, body)
-                await self._receive(stream_id, sink)
+                try:
+                    await self._receive(stream_id, sink)
+                finally:
+                    await sink.aclose()  # (inside the nursery the sink's scan was opened in)
                 finished = True
                 nursery.cancel_scope.cancel()  # a complete response ends the upload too
         finally:
@@ -851,15 +873,10 @@ def _alpn(stream: trio.abc.Stream) -> bytes | None:
     return selected() if callable(selected) else None
 
 
-async def _watch_for_shutdown(should_stop: Callable[[], bool], front: H2Front) -> None:
+async def _goaway_on_shutdown(stopping: trio.Event, front: H2Front) -> None:
     """Start a graceful close (GOAWAY) once the interceptor begins to shut down."""
-    # (The interceptor's draining state is a flag, not an event: polled, once a second.)
-    while not should_stop():  # noqa: ASYNC110
-        await trio.sleep(_SHUTDOWN_POLL)
+    await stopping.wait()
     front.begin_shutdown()
-
-
-_SHUTDOWN_POLL = 1.0
 
 
 async def run_h2(job: RelayJob) -> RelayOutcome:
@@ -888,6 +905,8 @@ async def run_h2(job: RelayJob) -> RelayOutcome:
             idle_timeout=job.idle_timeout,
             should_stop=job.should_stop,
             initial_client_data=job.to_upstream,
+            scan=job.scan,
+            on_scan=job.on_scan,
         )
     else:
         front = H1Front(
@@ -900,11 +919,13 @@ async def run_h2(job: RelayJob) -> RelayOutcome:
             idle_timeout=job.idle_timeout,
             should_stop=job.should_stop,
             initial_client_data=job.to_upstream,
+            scan=job.scan,
+            on_scan=job.on_scan,
         )
     try:
         async with trio.open_nursery() as nursery:
-            if isinstance(front, H2Front):
-                nursery.start_soon(_watch_for_shutdown, job.should_stop, front)
+            if isinstance(front, H2Front) and job.stopping is not None:
+                nursery.start_soon(_goaway_on_shutdown, job.stopping, front)
             await front.run()
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
