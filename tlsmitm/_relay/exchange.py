@@ -448,11 +448,13 @@ class H1Upstream:
 
     async def exchange(self, request: Request, body: BodySource | None, sink: ResponseSink) -> None:
         conn = await self._acquire()
-        reusable = False
         try:
             await self._exchange(conn, request, body, sink)
-            reusable = conn.parser.our_state is h11.DONE and conn.parser.their_state is h11.DONE
         finally:
+            # Clean whenever both messages are complete: also when the client reset its stream
+            # after the last byte (curl does, once Content-Length is met).
+            parser = conn.parser
+            reusable = parser.our_state is h11.DONE and parser.their_state is h11.DONE
             if reusable:
                 conn.parser.start_next_cycle()
                 self._idle.append(conn)
