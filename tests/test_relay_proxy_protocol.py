@@ -112,3 +112,32 @@ async def test_a_trusted_balancer_without_a_valid_header_is_refused(
 def test_proxy_protocol_needs_trusted_balancers() -> None:
     with pytest.raises(ValueError, match="trusted_balancers"):
         InterceptorConfig(proxy_protocol=True)
+
+
+async def test_the_allow_list_judges_the_carried_address(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    from tlsmitm._access import AccessPolicy
+
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    allowing = InterceptorConfig(
+        resolve={HOST: "127.0.0.1"},
+        proxy_protocol=True,
+        trusted_balancers=(ipaddress.ip_network("127.0.0.1/32"),),
+        access=AccessPolicy.build(allow=["203.0.113.0/24"]),  # not the balancer's 127.0.0.1
+    )
+    setup = await start_proxy(nursery, tmp_path, hierarchy, config=allowing)
+    inside = b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 8080\r\n"
+    response = await trio.to_thread.run_sync(fetch_with_prefix, setup, origin.port, inside)
+    assert response.endswith(b"hello from origin")
+
+    def refused() -> bytes:
+        outside = b"PROXY TCP4 198.51.100.7 127.0.0.1 40001 8080\r\n"
+        with socket.create_connection(("127.0.0.1", setup.proxy_port), timeout=20) as sock:
+            sock.sendall(
+                outside + f"CONNECT {HOST}:{origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
+            return sock.recv(4096)
+
+    answer = await trio.to_thread.run_sync(refused)
+    assert answer.startswith(b"HTTP/1.1 403"), answer
