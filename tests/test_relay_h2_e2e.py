@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import ssl
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -179,3 +181,66 @@ async def test_a_50_mib_download_to_a_client_that_pauses_arrives_intact_without_
     assert digest.digest() == hashlib.sha256(pattern(size)).digest()
     assert paused - before < 16 << 20  # far less than the 50 MiB body
     await trio.aclose_forcefully(tls)
+
+
+# -- gRPC -----------------------------------------------------------------------------------------
+
+
+def _grpc_server(tmp: Path, hierarchy: Hierarchy) -> tuple[Any, int]:
+    """A real gRPC server (grpcio, TLS with ALPN h2): ``/test.Echo/Unary`` answers the request
+    reversed, ``/test.Echo/Stream`` answers each message of a stream upper-cased."""
+    import grpc
+
+    def unary(request: bytes, context: Any) -> bytes:
+        context.set_trailing_metadata((("x-served", "unary"),))
+        return request[::-1]
+
+    def stream(requests: Any, context: Any) -> Any:
+        for message in requests:
+            yield message.upper()
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Echo",
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Stream": grpc.stream_stream_rpc_method_handler(stream),
+        },
+    )
+    server = grpc.server(ThreadPoolExecutor(max_workers=4), handlers=(handler,))
+    cert, key = hierarchy.leaf.write(tmp, "grpc-leaf")
+    credentials = grpc.ssl_server_credentials(((key.read_bytes(), cert.read_bytes()),))
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    return server, port
+
+
+async def test_grpc_unary_and_streaming_calls_through_the_proxy(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    import grpc
+
+    server, port = _grpc_server(tmp_path, hierarchy)
+    hooks = EicarBlocker()
+    setup = await start_proxy(nursery, tmp_path, hierarchy, hooks=hooks)
+
+    def client() -> tuple[bytes, Any, list[bytes]]:
+        credentials = grpc.ssl_channel_credentials(root_certificates=setup.root_pem.read_bytes())
+        options = (("grpc.http_proxy", f"http://127.0.0.1:{setup.proxy_port}"),)
+        with grpc.secure_channel(f"{HOST}:{port}", credentials, options=options) as channel:
+            unary = channel.unary_unary("/test.Echo/Unary")
+            answer, call = unary.with_call(b"hello grpc", timeout=30)
+            stream = channel.stream_stream("/test.Echo/Stream")
+            messages = [b"one", b"two", b"three" * 10000]
+            echoed = list(stream(iter(messages), timeout=30))
+            return answer, call.trailing_metadata(), echoed
+
+    try:
+        answer, trailers, echoed = await trio.to_thread.run_sync(client)
+    finally:
+        server.stop(grace=None)
+    assert answer == b"cprg olleh"
+    assert ("x-served", "unary") in tuple(trailers)  # HTTP/2 trailers, end to end
+    assert echoed == [b"ONE", b"TWO", b"THREE" * 10000]
+    assert [target for _, target in hooks.seen] == [b"/test.Echo/Unary", b"/test.Echo/Stream"]
+    await settle(setup)
+    assert [r.relay for r in setup.records] == ["h2"]
