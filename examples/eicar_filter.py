@@ -4,7 +4,13 @@ Run it, point a client at it, and fetch a page that contains the EICAR test stri
 redirected to a block page on tlsmitm's error origin (``https://error.invalid/``), never shown a
 page inside the site's own origin.
 
-    python examples/eicar_filter.py --listen 127.0.0.1:8080 --state-dir /tmp/eicar-state
+    .venv/bin/python examples/eicar_filter.py --listen 127.0.0.1:8080 --state-dir /tmp/eicar-state
+
+To try it without internet, point it at a local test server (its root in ``--extra-roots``,
+its name mapped to 127.0.0.1 with ``--resolve``), exactly as ``tlsmitm serve`` takes them::
+
+    .venv/bin/python examples/eicar_filter.py --state-dir /tmp/eicar-state \
+        --extra-roots origin-root.pem --resolve shop.test=127.0.0.1
 
 This is the shape of a real product: the interception, verification, HSTS and error handling come
 from tlsmitm; the product adds its own inspection in :class:`Hooks`.
@@ -17,6 +23,7 @@ import logging
 from pathlib import Path
 
 import trio
+from cryptography import x509
 
 import tlsmitm
 
@@ -48,12 +55,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:8080")
     parser.add_argument("--state-dir", type=Path, default=Path("eicar-state"))
+    parser.add_argument(
+        "--extra-roots", type=Path, action="append", default=[], help="also trust these roots"
+    )
+    parser.add_argument(
+        "--resolve", action="append", default=[], metavar="NAME=ADDR", help="like curl"
+    )
     args = parser.parse_args()
     host, _, port = args.listen.rpartition(":")
     logging.basicConfig(level=logging.INFO)
-    interceptor = tlsmitm.Interceptor.from_state_dir(args.state_dir, hooks=EicarScanner())
-    print(f"trust {args.state_dir / 'ca' / 'root.pem'} and use http://{args.listen} as proxy")
-    trio.run(interceptor.serve, host, int(port))
+    roots = [
+        cert
+        for path in args.extra_roots
+        for cert in x509.load_pem_x509_certificates(path.read_bytes())
+    ]
+    resolve = dict(entry.split("=", 1) for entry in args.resolve)
+    interceptor = tlsmitm.Interceptor.from_state_dir(
+        args.state_dir,
+        hooks=EicarScanner(),
+        extra_roots=roots,
+        config=tlsmitm.InterceptorConfig(resolve=resolve),
+    )
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(interceptor.serve, host, int(port))
+            bound = f"{addresses[0][0]}:{addresses[0][1]}"
+            print(f"trust {args.state_dir / 'ca' / 'root.pem'} and use http://{bound} as proxy")
+            print("listening", flush=True)
+
+    trio.run(serve)
 
 
 if __name__ == "__main__":

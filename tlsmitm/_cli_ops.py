@@ -1,4 +1,5 @@
-"""``tlsmitm systemd-unit``: print a hardened systemd service unit for ``serve``."""
+"""``tlsmitm systemd-unit`` (a hardened systemd service unit for ``serve``) and ``tlsmitm demo``
+(an offline tour, :mod:`tlsmitm._demo`)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="the tlsmitm script ExecStart runs (default: the one of this installation)",
     )
     parser.set_defaults(func=_systemd_unit)
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="a one-minute tour on 127.0.0.1, without internet",
+        description="Start a local HTTPS origin and the proxy on 127.0.0.1 (in a temporary "
+        "directory), then show a request going through, an expired certificate answered by the "
+        "error page, and an EICAR download blocked by a hook.",
+    )
+    demo.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ._demo import main
+
+    return main()
 
 
 def _systemd_unit(args: argparse.Namespace) -> int:

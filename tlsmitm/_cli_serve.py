@@ -843,6 +843,7 @@ def run(args: argparse.Namespace) -> int:
                 )
                 for sock in metrics_sockets:
                     print(f"Metrics:  {_http_url(sock)}/metrics (health: /healthz)")
+                print("Offline, `./run demo` (tlsmitm demo) shows it all on 127.0.0.1 in seconds.")
                 print(
                     "Stop with Ctrl-C; SIGHUP reloads the bypass rules, the trust store and the "
                     "preload list.",
