@@ -24,6 +24,7 @@ __all__ = ["ClamdScanner", "instream_chunk", "parse_reply"]
 DEFAULT_STREAM_MAX_LENGTH = 25 * 1024 * 1024  # clamd.conf(5) StreamMaxLength default
 _CHUNK = 256 * 1024  # fewer, larger chunks: clamd spends per chunk (measured: 64 KiB ~1.6x slower)
 _MAX_REPLY = 4096
+_DIRECT = 64 * 1024  # pieces at least this large are sent without being gathered
 
 
 def instream_chunk(data: bytes) -> bytes:
@@ -134,6 +135,13 @@ class ClamdScanner(Scanner):
                             detail=f"body over clamd's StreamMaxLength "
                             f"({self.stream_max_length} bytes)",
                         )
+                    if not pending and len(data) >= _DIRECT:
+                        # A large piece goes as it is: length, then the bytes (no copy).
+                        for start in range(0, len(data), self.chunk_size):
+                            piece = data[start : start + self.chunk_size]
+                            await stream.send_all(struct.pack(">I", len(piece)))
+                            await stream.send_all(piece)
+                        continue
                     pending += data
                     while len(pending) >= self.chunk_size:
                         await stream.send_all(instream_chunk(bytes(pending[: self.chunk_size])))
