@@ -1,27 +1,20 @@
-"""Proving forged leaves to real TLS clients: a stdlib handshake, and ``serve`` with curl.
+"""Proving forged leaves to a real TLS client: a stdlib handshake over 127.0.0.1.
 
 Used by the tests of imported, node and token-held intermediates: each one ends with a client
-that trusts only the root its machines would trust, completing a real handshake.
+that trusts only the root its machines would trust, completing a real handshake (``serve`` with
+curl is ``serve_process.py``'s).
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-import trio
-from conftest import require_tool
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from origin import OriginStats, serve_tls, server_ssl_context
-from pki import Hierarchy
 
 from tlsmitm._forge import ForgedLeaf
 
@@ -78,56 +71,3 @@ def handshake(
         finally:
             thread.join(timeout=20)
         assert not thread.is_alive()
-
-
-async def origin(nursery: trio.Nursery, tmp: Path, hierarchy: Hierarchy) -> int:
-    """An HTTPS origin presenting ``hierarchy.leaf``; returns its port on 127.0.0.1."""
-    context = server_ssl_context(hierarchy.leaf, tmp)
-    stats = OriginStats()
-
-    async def handler(stream: trio.SocketStream) -> None:
-        await serve_tls(stream, context, stats)
-
-    listeners = await nursery.start(trio.serve_tcp, handler, 0)
-    return int(listeners[0].socket.getsockname()[1])
-
-
-async def curl_through_serve(
-    serve_args: Sequence[str],
-    *,
-    url: str,
-    cacert: Path,
-    env: dict[str, str] | None = None,
-) -> tuple[subprocess.CompletedProcess[bytes], str]:
-    """Start ``python -m tlsmitm serve SERVE_ARGS --listen 127.0.0.1:0``, fetch ``url`` with
-    curl through it trusting only ``cacert``, stop the proxy; returns curl's result and the
-    proxy's output."""
-    curl = require_tool("curl")
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tlsmitm", "serve", "--listen", "127.0.0.1:0", *serve_args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env if env is not None else dict(os.environ),
-    )
-    assert process.stdout is not None
-    output = b""
-    try:
-        with trio.fail_after(40):
-            while b"Stop with Ctrl-C" not in output:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, output.decode()
-                output += chunk
-        proxy = output.decode().split("listening on ")[1].split()[0]
-        result = await trio.run_process(
-            [curl, "-sS", "--max-time", "20", "--proxy", proxy, "--cacert", str(cacert), url],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    finally:
-        process.send_signal(signal.SIGINT)
-        with trio.fail_after(20):
-            await process.wait()
-            while chunk := await process.stdout.receive_some(4096):
-                output += chunk
-    return result, output.decode()

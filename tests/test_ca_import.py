@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from ca_tls import curl_through_serve, handshake, origin
+from ca_tls import handshake
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from pki import DAY, NOW, Issued, good_hierarchy, issue, make_key, make_root
+from serve_process import curl, serve, start_origin, upstream_args
 
 from tlsmitm import ConfigurationError
 from tlsmitm._ca import CertificateAuthority, check_imported_intermediate, inspect_intermediate
@@ -316,19 +317,19 @@ async def test_serve_with_an_imported_intermediate_is_trusted_by_curl_trusting_t
 ) -> None:
     root, policy, intermediate = org
     upstream = good_hierarchy(HOST)  # the origin's own, unrelated PKI
-    port = await origin(nursery, tmp_path, upstream)
+    port, _ = await start_origin(nursery, tmp_path, upstream)
     chain = _write(tmp_path, "issuing.pem", intermediate.cert, policy.cert, root.cert)
     key = tmp_path / "issuing.key"
     key.write_bytes(intermediate.key_pem)
     org_root = _write(tmp_path, "org-root.pem", root.cert)
-    upstream_root = _write(tmp_path, "upstream-root.pem", upstream.root.cert)
     state = tmp_path / "state"
-    common = ["--state-dir", str(state), "--extra-roots", str(upstream_root), "--workers", "1"]
-    common += ["--resolve", f"{HOST}=127.0.0.1", "--import-intermediate", str(chain), str(key)]
-    result, output = await curl_through_serve(
-        common, url=f"https://{HOST}:{port}/", cacert=org_root, env=_env(tmp_path)
-    )
-    assert result.returncode == 0, result.stderr.decode() + output
+    args = [*upstream_args(tmp_path, upstream, HOST)]
+    args += ["--import-intermediate", str(chain), str(key)]
+    async with serve(state, *args, env=_env(tmp_path)) as served:
+        result = await curl(
+            "--proxy", served.proxy, "--cacert", str(org_root), f"https://{HOST}:{port}/"
+        )
+        await served.stop()
     assert result.stdout == b"hello from origin"
     assert CertificateAuthority.load(state).intermediate_certificate == intermediate.cert
 

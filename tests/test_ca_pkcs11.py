@@ -20,13 +20,14 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from ca_tls import curl_through_serve, handshake, origin
+from ca_tls import handshake
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from origin import OriginStats, serve_tls, server_ssl_context
 from pki import DAY, NOW, good_hierarchy, issue, make_root
+from serve_process import curl, serve, start_origin, upstream_args
 from softhsm import PIN, SoftToken, make_token, module_path
 
 from tlsmitm import ConfigurationError
@@ -463,21 +464,18 @@ async def test_serve_with_the_issuing_key_in_the_token_is_trusted_by_curl(
     nursery: trio.Nursery, token: SoftToken, tmp_path: Path
 ) -> None:
     upstream = good_hierarchy(HOST)
-    port = await origin(nursery, tmp_path, upstream)
-    upstream_root = tmp_path / "upstream-root.pem"
-    upstream_root.write_bytes(upstream.root.pem)
+    port, _ = await start_origin(nursery, tmp_path, upstream)
     state = tmp_path / "state"
     env = _env(tmp_path)
     env["TLSMITM_PKCS11_PIN"] = PIN  # the environment variable, the other PIN source
-    args = ["--state-dir", str(state), "--extra-roots", str(upstream_root), "--workers", "1"]
-    args += ["--resolve", f"{HOST}=127.0.0.1", "--ca-key", token.uri("issuing")]
-    result, output = await curl_through_serve(
-        args,
-        url=f"https://{HOST}:{port}/",
-        cacert=state / "ca" / "root.pem",  # curl trusts the installation's root only
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr.decode() + output
+    args = [*upstream_args(tmp_path, upstream, HOST), "--ca-key", token.uri("issuing")]
+    async with serve(state, *args, env=env) as served:
+        # curl trusts the installation's root only
+        result = await curl(
+            "--proxy", served.proxy, "--cacert", str(state / "ca" / "root.pem"),
+            f"https://{HOST}:{port}/",
+        )  # fmt: skip
+        await served.stop()
     assert result.stdout == b"hello from origin"
     assert not list((state / "ca").glob("intermediate-*.key"))
     root = x509.load_pem_x509_certificate((state / "ca" / "root.pem").read_bytes())
