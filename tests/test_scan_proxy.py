@@ -615,3 +615,19 @@ async def test_a_large_upload_waiting_for_100_continue_is_held_then_sent_whole(
     blocked = await fetch(proxy, origin, "/upload", tmp_path, upload=body + EICAR)
     assert EICAR_BODY_SIGNATURE in await block_page(proxy, blocked, tmp_path)
     assert origin.uploads == [body]
+
+
+async def test_over_http2_too(nursery: trio.Nursery, tmp_path: Path, icap: Icap) -> None:
+    origin, roots = await start_origin(nursery, tmp_path)
+    proxy = await start_proxy(nursery, tmp_path, roots, ["--scan", icap.url])
+    http2 = ("--http2", "-w", "%{http_code} %{redirect_url} %{http_version}")
+    clean = await curl(proxy, f"https://{HOST}:{origin.port}/clean.gz", tmp_path, extra=http2)
+    assert (clean.status, clean.body) == (200, CLEAN_GZ)
+    assert clean.location == "2"  # the client spoke HTTP/2 to the proxy
+    blocked = await curl(proxy, f"https://{HOST}:{origin.port}/eicar.gz", tmp_path, extra=http2)
+    assert EICAR not in blocked.body
+    url, version = blocked.location.split()
+    assert version == "2"
+    blocked = Fetched(status=blocked.status, location=url, body=b"")
+    assert EICAR_BODY_SIGNATURE in await block_page(proxy, blocked, tmp_path)
+    assert proxy.interceptor.stats.scan_blocked == 1
