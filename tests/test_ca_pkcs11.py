@@ -469,6 +469,7 @@ async def test_serve_with_the_issuing_key_in_the_token_is_trusted_by_curl(
     env = _env(tmp_path)
     env["TLSMITM_PKCS11_PIN"] = PIN  # the environment variable, the other PIN source
     args = [*upstream_args(tmp_path, upstream, HOST), "--ca-key", token.uri("issuing")]
+    args += ["--workers", "2"]  # each worker process logs in to the token itself
     async with serve(state, *args, env=env) as served:
         # curl trusts the installation's root only
         result = await curl(
@@ -477,6 +478,7 @@ async def test_serve_with_the_issuing_key_in_the_token_is_trusted_by_curl(
         )  # fmt: skip
         await served.stop()
     assert result.stdout == b"hello from origin"
+    assert b"exited with code" not in served.stderr  # no worker failed to open the token
     assert not list((state / "ca").glob("intermediate-*.key"))
     root = x509.load_pem_x509_certificate((state / "ca" / "root.pem").read_bytes())
     intermediate = x509.load_pem_x509_certificate(
