@@ -278,6 +278,7 @@ def test_cli_imports_warns_refuses_and_shows(tmp_path: Path, ca_cli: Callable[..
     cert = _write(tmp_path, "issuing.pem", broad.cert)
     key = tmp_path / "issuing.key"
     key.write_bytes(broad.key_pem)
+    key.chmod(0o644)
     root_file = _write(tmp_path, "root.pem", root.cert)
     state = tmp_path / "state"
 
@@ -294,6 +295,7 @@ def test_cli_imports_warns_refuses_and_shows(tmp_path: Path, ca_cli: Callable[..
         "--chain", str(root_file),
     )  # fmt: skip
     assert "no extendedKeyUsage" in done.stderr
+    assert f"{key} is readable by others" in done.stderr
     assert "no name constraints" in done.stderr
     assert "Imported the intermediate" in done.stdout
     key_file = state / "ca" / "intermediate-1.key"

@@ -11,9 +11,11 @@ variable ``TLSMITM_PKCS11_PIN``) or the URI's ``pin-source``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import getpass
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -517,6 +519,17 @@ def _init_imported(args: argparse.Namespace, state_dir: Path) -> int:
     now = _now()
     for warning in inspect_intermediate(ca.intermediate_certificate, now=now):
         print(f"tlsmitm: warning: {warning}", file=sys.stderr)
+    key_text = args.import_intermediate[1]
+    if not is_pkcs11_uri(key_text):
+        with contextlib.suppress(OSError):
+            mode = stat.S_IMODE(os.stat(key_text).st_mode)
+            if mode & 0o077:
+                print(
+                    f"tlsmitm: warning: {key_text} is readable by others (mode {mode:04o}); "
+                    f"tlsmitm keeps its own 0600 copy in {ca.ca_dir}: delete the original, or "
+                    f"chmod 600 {key_text}",
+                    file=sys.stderr,
+                )
     print(f"Imported the intermediate into {ca.ca_dir}")
     print(f"Intermediate: {ca.intermediate_certificate.subject.rfc4514_string()}")
     print(f"Issued by:    {ca.root_certificate.subject.rfc4514_string()} (the root clients trust)")
