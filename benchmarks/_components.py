@@ -26,10 +26,11 @@ COMPONENTS = (
     "bench_token",
     "bench_scan",
     "bench_state",
+    "bench_h2",
 )
 REPO = Path(__file__).resolve().parent.parent
 # Components that start servers of their own (bench_scan: nginx, clamd, c-icap, three proxies).
-_MIN_TIMEOUT = {"bench_scan": 300.0, "bench_state": 120.0}
+_MIN_TIMEOUT = {"bench_scan": 300.0, "bench_state": 120.0, "bench_h2": 180.0}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

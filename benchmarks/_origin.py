@@ -45,7 +45,7 @@ http {{
     sendfile off;
     output_buffers 2 1m;
     server {{
-        listen 127.0.0.1:{port} ssl backlog=4096;
+        listen 127.0.0.1:{port} ssl{http2} backlog=4096;
         server_name bench.test *.bench.test;
         ssl_certificate {cert};
         ssl_certificate_key {key};
@@ -87,7 +87,9 @@ class NginxOrigin:
         self.work = work
 
     @classmethod
-    def start(cls, pki: BenchPki, *, big_sizes: tuple[int, ...]) -> NginxOrigin:
+    def start(
+        cls, pki: BenchPki, *, big_sizes: tuple[int, ...], http2: bool = False
+    ) -> NginxOrigin:
         """Install nginx if needed, write its configuration, start it and wait until it listens.
 
         Raises:
@@ -120,6 +122,7 @@ class NginxOrigin:
                 small=SMALL_BODY.decode().replace("\n", "\\n"),
                 nofile=nofile - 16,
                 connections=max(1024, nofile - 64),
+                http2=" http2" if http2 else "",
             )
         )
         log = (work / "stderr.log").open("wb")

@@ -53,6 +53,7 @@ __all__ = [
 _RECEIVE_SIZE = 64 * 1024
 _MAX_INCOMPLETE_EVENT = 64 * 1024
 MAX_INFORMATIONAL = 16  # 1xx heads per response before the stream counts as hostile
+_COALESCE = 256 * 1024  # bytes of received DATA passed on in one piece at most
 
 
 # -- small plumbing ----------------------------------------------------------------------------
@@ -101,9 +102,21 @@ class Inbox:
         self._lot.unpark_all()
 
     async def get(self) -> tuple[Any, ...]:
+        """The next item; consecutive ``("data", bytes, size)`` items already received come
+        as one (up to 256 KiB), so a burst of small DATA frames costs one write onwards."""
         while not self._items:
             await self._lot.park()
-        return self._items.popleft()
+        item = self._items.popleft()
+        if item[0] != "data" or not self._items or self._items[0][0] != "data":
+            return item
+        parts, size = [item[1]], item[2]
+        total = len(item[1])
+        while self._items and self._items[0][0] == "data" and total < _COALESCE:
+            _, data, more = self._items.popleft()
+            parts.append(data)
+            total += len(data)
+            size += more
+        return ("data", b"".join(parts), size)
 
 
 class BodySource(Protocol):

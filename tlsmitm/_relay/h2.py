@@ -840,9 +840,7 @@ class H2Upstream:
                 if data:
                     await sink.data(bytes(data))
                 inbox.fc_pending -= size
-                self._wire.ack(
-                    stream_id, size
-                )  # taken by the client side: the origin may send more
+                self._wire.ack(stream_id, size)  # taken: the origin may send more
             elif kind == "trailers":
                 await sink.end(tuple(rest[0]))
                 await self._wait_end(inbox)

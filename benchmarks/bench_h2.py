@@ -1,0 +1,220 @@
+"""HTTP/2 through tlsmitm, against tlsmitm's own HTTP/1.1 in the same run.
+
+One ``tlsmitm serve`` (one worker) in front of nginx speaking ``h2`` and ``http/1.1``:
+
+* requests/s over HTTP/2: 1 connection x 100 concurrent streams, and 16 connections x 10
+  streams (a small body each), against HTTP/1.1 keep-alive over 16 connections;
+* bulk download and upload MB/s over HTTP/2 against HTTP/1.1 (one connection, one transfer),
+  with the proxy's peak RSS.
+
+The HTTP/2 client is Python (``h2`` under trio, in this process): it costs about as much CPU
+per request as the proxy's HTTP/2 side, so on a small machine the request rates say as much
+about the client as about tlsmitm; the ratios between protocols are the figures to read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import trio
+
+from ._client import Target, keepalive_rate, transfer
+from ._measure import component_main
+from ._origin import NginxOrigin
+from ._pki import make_pki
+from ._proc import RssSampler, descendants
+from .bench_scan import _proxy
+
+BULK = 64 * 2**20
+NAME = "bench.test"
+
+
+Opened = tuple[trio.SSLStream[trio.SocketStream], h2.connection.H2Connection]
+
+
+async def _open(target: Target) -> Opened:
+    tcp = await trio.open_tcp_stream(*target.address)
+    authority = f"{NAME}:{target.port}".encode()
+    await tcp.send_all(b"CONNECT " + authority + b" HTTP/1.1\r\nHost: " + authority + b"\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = await tcp.receive_some(4096)
+        if not chunk:
+            raise RuntimeError("the proxy closed during CONNECT")
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"CONNECT refused: {head[:60]!r}")
+    context = ssl.create_default_context(cafile=target.cafile)
+    context.set_alpn_protocols(["h2"])
+    tls = trio.SSLStream(tcp, context, server_hostname=NAME)
+    await tls.do_handshake()
+    if tls.selected_alpn_protocol() != "h2":
+        raise RuntimeError(f"ALPN {tls.selected_alpn_protocol()}, not h2")
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.increment_flow_control_window(2**24)
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**22})
+    await tls.send_all(conn.data_to_send())
+    return tls, conn
+
+
+def _request(conn: h2.connection.H2Connection, target: Target, path: str, **kw: object) -> int:
+    sid = conn.get_next_available_stream_id()
+    headers = [
+        (":method", str(kw.get("method", "GET"))),
+        (":scheme", "https"),
+        (":authority", f"{NAME}:{target.port}"),
+        (":path", path),
+    ]
+    conn.send_headers(sid, headers, end_stream=not kw.get("body"))
+    return sid
+
+
+async def _exchanges(
+    opened: Opened, target: Target, streams: int, deadline: float, done: list[int]
+) -> None:
+    """Keep ``streams`` requests in flight on one connection until ``deadline`` (or, with a
+    deadline in the past, until the first ``streams`` answers arrived)."""
+    tls, conn = opened
+    for _ in range(streams):
+        _request(conn, target, "/small")
+    await tls.send_all(conn.data_to_send())
+    answered = 0
+    while time.monotonic() < deadline or answered < streams:
+        data = await tls.receive_some(65536)
+        if not data:
+            raise RuntimeError("the proxy closed the connection")
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                answered += 1
+                if time.monotonic() < deadline:
+                    done[0] += 1
+                    _request(conn, target, "/small")
+            elif isinstance(event, h2.events.StreamReset):
+                raise RuntimeError(f"stream reset {event.error_code}")
+        out = conn.data_to_send()
+        if out:
+            await tls.send_all(out)
+
+
+async def _rate(target: Target, connections: int, streams: int, seconds: float) -> float:
+    """Requests/s once every connection is open and has answered once (connection setup is
+    what the setup benchmarks measure, not this one)."""
+    opened: list[Opened] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(connections):
+
+                async def one() -> None:
+                    pair = await _open(target)
+                    opened.append(pair)
+                    await _exchanges(pair, target, 1, 0.0, [0])
+
+                nursery.start_soon(one)
+        done = [0]
+        started = time.monotonic()
+        deadline = started + seconds
+        async with trio.open_nursery() as nursery:
+            for pair in opened:
+                nursery.start_soon(_exchanges, pair, target, streams, deadline, done)
+        return done[0] / (time.monotonic() - started)
+    finally:
+        for tls, _ in opened:
+            await trio.aclose_forcefully(tls)
+
+
+async def _bulk(target: Target, direction: str, size: int) -> float:
+    tls, conn = await _open(target)
+    try:
+        started = time.monotonic()
+        if direction == "download":
+            sid = _request(conn, target, f"/big/{size}")
+        else:
+            sid = _request(conn, target, f"/upload/h2-{size}", method="PUT", body=True)
+        await tls.send_all(conn.data_to_send())
+        sent = 0
+        block = b"u" * 65536
+        received = 0
+        ended = False
+        while not ended:
+            if direction == "upload" and sent < size:
+                window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                while window > 0 and sent < size:
+                    piece = block[: min(window, size - sent)]
+                    conn.send_data(sid, piece, end_stream=sent + len(piece) == size)
+                    sent += len(piece)
+                    window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                await tls.send_all(conn.data_to_send())
+            data = await tls.receive_some(2**20)
+            if not data:
+                raise RuntimeError("the proxy closed the connection")
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    received += len(event.data)
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = True
+                elif isinstance(event, h2.events.StreamReset):
+                    raise RuntimeError(f"stream reset {event.error_code}")
+            out = conn.data_to_send()
+            if out:
+                await tls.send_all(out)
+        if direction == "download" and received != size:
+            raise RuntimeError(f"received {received} of {size} bytes")
+        return size / (time.monotonic() - started) / 1e6
+    finally:
+        await trio.aclose_forcefully(tls)
+
+
+def run(seconds: float = 2.0) -> dict[str, float]:
+    """Measure; ``seconds`` per request-rate figure."""
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="tlsmitm-bench-h2-") as scratch:
+        work = Path(scratch)
+        pki = make_pki(work, now=dt.datetime.now(dt.UTC))
+        origin = NginxOrigin.start(pki, big_sizes=(BULK,), http2=True)
+        try:
+            with _proxy(work, origin.port, pki.root_pem, []) as (target, pid):
+                trio.run(_rate, target, 1, 10, 0.5)  # warm: the name's leaf and upstream
+                figures["h2_c1x100_req_s"] = trio.run(_rate, target, 1, 100, seconds)
+                figures["h2_c16x10_req_s"] = trio.run(_rate, target, 16, 10, seconds)
+                figures["h1_c16_req_s"] = keepalive_rate(
+                    target, name=NAME, seconds=seconds, connections=16
+                )
+                for direction in ("download", "upload"):
+                    with RssSampler(descendants(pid)) as sampler:
+                        figures[f"h2_{direction}_mb_s"] = trio.run(_bulk, target, direction, BULK)
+                    figures[f"h2_{direction}_peak_rss_mib"] = sampler.peak / 2**20
+                    with RssSampler(descendants(pid)) as sampler:
+                        result = transfer(
+                            target, name=NAME, direction=direction, size=BULK, timeout=300
+                        )
+                    if result.error is not None:
+                        raise RuntimeError(f"HTTP/1.1 {direction}: {result.error}")
+                    figures[f"h1_{direction}_mb_s"] = result.megabytes_per_second
+                    figures[f"h1_{direction}_peak_rss_mib"] = sampler.peak / 2**20
+        finally:
+            origin.stop()
+    figures["h2_c16x10_over_h1_c16"] = figures["h2_c16x10_req_s"] / figures["h1_c16_req_s"]
+    for direction in ("download", "upload"):
+        figures[f"h2_over_h1_{direction}"] = (
+            figures[f"h2_{direction}_mb_s"] / figures[f"h1_{direction}_mb_s"]
+        )
+    return figures
+
+
+__all__ = ["run"]
+
+if __name__ == "__main__":
+    sys.exit(component_main(run, sys.argv[1:]))
