@@ -206,7 +206,7 @@ def test_a_lost_session_is_reopened_and_a_closed_key_stays_closed(
 
 
 def test_leaves_minted_through_the_token_are_accepted_by_a_client_trusting_the_root(
-    token: SoftToken, access: TokenAccess, tmp_path: Path
+    token: SoftToken, access: TokenAccess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     state = tmp_path / "state"
     uri = token.uri("issuing")
@@ -230,6 +230,9 @@ def test_leaves_minted_through_the_token_are_accepted_by_a_client_trusting_the_r
     reloaded = CertificateAuthority.load(state, token=access)
     (status,) = [s for s in reloaded.key_files() if s.role == "intermediate"]
     assert status.token_uri == uri
+    show = ["ca", "show", "--state-dir", str(state), "--pin-file", str(token.pin_file)]
+    assert main(show) == 0
+    assert f"in the PKCS#11 token {uri} (never leaves it)" in capsys.readouterr().out
     assert not status.present
     handshake(CertForge(reloaded).leaf_for(HOST, now=NOW), ca.root_certificate, HOST, tmp_path)
 
