@@ -25,6 +25,19 @@ A :class:`CertificateAuthority` is three keys and their certificates::
 * The **error CA** signs leaves that must make a client show *its own* certificate warning (the
   upstream certificate failed verification). It is trusted nowhere, by construction.
 
+Three variations (``docs/ca.rst``):
+
+* **Imported** (:meth:`CertificateAuthority.import_intermediate`): the intermediate comes from
+  the organisation's PKI, whose root its machines already trust. It is checked first
+  (:func:`check_imported_intermediate`), sent with the chain up to that root, and its chain's
+  name constraints bound what is minted. There is no root key here: no CRL, no rotation.
+* **Node intermediates** (:meth:`CertificateAuthority.issue_node_intermediate`): the root
+  issues one intermediate per node of a multi-node installation; each node imports its own, and
+  a compromised one is revoked alone in the root's CRL.
+* **Keys in a PKCS#11 token** (:mod:`tlsmitm._pkcs11`): the intermediate's key (and, for root
+  operations, the root key) may be a :class:`~tlsmitm._pkcs11.TokenKey` named by an RFC 7512
+  URI; ``ca.json`` records the URI, never a PIN, and no key file is written.
+
 On disk (see ``docs/ca.rst``), everything lives in ``<state_dir>/ca/``, a 0700 directory whose
 files are created 0600 before their first byte is written and moved into place atomically. The
 metadata file ``ca.json`` is written last: it is the commit point, so a half-written directory
