@@ -27,8 +27,9 @@ def worker_pids(node_stdout: Path) -> list[int]:
 async def test_two_workers_serve_restart_and_drain(nursery: trio.Nursery, tmp_path: Path) -> None:
     hierarchy = good_hierarchy(HOST)
     context = server_ssl_context(hierarchy.leaf, tmp_path)
-    gate = trio.Event()
-    asked = trio.Event()
+    gates = {b"/held": trio.Event(), b"/gated": trio.Event()}
+    asked = {b"/held": trio.Event(), b"/gated": trio.Event()}
+    gate = gates[b"/gated"]
 
     async def handler(stream: trio.SocketStream) -> None:
         # /gated waits for the test's gate: a request in flight while the proxy drains.
@@ -46,10 +47,10 @@ async def test_two_workers_serve_restart_and_drain(nursery: trio.Nursery, tmp_pa
                 if isinstance(event, h11.EndOfMessage):
                     break
             body = b"hello from origin"
-            if target == b"/gated":
-                asked.set()
-                await gate.wait()
-                body = b"drained"
+            if target in gates:
+                asked[target].set()
+                await gates[target].wait()
+                body = b"drained" if target == b"/gated" else b"held"
             await send_events(
                 conn,
                 tls,
@@ -87,13 +88,27 @@ async def test_two_workers_serve_restart_and_drain(nursery: trio.Nursery, tmp_pa
             result = await curl(node, f"https://{HOST}:{port}/", node.cacert)
             assert result.returncode == 0, result.stderr
 
-        # SIGHUP reaches every worker: rules, trust store and preload list reloaded, and the
-        # port keeps serving.
-        node.process.send_signal(signal.SIGHUP)
-        with trio.fail_after(60):
-            while node.stdout.read_text().count("HSTS preload list reloaded") < 2:
-                await trio.sleep(0.1)
+        # SIGHUP reaches every worker: rules, trust store and preload list reloaded, while a
+        # request is in flight (it is answered: no connection is dropped), and the port keeps
+        # serving.
+        async with trio.open_nursery() as inner:
+            held: list[object] = []
+
+            async def across_reload() -> None:
+                held.append(await curl(node, f"https://{HOST}:{port}/held", node.cacert))
+
+            inner.start_soon(across_reload)
+            with trio.fail_after(30):
+                await asked[b"/held"].wait()
+            node.process.send_signal(signal.SIGHUP)
+            with trio.fail_after(60):
+                while node.stdout.read_text().count("HSTS preload list reloaded") < 2:
+                    await trio.sleep(0.1)
+            gates[b"/held"].set()
         assert node.stdout.read_text().count("trust store reloaded") == 2
+        (kept,) = held
+        assert kept.returncode == 0, kept.stderr  # type: ignore[attr-defined]
+        assert kept.stdout == b"held"  # type: ignore[attr-defined]
         result = await curl(node, f"https://{HOST}:{port}/", node.cacert)
         assert result.returncode == 0, result.stderr
 
@@ -106,7 +121,7 @@ async def test_two_workers_serve_restart_and_drain(nursery: trio.Nursery, tmp_pa
 
             inner.start_soon(in_flight)
             with trio.fail_after(30):
-                await asked.wait()
+                await asked[b"/gated"].wait()
             node.process.send_signal(signal.SIGTERM)
             with trio.fail_after(30):
                 while "shutting down" not in node.stderr.read_text():  # logged, on stderr
