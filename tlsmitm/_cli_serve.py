@@ -685,6 +685,13 @@ async def open_scanners(interceptor: object) -> None:
             print(f"Scanning with {scanner.name}", flush=True)
 
 
+def _warm_up(interceptor: Any) -> None:
+    from ._verify import warm_up
+
+    warm_up()
+    interceptor.hsts.warm_up()
+
+
 async def _watchdog(interval: float) -> None:
     from . import _systemd
 
@@ -825,6 +832,9 @@ def run(args: argparse.Namespace) -> int:
                     nursery.start_soon(watch_supervisor, supervisor_pid, trio.Event())
                 addresses = await nursery.start(serve_then_stop)
                 listening = True
+                # Listening first, then the big tables (preload list, public suffixes) in a
+                # thread: a warm start is listening in well under a second (docs/operations).
+                nursery.start_soon(trio.to_thread.run_sync, _warm_up, interceptor)
                 bound_host, bound_port = addresses[0][0], addresses[0][1]
                 shown = f"[{bound_host}]" if ":" in bound_host else bound_host
                 proxy = f"http://{shown}:{bound_port}"

@@ -619,7 +619,8 @@ class HstsStore:
             raise ValueError(f"max_entries must be a positive int, not {max_entries!r}")
         self._store: StateStore = MemoryStore() if store is None else store
         self._bundled = preload is None
-        self._preload = PreloadList.bundled() if preload is None else preload
+        # The bundled list takes ~0.3 s to decode: loaded at first use (or by warm_up()).
+        self._preload_given = preload
         self._max_entries = max_entries
         # Evict before every `batch`-th write, down to max_entries - batch: between two
         # evictions at most `batch` writes land, so the cap holds for this writer.
@@ -684,13 +685,19 @@ class HstsStore:
         fresh = PreloadList(_decode_hstspreload())
         with _BUNDLED_LOCK:
             _BUNDLED = fresh
-        self._preload = fresh
+        self._preload_given = fresh
         return True
 
     @property
     def preload(self) -> PreloadList:
         """The preload list in use."""
-        return self._preload
+        given = self._preload_given
+        return PreloadList.bundled() if given is None else given
+
+    def warm_up(self) -> None:
+        """Decode the bundled preload list now, not at the first lookup (``serve`` does it in a
+        thread right after it listens)."""
+        _ = self.preload
 
     @property
     def store(self) -> StateStore:
@@ -824,7 +831,7 @@ class HstsStore:
         normalized = _normalized_or_none(host)
         if normalized is None:
             return None  # malformed names and IP literals never match
-        preloaded = self._preload.match(normalized)
+        preloaded = self.preload.match(normalized)
         if preloaded is not None:
             name, include_subdomains = preloaded
             return KnownHost(

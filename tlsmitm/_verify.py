@@ -463,6 +463,15 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList(only_icann=True)
 
 
+def warm_up() -> None:
+    """Load the public suffix list now (~0.3 s), not during the first verification.
+
+    ``serve`` calls it in a thread right after it listens, so that start-up is not held up; an
+    embedder may call it before serving.
+    """
+    _psl()
+
+
 def _is_public_suffix(name: str) -> bool:
     return bool(_psl().is_public(name))
 
@@ -1175,7 +1184,6 @@ class UpstreamVerifier:
             self._anchors_by_subject.setdefault(_name_der(root.subject), []).append(anchor)
         self._distrusted = trust.distrusted_spki_sha256
         self._store = Store(roots)  # built once per trust configuration, never per connection
-        _psl()  # load the public suffix list now, not during the first verification
 
         ee = (
             ExtensionPolicy.webpki_defaults_ee()
