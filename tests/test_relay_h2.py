@@ -590,6 +590,26 @@ async def test_the_scanners_answer_before_the_first_byte_over_h2(upstream: str) 
         assert [r.decision.action for r in s.reports] == ["block", "deliver"]
 
 
+@pytest.mark.parametrize("upstream", ["h2", "h1"])
+async def test_uploads_are_held_for_the_scanners_with_scan_requests(upstream: str) -> None:
+    settings = ScanSettings(scanners=(EicarScanner(),), scan_requests=True)
+    async with relay(upstream=upstream, scan=settings) as s:
+        virus = b"upload: " + EICAR
+        _, blocked = await s.client.request(b"/echo", method=b"POST", body=virus)
+        assert blocked.status == 303
+        assert blocked.header(b"location") == b"https://error.invalid/block"
+        if upstream == "h1":
+            assert (b"POST", b"/echo") not in s.origin_stats.requests  # never reached it
+        else:
+            assert s.origin is not None
+            assert all(bytes(ex.body) != virus for ex in s.origin.exchanges.values())
+        payload = pattern(300_000)
+        _, clean = await s.client.request(b"/echo", method=b"POST", body=payload)
+        assert (clean.status, bytes(clean.body)) == (200, payload)
+        actions = [(r.direction, r.decision.action) for r in s.reports]
+        assert actions[:2] == [("request", "block"), ("request", "deliver")]
+
+
 class BodyRecorder(RecordingHooks):
     def __init__(self) -> None:
         super().__init__()

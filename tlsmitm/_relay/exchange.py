@@ -26,6 +26,7 @@ from .scanning import (
     block_for,
     content_encoding,
     log_decision,
+    request_context,
     response_context,
     response_has_body,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "TappedBody",
     "Upstream",
     "UpstreamReset",
+    "exchange_scanned_request",
     "leaf_exception",
     "send_block",
 ]
@@ -368,6 +370,71 @@ class HookedSink:
         if self._response is not None:
             await self._tap.response(self.request, self._response, b"", end=True)
         await self.raw.end(trailers)
+
+
+class _HeldBody:
+    """A request body the scanners let through: the held part from the spool, then (when the
+    scanners decided before the end) the rest as it comes."""
+
+    def __init__(self, spool: Any, rest: BodySource | None) -> None:
+        self._chunks = spool.chunks()
+        self._rest = rest
+        self._held = True
+
+    @property
+    def trailers(self) -> Headers:
+        return self._rest.trailers if self._rest is not None else ()
+
+    async def read(self) -> bytes | None:
+        if self._held:
+            try:
+                return bytes(await anext(self._chunks))
+            except StopAsyncIteration:
+                self._held = False
+        return await self._rest.read() if self._rest is not None else None
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+
+
+async def exchange_scanned_request(
+    upstream: Upstream,
+    request: Request,
+    body: BodySource,
+    sink: HookedSink,
+) -> None:
+    """``--scan-requests``: hold the request body until the scanners answer, then send the
+    request upstream, or answer the client with the block (the origin never sees it)."""
+    assert sink.scan is not None
+    context = request_context(sink.flow, request)
+    async with open_inspection(sink.scan, context, content_encoding(request.headers)) as inspection:
+        complete = False
+        while True:
+            chunk = await body.read()
+            if chunk is None:
+                complete = True
+                break
+            await inspection.feed(chunk)
+            if inspection.settled:
+                break
+        decision = await inspection.finish(complete=complete)
+        sink.on_scan(
+            ScanReport(
+                host=sink.flow.host,
+                direction=inspection.context.direction,
+                decision=decision,
+                latencies=inspection.latencies,
+                size=inspection.spool.size,
+            )
+        )
+        if decision.action != "deliver":  # a block (an upload is never replaced)
+            await send_block(sink.raw, block_for(decision), request, sink.answer_block)
+            return
+        held = _HeldBody(inspection.spool, None if complete else body)
+        try:
+            await upstream.exchange(request, held, sink)
+        finally:
+            await held.aclose()
 
 
 class TappedBody:
@@ -731,6 +798,9 @@ class H1Front:
         if body is not None:
             body = TappedBody(body, BodyTap(self.hooks, self.flow), request)
         try:
+            if body is not None and self.scan is not None and self.scan.scan_requests:
+                await exchange_scanned_request(self.upstream, request, body, hooked)
+                return self._parser.their_state is h11.DONE
             await self.upstream.exchange(request, body, hooked)
         except Exception as exc:
             leaf = leaf_exception(exc)

@@ -70,6 +70,7 @@ from .exchange import (
     TappedBody,
     Upstream,
     UpstreamReset,
+    exchange_scanned_request,
     leaf_exception,
     send_block,
 )
@@ -647,6 +648,9 @@ class H2Front:
         )
         if body is not None:
             body = TappedBody(body, BodyTap(self.hooks, self.flow), request)
+            if self.scan is not None and self.scan.scan_requests:
+                await exchange_scanned_request(self.upstream, request, body, hooked)
+                return
         await self.upstream.exchange(request, body, hooked)
 
 
