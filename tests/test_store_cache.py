@@ -219,3 +219,16 @@ async def test_warm_policy_fetches_learned_bypasses_so_decide_does_no_io() -> No
     assert backend.calls == calls  # answered from the cache: no store call on the event loop
     await warm_policy(ix, "192.0.2.1", "bank.test", 443)  # type: ignore[arg-type]
     assert backend.calls == calls  # already cached: nothing fetched
+
+
+def test_entries_held_during_an_outage_are_bounded() -> None:
+    backend, clock = FlakyStore(), Clock()
+    cache = CachedStore(backend, ttl=1.0, clock=clock, max_entries=3)
+    backend.down = True
+    for n in range(5):
+        cache.put("hsts", f"h{n}.test", b"v", expires=FAR + n)
+    assert cache.health.pinned == 3
+    backend.down = False
+    clock.now += 5
+    cache.get("hsts", "h4.test")  # works again: the held entries are written back
+    assert sorted(item.key for item in backend.items("hsts")) == ["h2.test", "h3.test", "h4.test"]

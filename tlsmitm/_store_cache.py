@@ -102,8 +102,8 @@ class CachedStore:
         ttl: how long (seconds) a fetched entry, present or absent, answers reads without asking
             the backend. Another worker's write becomes visible here within ``ttl``.
         clock: monotonic seconds (``time.monotonic`` by default).
-        max_entries: the most entries cached (least recently used dropped first; pinned entries
-            are never dropped).
+        max_entries: the most entries cached (least recently used dropped first), and the most
+            held in memory while the backend refuses writes (soonest-expiring dropped first).
         report_every: the least time (seconds) between two WARNING lines about failures.
         logger: where failures are reported (``tlsmitm.state`` by default).
     """
@@ -321,6 +321,10 @@ class CachedStore:
         except (TlsMitmError, OSError) as exc:
             with self._lock:
                 self._pinned[(namespace, key)] = item
+                if len(self._pinned) > self._max_entries:
+                    # Bounded like the cache: a long outage cannot grow memory without end.
+                    soonest = min(self._pinned, key=lambda k: self._pinned[k].expires)
+                    del self._pinned[soonest]
             self._failed("put", exc)
             return
         with self._lock:
