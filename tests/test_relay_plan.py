@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tlsmitm._errors import CertError
@@ -305,6 +305,7 @@ def verdict_and_action(draw: st.DrawFn) -> tuple[bool, Action]:
     return draw(st.sampled_from(choices))
 
 
+@settings(deadline=None)  # (a loaded CI machine must not turn a slow example into a failure)
 @given(
     client_alpn=ALPNS,
     port=st.sampled_from([443, 993, 8443, 25]),
@@ -397,6 +398,7 @@ def test_sniff(data: bytes, result: SniffResult) -> None:
     assert sniff(data) is result
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=64), st.binary(max_size=64))
 def test_sniff_never_changes_its_mind(first: bytes, more: bytes) -> None:
     decided = sniff(first)
