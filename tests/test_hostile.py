@@ -8,8 +8,10 @@ worst ones against ``python -m tlsmitm serve`` itself).
 
 from __future__ import annotations
 
+import errno
 import functools
 import http.client
+import itertools
 import logging
 import re
 import socket
@@ -20,7 +22,7 @@ import pytest
 import trio
 import trio.testing
 from conftest import require_tool
-from pki import Hierarchy, good_hierarchy
+from pki import NOW, Hierarchy, good_hierarchy
 from strategies import hello_message, records, sni_ext, u8, u16, vec16
 from test_relay import (
     HOST,
@@ -597,3 +599,41 @@ async def test_proxy_authentication_with_curl(
     assert b'proxy-authenticate: Basic realm="tlsmitm", charset="UTF-8"' in challenge
     await settle(setup)
     assert any(r.decision == "intercept" for r in setup.records)
+
+
+class _ExhaustedListener:
+    """A listener whose accept() fails with EMFILE a few times, then waits forever."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls: list[float] = []
+
+    async def accept(self) -> trio.SocketStream:
+        self.calls.append(trio.current_time())
+        if len(self.calls) <= self.failures:
+            raise OSError(errno.EMFILE, "Too many open files")
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_emfile_backs_off_without_spinning(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    from tlsmitm._ca import CertificateAuthority
+    from tlsmitm._relay import Interceptor
+
+    interceptor = Interceptor(ca=CertificateAuthority.ephemeral(now=NOW))
+    listener = _ExhaustedListener(failures=8)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            interceptor._accept_loop,
+            listener,
+            nursery,
+            trio.Semaphore(10),  # type: ignore[arg-type]
+        )
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(listener.calls)]
+    # 50 ms doubling to at most 1 s: eight failures, nine calls, no busy loop.
+    assert gaps == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
+    assert interceptor._boundary.reported == 8
