@@ -8,6 +8,7 @@ worst ones against ``python -m tlsmitm serve`` itself).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import http.client
@@ -637,3 +638,36 @@ async def test_emfile_backs_off_without_spinning(
     # 50 ms doubling to at most 1 s: eight failures, nine calls, no busy loop.
     assert gaps == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
     assert interceptor._boundary.reported == 8
+
+
+async def test_at_the_cap_an_idle_keep_alive_connection_is_shed_for_a_new_client(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    config = InterceptorConfig(resolve={HOST: "127.0.0.1"}, max_connections=1)
+    setup = await start_proxy(nursery, tmp_path, hierarchy, config=config)
+    tcp = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
+    await tcp.send_all(connect_line(HOST, origin.port))
+    assert (await tcp.receive_some(4096)).startswith(b"HTTP/1.1 200 ")
+    idle = trio.SSLStream(tcp, setup.client_context(), server_hostname=HOST)
+    await idle.send_all(b"GET / HTTP/1.1\r\nHost: www.example.test\r\n\r\n")
+    first = b""
+    with trio.fail_after(20):
+        while b"hello from origin" not in first:
+            first += await idle.receive_some(4096)
+    # The one slot is held by a keep-alive connection waiting for its next request.
+    with trio.fail_after(20):
+        while not any(
+            r.idle_since is not None and trio.current_time() - r.idle_since > 1.2
+            for r in setup.interceptor._open
+        ):
+            await trio.sleep(0.05)
+    served = await trio.to_thread.run_sync(lambda: https_get(setup, origin.port, "/"))
+    assert served == (200, b"hello from origin")
+    assert setup.interceptor.stats.shed_idle == 1
+    assert setup.interceptor.stats.refused_busy == 0
+    with trio.fail_after(10):  # the shed connection was closed
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await idle.receive_some(4096):
+                pass
+    await trio.aclose_forcefully(idle)
