@@ -204,6 +204,17 @@ def test_each_unusable_intermediate_is_refused_with_one_line(
         [good.cert, policy.cert, root.cert, stray.cert], good.key
     )
     assert "is self-signed" in _refusal([root.cert], root.key)
+    # The chain above must be CAs whose pathLenConstraint allows what is below them.
+    short = issue(subject_cn="ACME Policy CA", issuer=root, ca=True, path_length=0, eku=None)
+    below_short = org_intermediate(short)
+    assert "pathLenConstraint" in _refusal(
+        [below_short.cert, short.cert, root.cert], below_short.key
+    )
+    not_ca = issue(subject_cn="Not a CA", issuer=root, ca=False, key_usage=None, eku=None)
+    below_leaf = org_intermediate(not_ca)
+    assert "in the chain is not a CA" in _refusal(
+        [below_leaf.cert, not_ca.cert, root.cert], below_leaf.key
+    )
     weak = org_intermediate(root, key=make_key("ec384"))
     assert check_imported_intermediate([weak.cert, root.cert], weak.key, now=NOW)[0] == weak.cert
 

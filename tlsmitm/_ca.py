@@ -663,6 +663,22 @@ def check_imported_intermediate(
                 f"{_describe(certificate)} is not valid before "
                 f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
             )
+    for depth, certificate in enumerate((*chain, root), start=1):
+        try:
+            above = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            above = None
+        if above is None or not above.ca:
+            _refuse_import(
+                f"{_describe(certificate)} in the chain is not a CA certificate (RFC 5280 "
+                "§4.2.1.9: basicConstraints CA:TRUE)"
+            )
+        if above.path_length is not None and above.path_length < depth:
+            # RFC 5280 §4.2.1.9: pathLenConstraint counts the CA certificates below it.
+            _refuse_import(
+                f"{_describe(certificate)} allows {above.path_length} CA certificate(s) below "
+                f"it (pathLenConstraint) and the chain has {depth}: clients would refuse it"
+            )
     _check_issuing_key(intermediate, name)
     if _spki(public_key) != _spki(intermediate):
         _refuse_import(f"the key does not belong to {name} (their public keys differ)")
