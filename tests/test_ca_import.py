@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import os
 import ssl
 import stat
@@ -348,7 +349,7 @@ async def test_serve_with_an_imported_intermediate_is_trusted_by_curl_trusting_t
 
 
 def test_serve_reuses_the_imported_intermediate_and_refuses_another(
-    tmp_path: Path, org: tuple[Issued, Issued, Issued]
+    tmp_path: Path, org: tuple[Issued, Issued, Issued], caplog: pytest.LogCaptureFixture
 ) -> None:
     root, policy, intermediate = org
     chain = _write(tmp_path, "issuing.pem", intermediate.cert, policy.cert, root.cert)
@@ -361,6 +362,16 @@ def test_serve_reuses_the_imported_intermediate_and_refuses_another(
         return ca_for_serve(parser.parse_args(["serve", *args]), state)
 
     assert ca_of() is None  # no CA option: the interceptor loads or creates the usual CA
+    broad = org_intermediate(root, eku=None)
+    broad_cert = _write(tmp_path, "broad.pem", broad.cert, root.cert)
+    broad_key = tmp_path / "broad.key"
+    broad_key.write_bytes(broad.key_pem)
+    with caplog.at_level(logging.WARNING, logger="tlsmitm.ca"):
+        ca_for_serve(
+            parser.parse_args(["serve", "--import-intermediate", str(broad_cert), str(broad_key)]),
+            tmp_path / "broad-state",
+        )
+    assert any("no extendedKeyUsage" in r.getMessage() for r in caplog.records)
     first = ca_of("--import-intermediate", str(chain), str(key))
     assert first is not None
     assert first.intermediate_certificate == intermediate.cert

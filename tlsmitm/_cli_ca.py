@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import datetime as dt
 import getpass
+import logging
 import os
 import stat
 import sys
@@ -334,7 +335,10 @@ def ca_for_serve(args: argparse.Namespace, state_dir: Path) -> CertificateAuthor
         except ConfigurationError as exc:
             if exc.reason != "state_missing":
                 raise
-            return import_from_args(args, state_dir)
+            imported = import_from_args(args, state_dir)
+            for warning in inspect_intermediate(imported.intermediate_certificate, now=_now()):
+                logging.getLogger("tlsmitm.ca").warning("%s", warning)
+            return imported
         wanted = _read_certificates(Path(args.import_intermediate[0]))[0]
         if ca.intermediate_certificate != wanted:
             raise ConfigurationError(
