@@ -1,10 +1,10 @@
 """A small real HTTPS origin server for relay tests (trio + stdlib ssl + h11).
 
 Routes: ``/`` (hello), ``/size/N`` (N bytes, Content-Length), ``/chunked/N`` (N bytes chunked),
-``/echo`` (POST: the body back), ``/hsts`` (with Strict-Transport-Security), ``/eicar`` (the
-EICAR test string), ``/ws`` (101 to the protocol asked for, then a raw echo), ``/headers`` (the
-request headers as text),
-``/slow`` (answers after 0.3 s), ``/keep-alive/N`` (hello, announcing ``Keep-Alive: timeout=N``).
+``/echo`` (POST: the body back), ``/hsts`` (with Strict-Transport-Security; ``/hsts0`` with
+max-age=0), ``/eicar`` (the EICAR test string), ``/ws`` (101 to the protocol asked for, then a
+raw echo), ``/headers`` (the request headers as text), ``/slow`` (answers after 0.3 s),
+``/keep-alive/N`` (hello, announcing ``Keep-Alive: timeout=N``).
 """
 
 from __future__ import annotations
@@ -124,6 +124,9 @@ async def serve_http(stream: trio.abc.Stream, stats: OriginStats) -> None:
             continue
         elif target == b"/echo":
             payload = bytes(body)
+        elif target == b"/hsts0":
+            payload = b"hsts0"
+            headers.append((b"strict-transport-security", b"max-age=0"))
         elif target == b"/hsts":
             payload = b"hsts"
             headers.append((b"strict-transport-security", b"max-age=1000; includeSubDomains"))

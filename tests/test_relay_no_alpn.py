@@ -147,6 +147,52 @@ async def test_sts_is_known_before_its_write_reaches_a_slow_store(
     assert blocked.reason == "block_page"
 
 
+class SlowDeleteStore(MemoryStore):
+    """A store whose deletes take a while (the write of a max-age=0)."""
+
+    def delete(self, namespace: str, key: str) -> None:
+        time.sleep(1.5)  # (runs in the state writer's thread)
+        super().delete(namespace, key)
+
+
+async def test_a_max_age_zero_still_queued_is_waited_for(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    # Learn, then forget (max-age=0, RFC 6797 §6.1.1), then a failing certificate: the forget
+    # is still on its way to the store, and the store still holds the host. The next
+    # connection waits for it and gets the native warning (passthrough), not a block page.
+    good = await start_origin(nursery, tmp_path, hierarchy, alpn=())
+    bad = await start_origin(nursery, tmp_path, hierarchy, _expired_leaf(hierarchy), alpn=())
+    store = SlowDeleteStore()
+    setup = await start_proxy(
+        nursery,
+        tmp_path,
+        hierarchy,
+        responder=ErrorResponder(profile="native"),
+        hsts=HstsStore(store, preload=PreloadList.empty()),
+    )
+    await trio.to_thread.run_sync(
+        functools.partial(
+            https_via_proxy, setup, good.port, [("GET", "/hsts", None), ("GET", "/hsts0", None)]
+        )
+    )
+    assert store.get("hsts", HOST) is not None  # (learnt; the forget is still queued)
+    untrusting = ssl.create_default_context(cafile=str(setup.root_pem))
+    untrusting.check_hostname = False
+    untrusting.verify_mode = ssl.CERT_NONE  # look at what the proxy does, not at the browser
+    untrusting.set_alpn_protocols(["http/1.1"])  # (a client that can be shown a page)
+    results = await trio.to_thread.run_sync(
+        functools.partial(
+            https_via_proxy, setup, bad.port, [("GET", "/", None)], context=untrusting
+        )
+    )
+    assert results[0][0] == 200  # passed through to the origin: the browser warns itself
+    await settle(setup)
+    (record,) = records_for(setup, bad.port)
+    assert record.reason == "passthrough_untrusted"
+    assert not setup.interceptor.hsts.is_known_host(HOST, now=setup.interceptor.clock())
+
+
 async def test_a_client_without_alpn_to_an_origin_without_alpn_is_inspected(
     nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
 ) -> None:

@@ -38,12 +38,15 @@ log = logging.getLogger("tlsmitm.state")
 _QUEUE = 1024  # pending writes; past that a write runs inline (the loop pays, nothing is lost)
 _RECENT_STS_SECONDS = 120.0  # how long an observation is known from memory (the write is long done)
 _RECENT_STS_HOSTS = 4096
+_SETTLE_SECONDS = 5.0  # longest a connection waits for its host's queued STS writes
 
 
 async def hsts_known(ix: Interceptor, name: str, now: datetime) -> bool:
     """Whether ``name`` is a Known HSTS Host: from memory when possible, else from a thread."""
     if ix.state_writer.recently_known(name, now):
         return True
+    # An STS write for this host still queued (a max-age=0, say) would change the answer.
+    await ix.state_writer.settled(name)
     answer = ix.hsts.known_host_nowait(name, now=now)
     if answer is UNANSWERED:
         answer = await trio.to_thread.run_sync(functools.partial(ix.hsts.known_host, name, now=now))
@@ -70,13 +73,18 @@ async def warm_policy(ix: Interceptor, client_ip: str, host: str | None, port: i
             await trio.to_thread.run_sync(get_many, namespace, [key])
 
 
+_Queued = tuple[Callable[[], object], str | None]  # a write, and the host of an STS write
+
+
 class StateWriter:
     """Runs queued state writes in a thread, one at a time, in order."""
 
     def __init__(self) -> None:
-        self._send, self._receive = trio.open_memory_channel[Callable[[], object]](_QUEUE)
+        self._send, self._receive = trio.open_memory_channel[_Queued](_QUEUE)
         self._running = False
         self.written = 0
+        self._pending: dict[str, int] = {}  # host -> its STS writes queued or running
+        self._progress = trio.Event()  # set (and replaced) after every queued write
         # Host -> (until, includeSubDomains) for STS observed here, whether or not written yet.
         self._recent_sts: OrderedDict[str, tuple[float, bool]] = OrderedDict()
 
@@ -90,7 +98,8 @@ class StateWriter:
         """
         policy = parse_sts(values[0]) if values else None
         name = try_normalize_host(host)
-        if policy is not None and name is not None and not is_ip_literal(name):
+        localhost = name is not None and (name == "localhost" or name.endswith(".localhost"))
+        if policy is not None and name is not None and not is_ip_literal(name) and not localhost:
             if policy.max_age == 0:
                 self._recent_sts.pop(name, None)
             else:
@@ -100,8 +109,22 @@ class StateWriter:
                 while len(self._recent_sts) > _RECENT_STS_HOSTS:
                     self._recent_sts.popitem(last=False)
         self.submit(
-            functools.partial(hsts.observe, host, list(values), now=now, secure_and_verified=True)
+            functools.partial(hsts.observe, host, list(values), now=now, secure_and_verified=True),
+            host=name,
         )
+
+    async def settled(self, host: str) -> None:
+        """Wait (at most :data:`_SETTLE_SECONDS`) until no STS write for ``host`` or a parent
+        domain is queued or running."""
+        if not self._pending:
+            return
+        name = try_normalize_host(host)
+        if name is None:
+            return
+        labels = name.split(".")
+        with trio.move_on_after(_SETTLE_SECONDS):
+            while any(".".join(labels[i:]) in self._pending for i in range(len(labels))):
+                await self._progress.wait()
 
     def recently_known(self, host: str, now: datetime) -> bool:
         """Did an STS header observed in the last minutes make ``host`` a Known HSTS Host?"""
@@ -118,11 +141,16 @@ class StateWriter:
                 return True
         return False
 
-    def submit(self, write: Callable[[], object]) -> None:
-        """Queue ``write``; runs it at once when no :meth:`run` task is serving the queue."""
+    def submit(self, write: Callable[[], object], *, host: str | None = None) -> None:
+        """Queue ``write``; runs it at once when no :meth:`run` task is serving the queue.
+
+        ``host``: the write is an STS observation for it (:meth:`settled` waits for it).
+        """
         if self._running:
             try:
-                self._send.send_nowait(write)
+                self._send.send_nowait((write, host))
+                if host is not None:
+                    self._pending[host] = self._pending.get(host, 0) + 1
                 return
             except trio.WouldBlock:
                 log.warning("state writes are queued faster than the store takes them")
@@ -135,18 +163,28 @@ class StateWriter:
             log.exception("a state write failed")
         self.written += 1
 
+    def _finished(self, host: str | None) -> None:
+        if host is not None:
+            left = self._pending.pop(host, 1) - 1
+            if left > 0:
+                self._pending[host] = left
+        self._progress.set()
+        self._progress = trio.Event()
+
     async def run(self) -> None:
         """Serve the queue until cancelled; then finish what is queued (in a shielded scope)."""
         self._running = True
         try:
-            async for write in self._receive:
+            async for write, host in self._receive:
                 await trio.to_thread.run_sync(self._call, write)
+                self._finished(host)
         finally:
             self._running = False
             with trio.CancelScope(shield=True), trio.move_on_after(5.0):
                 while True:
                     try:
-                        write = self._receive.receive_nowait()
+                        write, host = self._receive.receive_nowait()
                     except trio.WouldBlock:
                         break
                     await trio.to_thread.run_sync(self._call, write)
+                    self._finished(host)
