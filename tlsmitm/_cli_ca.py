@@ -168,6 +168,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     rotate.set_defaults(func=_rotate)
 
+    from ._cli_trust import register_actions
+
+    register_actions(actions, common)  # install, uninstall
+
     issue = actions.add_parser(
         "issue-node-intermediate",
         parents=[common, secret, token],
