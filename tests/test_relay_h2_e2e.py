@@ -132,6 +132,42 @@ async def test_an_http1_client_gets_http1_from_an_h2_origin(
     assert [r.relay for r in setup.records] == ["h2"]
 
 
+async def _h2_client(setup: Setup, port: int, *, auto_ack: bool = True) -> tuple[H2Peer, Any]:
+    raw = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
+    await raw.send_all(connect_line(HOST, port))
+    assert (await raw.receive_some(4096)).startswith(b"HTTP/1.1 200")
+    context = ssl.create_default_context(cafile=str(setup.root_pem))
+    context.set_alpn_protocols(["h2"])
+    tls = trio.SSLStream(raw, context, server_hostname=HOST)
+    await tls.do_handshake()
+    assert tls.selected_alpn_protocol() == "h2"
+    return H2Peer(tls, auto_ack=auto_ack), tls
+
+
+async def test_concurrent_h2_streams_to_an_http1_origin_use_several_verified_connections(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+    client, tls = await _h2_client(setup, origin.port)
+    nursery.start_soon(client.run)
+    authority = f"{HOST}:{origin.port}".encode()
+    results: list[Any] = []
+
+    async def one() -> None:
+        results.append((await client.request(b"/slow", authority=authority))[1])
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as inner:
+            for _ in range(6):
+                inner.start_soon(one)
+    assert [(r.status, bytes(r.body)) for r in results] == [(200, b"slow")] * 6
+    # The streams did not wait for each other on one HTTP/1.1 connection: the relay opened
+    # more, each through the verifier (the flow's record has one verified upstream).
+    assert 1 < origin.stats.connections <= 6
+    await trio.aclose_forcefully(tls)
+
+
 def _rss() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

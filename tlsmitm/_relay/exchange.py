@@ -505,9 +505,10 @@ class H1Upstream:
         try:
             await trio.sleep_forever()
         finally:
-            for conn in self._idle:
-                if conn.stream is not self.first:
-                    await trio.aclose_forcefully(conn.stream)
+            with trio.CancelScope(shield=True):  # (each close is forceful: it cannot block)
+                for conn in self._idle:
+                    if conn.stream is not self.first:
+                        await trio.aclose_forcefully(conn.stream)
 
     async def _acquire(self) -> _H1Conn:
         while True:
@@ -544,7 +545,8 @@ class H1Upstream:
                     self.on_gone()
             self._released.unpark_all()
             if not reusable:  # mid-message or told to close: this connection is done
-                await trio.aclose_forcefully(conn.stream)
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(conn.stream)
 
     async def _exchange(
         self, conn: _H1Conn, request: Request, body: BodySource | None, sink: ResponseSink

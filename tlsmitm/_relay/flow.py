@@ -129,6 +129,7 @@ class Flow:
         self._conn = conn
         self._client = client
         self._transparent = transparent
+        self._dial_host = ""  # the upstream's dialled host, once planned
 
     async def run(
         self,
@@ -257,6 +258,7 @@ class Flow:
     ) -> None:
         ix, conn, client = self._ix, self._conn, self._client
         name, port = upstream_plan.tls_name, upstream_plan.port
+        self._dial_host = upstream_plan.host
         if pooled is not None:
             upstream, verdict = pooled.stream, pooled.verdict
         else:
@@ -373,6 +375,21 @@ class Flow:
         else:
             await close(upstream)  # (close_notify first: the session stays resumable)
 
+    async def _another_upstream(self, dial: str, name: str, port: int) -> trio.abc.Stream:
+        """One more HTTP/1.1 connection to the same origin (an HTTP/2 client's concurrent
+        requests to an HTTP/1.1 origin), verified like the first: one that does not verify is
+        never used."""
+        ix = self._ix
+        probe = await ix._upstreams.probe(
+            await ix._upstreams.connect(dial, port), name, port, (b"http/1.1",)
+        )
+        if probe.verdict is None or not probe.verdict.ok:
+            await close(probe.stream)
+            raise UpstreamError(
+                f"another connection to {name}:{port} did not verify", reason="upstream_changed"
+            )
+        return probe.stream
+
     async def _relay(
         self,
         downstream: TLSStream,
@@ -412,6 +429,12 @@ class Flow:
             keep_upstream_alive=plan.poolable,
             scan=ix.config.scan,
             on_scan=functools.partial(note_scan, ix.stats, conn),
+            # Only a verified flow gets more upstream connections, each verified again.
+            open_upstream=(
+                functools.partial(self._another_upstream, self._dial_host, name, port)
+                if plan.record_sts
+                else None
+            ),
         )
         kind, reason = plan.relay, plan.splice_reason
         if plan.sniff:

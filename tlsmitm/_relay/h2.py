@@ -893,7 +893,11 @@ async def run_h2(job: RelayJob) -> RelayOutcome:
     client_h2 = _alpn(job.client) == b"h2" or job.to_upstream.startswith(_PREFACE_START)
     upstream_h2 = _alpn(job.upstream) == b"h2"
     flow = job.flow  # (the flow fills in which protocol each side speaks, from the plan)
-    upstream: Upstream = H2Upstream(job.upstream) if upstream_h2 else H1Upstream(job.upstream)
+    upstream: Upstream = (
+        H2Upstream(job.upstream)
+        if upstream_h2
+        else H1Upstream(job.upstream, connect=job.open_upstream)
+    )
     front: H2Front | H1Front
     if client_h2:
         front = H2Front(

@@ -65,6 +65,8 @@ class RelayJob:
         scan: the content scanners; a relay of HTTP holds every body until they answer
             (:mod:`.scanning`), ``None`` when nothing is scanned.
         on_scan: called with the report of every scanned body.
+        open_upstream: opens another verified HTTP/1.1 connection to the same origin (the
+            HTTP/2 relay's concurrent streams to an HTTP/1.1 origin); ``None``: none.
     """
 
     client: trio.abc.Stream
@@ -85,6 +87,7 @@ class RelayJob:
     stopping: trio.Event | None = None
     scan: ScanSettings | None = None
     on_scan: ScanCallback = log_decision
+    open_upstream: Callable[[], Awaitable[trio.abc.Stream]] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
