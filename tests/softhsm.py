@@ -37,6 +37,11 @@ class SoftToken:
 
     def generate_ec_key(self, label: str, key_id: str) -> None:
         """An EC P-256 key pair made inside the token (the private key is never outside it)."""
+        self.generate_key(label, key_id, "EC:prime256v1")
+
+    def generate_key(self, label: str, key_id: str, key_type: str) -> None:
+        """A key pair of ``key_type`` (pkcs11-tool's: ``EC:prime256v1``, ``rsa:2048``) made
+        inside the token."""
         tool = require_tool("pkcs11-tool")
         subprocess.run(
             [
@@ -50,7 +55,7 @@ class SoftToken:
                 PIN,
                 "--keypairgen",
                 "--key-type",
-                "EC:prime256v1",
+                key_type,
                 "--label",
                 label,
                 "--id",

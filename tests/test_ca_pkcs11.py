@@ -23,7 +23,7 @@ import trio.testing
 from ca_tls import handshake
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from origin import OriginStats, serve_tls, server_ssl_context
 from pki import DAY, NOW, good_hierarchy, issue, make_root
@@ -40,6 +40,7 @@ from tlsmitm._pkcs11 import (
     Pkcs11Uri,
     TokenAccess,
     TokenKey,
+    TokenRsaKey,
     find_module,
     open_token_key,
     parse_uri,
@@ -147,6 +148,7 @@ def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftToken]:
         made.generate_ec_key("second", "02")
         made.generate_ec_key("org", "03")
         made.generate_ec_key("node", "04")
+        made.generate_key("rsa", "06", "rsa:2048")
         yield made
 
 
@@ -196,13 +198,30 @@ def test_a_lost_session_is_reopened_and_a_closed_key_stays_closed(
     token: SoftToken, access: TokenAccess
 ) -> None:
     key = open_token_key(token.uri("second"), access)
-    key._session.close()  # what a restarted HSM or a re-inserted card does to a session
+    key._token._session.close()  # what a restarted HSM or a re-inserted card does to it
     signature = key.sign(b"after", ec.ECDSA(hashes.SHA256()))
     key.public_key().verify(signature, b"after", ec.ECDSA(hashes.SHA256()))
     key.close()
     with pytest.raises(ConfigurationError) as excinfo:
         key.sign(b"closed", ec.ECDSA(hashes.SHA256()))
     assert excinfo.value.reason == "pkcs11_token"
+
+
+def test_an_rsa_issuing_key_in_the_token_signs_leaves_too(
+    token: SoftToken, access: TokenAccess, tmp_path: Path
+) -> None:
+    key = open_token_key(token.uri("rsa"), access)
+    assert isinstance(key, TokenRsaKey)
+    assert key.key_size == 2048
+    with pytest.raises(TypeError):
+        key.sign(b"x", padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+    ca = CertificateAuthority.create(
+        tmp_path / "state", now=NOW, intermediate_key=token.uri("rsa"), token=access
+    )
+    assert ca.signs_in_token
+    leaf = CertForge(ca).leaf_for(HOST, now=NOW)
+    leaf.certificate.verify_directly_issued_by(ca.intermediate_certificate)  # RSA, by the token
+    handshake(leaf, ca.root_certificate, HOST, tmp_path)
 
 
 def test_leaves_minted_through_the_token_are_accepted_by_a_client_trusting_the_root(

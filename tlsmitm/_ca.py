@@ -35,7 +35,8 @@ Three variations (``docs/ca.rst``):
   issues one intermediate per node of a multi-node installation; each node imports its own, and
   a compromised one is revoked alone in the root's CRL.
 * **Keys in a PKCS#11 token** (:mod:`tlsmitm._pkcs11`): the intermediate's key (and, for root
-  operations, the root key) may be a :class:`~tlsmitm._pkcs11.TokenKey` named by an RFC 7512
+  operations, the root key) may be a :class:`~tlsmitm._pkcs11.TokenKey` (ECDSA) or
+  :class:`~tlsmitm._pkcs11.TokenRsaKey` named by an RFC 7512
   URI; ``ca.json`` records the URI, never a PIN, and no key file is written.
 
 On disk (see ``docs/ca.rst``), everything lives in ``<state_dir>/ca/``, a 0700 directory whose
@@ -75,7 +76,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from . import _der
 from ._errors import ConfigurationError
 from ._names import InvalidHostName, ip_address_of, is_same_or_subdomain, normalize_host
-from ._pkcs11 import TokenAccess, TokenKey, is_pkcs11_uri, open_token_key
+from ._pkcs11 import TOKEN_KEY_TYPES, TokenAccess, is_pkcs11_uri, open_token_key
 
 try:
     import fcntl
@@ -1325,7 +1326,7 @@ class CertificateAuthority:
             _write_atomic(ca_dir, cert_file, intermediate.public_bytes(pem))
             if chain:
                 _write_atomic(ca_dir, CHAIN_FILE, b"".join(c.public_bytes(pem) for c in chain))
-            if not isinstance(signing_key, TokenKey):
+            if not isinstance(signing_key, TOKEN_KEY_TYPES):
                 _write_atomic(ca_dir, key_file, _plain_private_key(signing_key))
             _write_atomic(ca_dir, ERROR_KEY_FILE, _plain_private_key(error_key))
             _write_atomic(ca_dir, ERROR_CERT_FILE, error.public_bytes(pem))
@@ -1484,12 +1485,12 @@ class CertificateAuthority:
     def intermediate_key_uri(self) -> str | None:
         """The PKCS#11 URI of the intermediate's key when it is in a token, else ``None``."""
         key = self._snapshot.intermediate.key
-        return str(key.uri) if isinstance(key, TokenKey) else None
+        return str(key.uri) if isinstance(key, TOKEN_KEY_TYPES) else None
 
     @property
     def signs_in_token(self) -> bool:
         """Whether leaves are signed through a PKCS#11 token (then mint off the event loop)."""
-        return isinstance(self._snapshot.intermediate.key, TokenKey)
+        return isinstance(self._snapshot.intermediate.key, TOKEN_KEY_TYPES)
 
     @property
     def node_intermediates(self) -> tuple[NodeIntermediate, ...]:
@@ -1626,7 +1627,7 @@ class CertificateAuthority:
         ):
             path = ca_dir / name
             key = self._snapshot.intermediate.key
-            if role == "intermediate" and isinstance(key, TokenKey):
+            if role == "intermediate" and isinstance(key, TOKEN_KEY_TYPES):
                 out.append(
                     KeyFileStatus(role=role, path=path, present=False, token_uri=str(key.uri))
                 )
@@ -1762,7 +1763,9 @@ class CertificateAuthority:
         """
         now = _utc_now_param(now)
         self._refuse_imported("rotate")
-        if intermediate_key is None and isinstance(self._snapshot.intermediate.key, TokenKey):
+        if intermediate_key is None and isinstance(
+            self._snapshot.intermediate.key, TOKEN_KEY_TYPES
+        ):
             raise ConfigurationError(
                 "the intermediate key is in a PKCS#11 token; say which token key the new "
                 "intermediate is for: ca rotate --ca-key 'pkcs11:...'",
@@ -1980,7 +1983,7 @@ class CertificateAuthority:
                 token; a ``pkcs11_*`` reason when the token key cannot be opened.
         """
         current = self._snapshot.intermediate.key
-        if isinstance(current, TokenKey) and str(current.uri) == uri:
+        if isinstance(current, TOKEN_KEY_TYPES) and str(current.uri) == uri:
             return
         other = open_token_key(uri, token)
         try:
@@ -1990,7 +1993,7 @@ class CertificateAuthority:
         if not same:
             where = (
                 f"the token key {current.uri}"
-                if isinstance(current, TokenKey)
+                if isinstance(current, TOKEN_KEY_TYPES)
                 else "a key file in the state directory"
             )
             raise ConfigurationError(
@@ -2107,7 +2110,7 @@ class CertificateAuthority:
             "sha256": snapshot.intermediate.fingerprint.hex(),
         }
         key = snapshot.intermediate.key
-        if isinstance(key, TokenKey):
+        if isinstance(key, TOKEN_KEY_TYPES):
             intermediate["key"] = str(key.uri)  # never a PIN: parse_uri refuses pin-value
         if metadata.get("origin") == "imported":
             intermediate["chain_sha256"] = [

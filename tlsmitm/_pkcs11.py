@@ -16,17 +16,18 @@ a small parser of our own (RFC 7512 §2.3 grammar); :func:`open_token_key` then
 3. finds exactly one private key matching ``object``/``id``, and its public key (the public
    key object with the same id or label), which is what certificates are built for.
 
-The result is a :class:`TokenKey`: an ``cryptography`` ``EllipticCurvePrivateKey`` whose
+The result is a :class:`TokenKey`: a ``cryptography`` ``EllipticCurvePrivateKey`` whose
 :meth:`~TokenKey.sign` hashes in Python and asks the token for a raw ECDSA signature
-(``CKM_ECDSA``). The private key never leaves the token: :meth:`~TokenKey.private_bytes` and
-:meth:`~TokenKey.private_numbers` refuse. Because it is a real ``EllipticCurvePrivateKey``,
+(``CKM_ECDSA``); or, for an RSA key, a :class:`TokenRsaKey` (an ``RSAPrivateKey``, PKCS #1
+v1.5 through ``CKM_SHA256_RSA_PKCS``). The private key never leaves the token:
+``private_bytes`` and ``private_numbers`` refuse. Because it is a real ``cryptography`` key,
 ``cryptography``'s builders (CRLs, intermediates) and :class:`~tlsmitm._forge.CertForge`'s DER
 templates sign through it without knowing.
 
-Only ECDSA keys on P-256 and P-384 are supported. A session is used by one thread at a time
-(PKCS#11 v2.40 §5.1.1 leaves concurrent use of one session to the module): signatures are
-serialised by a lock. A session that the token lost (re-inserted, restarted, logged out) is
-reopened once, with the same PIN source, and must still hold the same key.
+Keys are ECDSA on P-256 or P-384, or RSA of 2048 bits or more (CA/B BR §6.1.5). A session is
+used by one thread at a time (PKCS#11 v2.40 §5.1.1 leaves concurrent use of one session to the
+module): signatures are serialised by a lock. A session that the token lost (re-inserted,
+restarted, logged out) is reopened once, with the same PIN source, and must still hold the same key.
 """
 
 from __future__ import annotations
@@ -44,16 +45,20 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, utils
+from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
+from cryptography.hazmat.primitives.asymmetric.padding import AsymmetricPadding
 
 from ._errors import ConfigurationError
 
 __all__ = [
     "MODULE_ENV",
     "PIN_ENV",
+    "TOKEN_KEY_TYPES",
     "Pkcs11Uri",
     "TokenAccess",
     "TokenKey",
+    "TokenRsaKey",
     "find_module",
     "is_pkcs11_uri",
     "open_token_key",
@@ -61,6 +66,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("tlsmitm.pkcs11")
+
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 PIN_ENV = "TLSMITM_PKCS11_PIN"
 MODULE_ENV = "TLSMITM_PKCS11_MODULE"
@@ -404,12 +411,8 @@ def _token_error(what: str, exc: BaseException) -> NoReturn:
     raise ConfigurationError(f"{what}: the token said {detail}", reason="pkcs11_token") from exc
 
 
-class TokenKey(ec.EllipticCurvePrivateKey):
-    """An ECDSA private key held in a PKCS#11 token; signatures are made by the token.
-
-    Build one with :func:`open_token_key`. Thread-safe. The key material cannot be exported:
-    :meth:`private_bytes`, :meth:`private_numbers` and :meth:`exchange` raise ``TypeError``.
-    """
+class _TokenSession:
+    """One key's session with its token: serialised signatures, reopened once when lost."""
 
     def __init__(
         self,
@@ -418,27 +421,78 @@ class TokenKey(ec.EllipticCurvePrivateKey):
         module: Path,
         session: Any,
         key: Any,
-        public_key: ec.EllipticCurvePublicKey,
-        reconnect: Callable[[], tuple[Any, Any, ec.EllipticCurvePublicKey]] | None = None,
+        public_key: PublicKey,
+        reconnect: Callable[[], tuple[Any, Any, PublicKey]] | None,
     ) -> None:
-        self._uri = uri
-        self._module = module
+        self.uri = uri
+        self.module = module
+        self.public_key = public_key
         self._session = session
         self._key = key
-        self._public = public_key
         self._reconnect = reconnect
         self._closed = False
         self._lock = threading.Lock()
 
+    def sign(self, data: bytes, mechanism: Any) -> bytes:
+        from pkcs11.exceptions import PKCS11Error
+
+        with self._lock:
+            if self._closed:
+                raise ConfigurationError(
+                    f"the token key {self.uri} was closed", reason="pkcs11_token"
+                )
+            try:
+                return bytes(self._key.sign(data, mechanism=mechanism))
+            except PKCS11Error as exc:
+                if not isinstance(exc, _lost_session_errors()) or self._reconnect is None:
+                    _token_error(f"the token key {self.uri} could not sign", exc)
+                # The session is gone (the token was re-inserted, the HSM restarted, the
+                # module logged out): open a new one once, with the same PIN, and sign again.
+                log.warning("PKCS#11 session for %s lost (%s); reopening", self.uri, exc)
+                with contextlib.suppress(PKCS11Error):
+                    self._session.close()
+                session, key, public = self._reconnect()
+                if public != self.public_key:
+                    session.close()
+                    raise ConfigurationError(
+                        f"the token key {self.uri} is another key since it was opened",
+                        reason="pkcs11_key",
+                    ) from None
+                self._session, self._key = session, key
+                try:
+                    return bytes(self._key.sign(data, mechanism=mechanism))
+                except PKCS11Error as again:
+                    _token_error(f"the token key {self.uri} could not sign", again)
+
+    def close(self) -> None:
+        from pkcs11.exceptions import PKCS11Error
+
+        with self._lock, contextlib.suppress(PKCS11Error):  # a dead session is closed
+            self._closed = True
+            self._session.close()
+
+
+class TokenKey(ec.EllipticCurvePrivateKey):
+    """An ECDSA private key held in a PKCS#11 token; signatures are made by the token.
+
+    Build one with :func:`open_token_key`. Thread-safe. The key material cannot be exported:
+    :meth:`private_bytes`, :meth:`private_numbers` and :meth:`exchange` raise ``TypeError``.
+    """
+
+    def __init__(self, token: _TokenSession) -> None:
+        assert isinstance(token.public_key, ec.EllipticCurvePublicKey)
+        self._token = token
+        self._public = token.public_key
+
     @property
     def uri(self) -> Pkcs11Uri:
         """The URI the key was opened with."""
-        return self._uri
+        return self._token.uri
 
     @property
     def module(self) -> Path:
         """The module (shared library) serving the token."""
-        return self._module
+        return self._token.module
 
     @property
     def curve(self) -> ec.EllipticCurve:
@@ -458,43 +512,16 @@ class TokenKey(ec.EllipticCurvePrivateKey):
     ) -> bytes:
         """An ECDSA signature (DER, RFC 3279 §2.2.3) over ``data``, made by the token."""
         from pkcs11 import Mechanism
-        from pkcs11.exceptions import PKCS11Error
 
         if not isinstance(signature_algorithm, ec.ECDSA):
-            raise TypeError("a token key signs with ECDSA only")
+            raise TypeError("a token EC key signs with ECDSA only")
         algorithm = signature_algorithm.algorithm
         if isinstance(algorithm, utils.Prehashed):
             digest = bytes(data)
         else:
             digest = hashlib.new(algorithm.name, bytes(data)).digest()
-        with self._lock:
-            if self._closed:
-                raise ConfigurationError(
-                    f"the token key {self._uri} was closed", reason="pkcs11_token"
-                )
-            try:
-                # PKCS#11 v2.40 §2.3.6 CKM_ECDSA: the input is the hash; the output is r || s.
-                raw = self._key.sign(digest, mechanism=Mechanism.ECDSA)
-            except PKCS11Error as exc:
-                if not isinstance(exc, _lost_session_errors()) or self._reconnect is None:
-                    _token_error(f"the token key {self._uri} could not sign", exc)
-                # The session is gone (the token was re-inserted, the HSM restarted, the
-                # module logged out): open a new one once, with the same PIN, and sign again.
-                log.warning("PKCS#11 session for %s lost (%s); reopening", self._uri, exc)
-                with contextlib.suppress(PKCS11Error):
-                    self._session.close()
-                session, key, public = self._reconnect()
-                if public != self._public:
-                    session.close()
-                    raise ConfigurationError(
-                        f"the token key {self._uri} is another key since it was opened",
-                        reason="pkcs11_key",
-                    ) from None
-                self._session, self._key = session, key
-                try:
-                    raw = self._key.sign(digest, mechanism=Mechanism.ECDSA)
-                except PKCS11Error as again:
-                    _token_error(f"the token key {self._uri} could not sign", again)
+        # PKCS#11 v2.40 §2.3.6 CKM_ECDSA: the input is the hash; the output is r || s.
+        raw = self._token.sign(digest, Mechanism.ECDSA)
         half = len(raw) // 2
         return utils.encode_dss_signature(
             int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
@@ -527,14 +554,90 @@ class TokenKey(ec.EllipticCurvePrivateKey):
 
     def close(self) -> None:
         """Log out and close the session (the key cannot sign afterwards)."""
-        from pkcs11.exceptions import PKCS11Error
-
-        with self._lock, contextlib.suppress(PKCS11Error):  # a dead session is closed
-            self._closed = True
-            self._session.close()
+        self._token.close()
 
     def __repr__(self) -> str:
-        return f"<TokenKey {self._uri} curve={self.curve.name}>"
+        return f"<TokenKey {self.uri} curve={self.curve.name}>"
+
+
+class TokenRsaKey(rsa.RSAPrivateKey):
+    """An RSA private key (2048 bits or more) held in a PKCS#11 token; PKCS #1 v1.5 signatures
+    are made by the token (``CKM_SHA256_RSA_PKCS``, ``CKM_SHA384_RSA_PKCS``).
+
+    Build one with :func:`open_token_key`. Thread-safe. The key material cannot be exported.
+    """
+
+    def __init__(self, token: _TokenSession) -> None:
+        assert isinstance(token.public_key, rsa.RSAPublicKey)
+        self._token = token
+        self._public = token.public_key
+
+    @property
+    def uri(self) -> Pkcs11Uri:
+        """The URI the key was opened with."""
+        return self._token.uri
+
+    @property
+    def module(self) -> Path:
+        """The module (shared library) serving the token."""
+        return self._token.module
+
+    @property
+    def key_size(self) -> int:
+        return self._public.key_size
+
+    def public_key(self) -> rsa.RSAPublicKey:
+        return self._public
+
+    def sign(
+        self,
+        data: bytes | bytearray | memoryview,
+        padding: AsymmetricPadding,
+        algorithm: Any,
+    ) -> bytes:
+        """A PKCS #1 v1.5 signature (RFC 8017 §8.2) over ``data``, made by the token."""
+        from pkcs11 import Mechanism
+
+        if not isinstance(padding, asym_padding.PKCS1v15):
+            raise TypeError("a token RSA key signs with PKCS #1 v1.5 only")
+        mechanisms = {"sha256": Mechanism.SHA256_RSA_PKCS, "sha384": Mechanism.SHA384_RSA_PKCS}
+        if not isinstance(algorithm, hashes.HashAlgorithm) or algorithm.name not in mechanisms:
+            raise TypeError("a token RSA key signs SHA-256 or SHA-384 of the data")
+        return self._token.sign(bytes(data), mechanisms[algorithm.name])
+
+    def decrypt(self, ciphertext: bytes, padding: AsymmetricPadding) -> bytes:
+        raise TypeError("a token key is used for signatures only")
+
+    def private_numbers(self) -> rsa.RSAPrivateNumbers:
+        raise TypeError("the private key stays in the PKCS#11 token")
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        raise TypeError("the private key stays in the PKCS#11 token")
+
+    def __copy__(self) -> TokenRsaKey:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> TokenRsaKey:
+        return self
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a token key cannot be pickled")
+
+    def close(self) -> None:
+        """Log out and close the session (the key cannot sign afterwards)."""
+        self._token.close()
+
+    def __repr__(self) -> str:
+        return f"<TokenRsaKey {self.uri} bits={self.key_size}>"
+
+
+#: Every kind of token-held key (for ``isinstance``).
+TOKEN_KEY_TYPES = (TokenKey, TokenRsaKey)
 
 
 def _matches(want: dict[str, str], have: dict[str, str]) -> bool:
@@ -554,9 +657,27 @@ def _token_attributes(slot: Any, token: Any) -> dict[str, str]:
     }
 
 
-def _public_key_of(public: Any, uri: Pkcs11Uri) -> ec.EllipticCurvePublicKey:
-    from pkcs11 import Attribute
+def _public_key_of(public: Any, uri: Pkcs11Uri) -> PublicKey:
+    from pkcs11 import Attribute, KeyType
 
+    if public[Attribute.KEY_TYPE] == KeyType.RSA:
+        modulus = int.from_bytes(bytes(public[Attribute.MODULUS]), "big")
+        exponent = int.from_bytes(bytes(public[Attribute.PUBLIC_EXPONENT]), "big")
+        try:
+            rsa_key = rsa.RSAPublicNumbers(exponent, modulus).public_key()
+        except ValueError:
+            raise ConfigurationError(
+                f"the token's public key for {uri} is not a valid RSA key", reason="pkcs11_key"
+            ) from None
+        if rsa_key.key_size < 2048:  # CA/B BR §6.1.5
+            raise ConfigurationError(
+                f"the token key {uri} has {rsa_key.key_size} bits; tlsmitm signs with RSA keys "
+                "of 2048 bits or more",
+                reason="pkcs11_key",
+            )
+        return rsa_key
+    if public[Attribute.KEY_TYPE] != KeyType.EC:
+        raise ConfigurationError(f"the token key {uri} is neither EC nor RSA", reason="pkcs11_key")
     params = bytes(public[Attribute.EC_PARAMS])
     curve = _CURVES.get(params)
     if curve is None:
@@ -579,7 +700,9 @@ def _public_key_of(public: Any, uri: Pkcs11Uri) -> ec.EllipticCurvePublicKey:
         ) from None
 
 
-def open_token_key(uri: str | Pkcs11Uri, access: TokenAccess | None = None) -> TokenKey:
+def open_token_key(
+    uri: str | Pkcs11Uri, access: TokenAccess | None = None
+) -> TokenKey | TokenRsaKey:
     """Open the private key named by ``uri`` in its token (see the module docstring).
 
     Raises:
@@ -599,7 +722,7 @@ def open_token_key(uri: str | Pkcs11Uri, access: TokenAccess | None = None) -> T
     module = find_module(parsed, access.module)
     connect = functools.partial(_connect, parsed, module, access)
     session, key, public_key = connect()
-    token_key = TokenKey(
+    token = _TokenSession(
         uri=parsed,
         module=module,
         session=session,
@@ -607,14 +730,21 @@ def open_token_key(uri: str | Pkcs11Uri, access: TokenAccess | None = None) -> T
         public_key=public_key,
         reconnect=connect,
     )
+    token_key: TokenKey | TokenRsaKey
     # Prove the pair now rather than at the first mint: the token signs, we verify.
     probe = b"tlsmitm token key check"
     try:
-        public_key.verify(
-            token_key.sign(probe, ec.ECDSA(hashes.SHA256())), probe, ec.ECDSA(hashes.SHA256())
-        )
+        if isinstance(public_key, rsa.RSAPublicKey):
+            token_key = TokenRsaKey(token)
+            pkcs1 = asym_padding.PKCS1v15()
+            signature = token_key.sign(probe, pkcs1, hashes.SHA256())
+            public_key.verify(signature, probe, pkcs1, hashes.SHA256())
+        else:
+            token_key = TokenKey(token)
+            scheme = ec.ECDSA(hashes.SHA256())
+            public_key.verify(token_key.sign(probe, scheme), probe, scheme)
     except Exception as exc:
-        token_key.close()
+        token.close()
         if isinstance(exc, ConfigurationError):
             raise
         raise ConfigurationError(
@@ -624,9 +754,7 @@ def open_token_key(uri: str | Pkcs11Uri, access: TokenAccess | None = None) -> T
     return token_key
 
 
-def _connect(
-    parsed: Pkcs11Uri, module: Path, access: TokenAccess
-) -> tuple[Any, Any, ec.EllipticCurvePublicKey]:
+def _connect(parsed: Pkcs11Uri, module: Path, access: TokenAccess) -> tuple[Any, Any, PublicKey]:
     """Find the token, log in, find the key pair: ``(session, private key, public key)``."""
     import pkcs11
     from pkcs11 import Attribute, ObjectClass
