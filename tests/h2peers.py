@@ -293,8 +293,12 @@ async def origin_handler(peer: H2Peer, stream_id: int, ex: Exchange) -> None:
         for offset in range(0, size, len(block)):
             chunk = block[: min(len(block), size - offset)]
             await peer.send_body(stream_id, chunk, end=offset + len(chunk) >= size)
-    elif path == b"/eicar":
-        await peer.respond(stream_id, 200, b"virus: " + EICAR)
+    elif path == b"/eicar":  # a download: Content-Disposition attachment
+        attachment = [(b"content-disposition", b'attachment; filename="eicar.txt"')]
+        await peer.respond(stream_id, 200, b"virus: " + EICAR, headers=attachment)
+    elif path == b"/page":
+        page = b"<!doctype html><title>h2 page</title><p id=hello>hello over h2</p>"
+        await peer.respond(stream_id, 200, page, headers=[(b"content-type", b"text/html")])
     elif path == b"/sts":
         await peer.respond(
             stream_id, 200, b"sts", headers=[(b"strict-transport-security", b"max-age=600")]
