@@ -671,3 +671,20 @@ async def test_at_the_cap_an_idle_keep_alive_connection_is_shed_for_a_new_client
             while await idle.receive_some(4096):
                 pass
     await trio.aclose_forcefully(idle)
+
+
+def test_an_accept_outage_is_one_warning_not_an_internal_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    boundary = ErrorBoundary(logging.getLogger("tlsmitm.test.outage"), interval=60, clock=lambda: 0)
+    caplog.set_level(logging.DEBUG, logger="tlsmitm.test.outage")
+    for _ in range(5):
+        try:
+            raise OSError(errno.EMFILE, "Too many open files")
+        except OSError as exc:
+            boundary.report(exc, client="-", outage=True)
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1
+    assert lines[0].levelno == logging.WARNING
+    assert "Too many open files" in lines[0].getMessage()
+    assert "internal error" not in lines[0].getMessage()

@@ -87,8 +87,14 @@ class ErrorBoundary:
     reported: int = 0
     _causes: dict[str, _Cause] = field(default_factory=dict)
 
-    def report(self, exc: BaseException, *, client: str, where: str = "handling") -> None:
-        """Record that ``exc`` ended a connection from ``client``; never raises."""
+    def report(
+        self, exc: BaseException, *, client: str, where: str = "handling", outage: bool = False
+    ) -> None:
+        """Record that ``exc`` ended a connection from ``client``; never raises.
+
+        ``outage``: not a bug but the machine running out of something (descriptors, memory)
+        while accepting; logged at WARNING with what the proxy does about it.
+        """
         self.reported += 1
         try:
             frames = traceback.extract_tb(exc.__traceback__)
@@ -108,6 +114,14 @@ class ErrorBoundary:
             text = " ".join(str(exc)[: 4 * _MAX_MESSAGE].split())
             message = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
             message = message[:_MAX_MESSAGE]
+            if outage:
+                self.logger.warning(
+                    "cannot accept connections: %s; closing the oldest idle connection and "
+                    "backing off (raise the descriptor limit, or lower --max-connections)%s",
+                    message,
+                    repeats,
+                )
+                return
             self.logger.error(
                 "internal error while %s a connection from %s, closed it: %s: %s [%s]%s",
                 where,

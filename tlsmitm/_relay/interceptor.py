@@ -462,7 +462,7 @@ class Interceptor:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # Out of descriptors: make room, then back off (doubling, at most 1 s)
                     # instead of spinning on a listener that stays readable.
-                    self._boundary.report(exc, client="-", where="accepting")
+                    self._boundary.report(exc, client="-", outage=True)
                     shed_idle(self)
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, _ACCEPT_BACKOFF_MAX)
