@@ -35,7 +35,7 @@ import trio
 from .._errors import ClientError, UpstreamError
 from .._scan import ScanSettings
 from .h1_scan import exchange_scanned_request, scanned_response
-from .hooks import Block, BodyTap, FlowInfo, Headers, Hooks, Request, Response
+from .hooks import Block, BodyTap, FlowInfo, Headers, Hooks, Request, Response, overrides
 from .scanning import ScanCallback, log_decision, response_has_body
 from .state import FlowRecord
 
@@ -163,6 +163,13 @@ class HttpRelay:
         self._connection_bound_auth = False
         self.keep_alive_hint: float | None = None
         self._bodies = BodyTap(self.hooks, self.flow)
+        # Without a hook for a step, the step costs nothing: no await, no copy of the body.
+        self._hooked_requests = overrides(self.hooks, "on_request")
+        self._hooked_responses = overrides(self.hooks, "on_response")
+        self._request_bodies = self._bodies.sees_request_bodies
+        self._response_bodies = self._bodies.sees_response_bodies
+        # How late the idle deadline may fire (see _touch): 1 s, less for short timeouts.
+        self._deadline_slack = min(1.0, self.idle_timeout / 20)
         if self.initial_client_data:  # (receive_data(b"") would mean EOF to h11)
             self._down.receive_data(self.initial_client_data)
             self.counters.bytes_up += len(self.initial_client_data)
@@ -196,9 +203,18 @@ class HttpRelay:
     def _touch(self) -> None:
         # One cancel scope per relay whose deadline moves with every byte: a peer that stops
         # sending, or stops reading (backpressure that never ends), is dropped after
-        # idle_timeout -- at the cost of an attribute store per I/O, not a scope per I/O.
+        # idle_timeout. Moving a trio deadline costs about half a checkpoint, so the scope's
+        # deadline is set a little beyond the idle deadline and moved only when the idle
+        # deadline passes it (about once per _deadline_slack of activity, not once per I/O):
+        # an idle peer is dropped between idle_timeout and idle_timeout + slack after its last
+        # byte, never earlier. A head deadline is exact.
         deadline = trio.current_time() + self.idle_timeout
-        self._idle_scope.deadline = min(deadline, self._head_deadline or deadline)
+        scope, head = self._idle_scope, self._head_deadline
+        if head is not None and head < deadline + self._deadline_slack:
+            scope.deadline = min(deadline, head)
+            return
+        if not deadline <= scope.deadline <= deadline + self._deadline_slack:
+            scope.deadline = deadline + self._deadline_slack
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -235,7 +251,9 @@ class HttpRelay:
                 http_version=bytes(event.http_version),
             )
             self.counters.requests += 1
-            outcome = await self.hooks.on_request(self.flow, request)
+            outcome = (
+                await self.hooks.on_request(self.flow, request) if self._hooked_requests else None
+            )
             if isinstance(outcome, Block):
                 await self._answer_locally(outcome, request)
                 return None
@@ -319,7 +337,8 @@ class HttpRelay:
         await self.upstream.send_all(head)
         self._touch()
         if isinstance(first, h11.Data):
-            await self._bodies.request(request, bytes(first.data), end=False)
+            if self._request_bodies:
+                await self._bodies.request(request, bytes(first.data), end=False)
             await self._send(self._up, self.upstream, first)
         elif first is not h11.NEED_DATA:
             raise ClientError("client closed during the request", reason="client_gone")
@@ -337,10 +356,12 @@ class HttpRelay:
         while self._down.their_state is h11.SEND_BODY:
             event = await self._next_event(self._down, self.client, "client")
             if isinstance(event, h11.Data):
-                await self._bodies.request(request, bytes(event.data), end=False)
+                if self._request_bodies:
+                    await self._bodies.request(request, bytes(event.data), end=False)
                 await self._send(self._up, self.upstream, event)
             elif isinstance(event, h11.EndOfMessage):
-                await self._bodies.request(request, b"", end=True)
+                if self._request_bodies:
+                    await self._bodies.request(request, b"", end=True)
                 await self._send(self._up, self.upstream, event)
                 return
             elif isinstance(event, h11.ConnectionClosed):
@@ -406,7 +427,11 @@ class HttpRelay:
             return
         limit = self.hooks.body_limit
         if limit <= 0:
-            outcome = await self.hooks.on_response(self.flow, request, response)
+            outcome = (
+                await self.hooks.on_response(self.flow, request, response)
+                if self._hooked_responses
+                else None
+            )
             head = await self._response_outcome(
                 outcome, response, request, buffered=b"", parsed=parsed
             )
@@ -493,7 +518,9 @@ class HttpRelay:
                 continue
             if not isinstance(event, h11.Data | h11.EndOfMessage):
                 raise UpstreamError("origin closed during the response", reason="upstream_gone")
-            if isinstance(event, h11.Data):
+            if not self._response_bodies:
+                pass
+            elif isinstance(event, h11.Data):
                 await self._bodies.response(request, response, bytes(event.data), end=False)
             else:
                 await self._bodies.response(request, response, b"", end=True)

@@ -225,6 +225,16 @@ class BodyTap:
             out += decoder.finish()
         return b"".join(out)
 
+    @property
+    def sees_request_bodies(self) -> bool:
+        """Whether :meth:`request` calls a hook (otherwise a relay can skip it entirely)."""
+        return self._requests
+
+    @property
+    def sees_response_bodies(self) -> bool:
+        """Whether :meth:`response` calls a hook (otherwise a relay can skip it entirely)."""
+        return self._responses
+
     async def request(self, request: Request, chunk: bytes, *, end: bool) -> None:
         """Show ``chunk`` of ``request``'s body to the hooks, before it is forwarded."""
         if self._requests:

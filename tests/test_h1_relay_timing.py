@@ -1,0 +1,152 @@
+"""The HTTP/1.1 relay's idle deadline and its hook-free path, over memory streams.
+
+The relay moves its trio deadline lazily (once per ``_deadline_slack`` of activity instead of once
+per I/O); these tests pin what that may and may not change, on trio's mock clock.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from tlsmitm._errors import ClientError
+from tlsmitm._relay.h1 import HttpRelay, run_relay
+from tlsmitm._relay.hooks import Block, FlowInfo, Hooks, Request, Response
+
+IDLE = 10.0
+REQUEST = b"GET /x HTTP/1.1\r\nHost: example.org\r\n\r\n"
+FLOW = FlowInfo(client="127.0.0.1:1", host="example.org", port=443, verified=True)
+
+
+async def _no_block(_block: Block, _target: bytes) -> tuple[int, bytes, tuple[()], bytes]:
+    raise AssertionError("nothing is blocked here")
+
+
+def _relay(
+    client: trio.abc.Stream, upstream: trio.abc.Stream, hooks: Hooks | None = None
+) -> HttpRelay:
+    sts: list[list[bytes]] = []
+    return HttpRelay(
+        client=client,
+        upstream=upstream,
+        flow=FLOW,
+        hooks=hooks or Hooks(),
+        on_sts=lambda values: sts.append(list(values)),
+        answer_block=_no_block,
+        idle_timeout=IDLE,
+    )
+
+
+async def _read_head(stream: trio.abc.Stream) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await stream.receive_some()
+    return data
+
+
+async def test_a_stalled_origin_is_dropped_after_idle_timeout_never_before(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, relay_client = trio.testing.memory_stream_pair()
+    relay_upstream, origin = trio.testing.memory_stream_pair()
+    relay = _relay(relay_client, relay_upstream)
+    last_byte = 0.0
+    failed_at: list[float] = []
+
+    async def run() -> None:
+        with pytest.raises(trio.TooSlowError):
+            await run_relay(relay)
+        failed_at.append(trio.current_time())
+
+    async def serve() -> None:
+        nonlocal last_byte
+        await _read_head(origin)
+        await origin.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        # Activity keeps the exchange alive well past idle_timeout: the deadline moves.
+        for _ in range(5):
+            await trio.sleep(IDLE * 0.9)
+            await origin.send_all(b"z")
+        last_byte = trio.current_time()
+        await trio.sleep_forever()  # then the origin stalls mid-body
+
+    with trio.fail_after(200):  # mock time: a deadline that never moved fails here, not hangs
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            nursery.start_soon(serve)
+            await client.send_all(REQUEST)
+            received = b""
+            while received.count(b"z") < 5:
+                received += await client.receive_some()
+            while not failed_at:
+                await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+    stalled_for = failed_at[0] - last_byte
+    assert IDLE <= stalled_for <= IDLE + relay._deadline_slack + 0.01
+
+
+async def test_a_head_deadline_is_exact_while_the_idle_deadline_is_lazy(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, relay_client = trio.testing.memory_stream_pair()
+    relay_upstream, _origin = trio.testing.memory_stream_pair()
+    relay = _relay(relay_client, relay_upstream)
+    relay.head_timeout = 3.0
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, b"GET /x HTTP/1.1\r\n")  # the head never ends
+            started = trio.current_time()
+            with pytest.raises(ClientError) as info:
+                await run_relay(relay)
+            assert trio.current_time() - started == pytest.approx(3.0)
+            nursery.cancel_scope.cancel()
+    assert info.value.reason == "head_timeout"
+
+
+class _Counting(Hooks):
+    def __init__(self) -> None:
+        self.requests = 0
+        self.responses = 0
+
+    async def on_request(self, flow: FlowInfo, request: Request) -> None:
+        self.requests += 1
+
+    async def on_response(self, flow: FlowInfo, request: Request, response: Response) -> None:
+        self.responses += 1
+
+
+@pytest.mark.parametrize("hooks", [None, "counting"])
+async def test_keep_alive_exchanges_with_and_without_hooks(hooks: str | None) -> None:
+    """Hooks that are set see every exchange; without them the same bytes pass unchanged."""
+    counting = _Counting() if hooks else None
+    client, relay_client = trio.testing.memory_stream_pair()
+    relay_upstream, origin = trio.testing.memory_stream_pair()
+    relay = _relay(relay_client, relay_upstream, counting)
+    response = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+        b"Strict-Transport-Security: max-age=60\r\n\r\nhello"
+    )
+    seen_sts: list[list[bytes]] = []
+    relay.on_sts = lambda values: seen_sts.append(list(values))
+
+    async def serve() -> None:
+        for _ in range(3):
+            head = await _read_head(origin)
+            assert head.startswith(b"GET /x HTTP/1.1\r\n")
+            await origin.send_all(response)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_relay, relay)
+            nursery.start_soon(serve)
+            for _ in range(3):
+                await client.send_all(REQUEST)
+                received = b""
+                while not received.endswith(b"hello"):
+                    received += await client.receive_some()
+                assert received == response  # forwarded as the origin sent it
+            nursery.cancel_scope.cancel()
+    assert seen_sts == [[b"max-age=60"]] * 3  # STS is recorded with or without hooks
+    assert relay.counters.requests == 3
+    if counting is not None:
+        assert (counting.requests, counting.responses) == (3, 3)
