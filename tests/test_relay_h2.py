@@ -23,7 +23,7 @@ from h2peers import Exchange, H2Peer, origin_handler, pattern
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 from origin import EICAR, OriginStats, serve_http
 
-from tlsmitm._errors import ClientError
+from tlsmitm._errors import ClientError, TlsMitmError
 from tlsmitm._relay.exchange import H1Front, H1Upstream
 from tlsmitm._relay.h2 import H2Front, H2Upstream
 from tlsmitm._relay.h2_rules import (
@@ -178,7 +178,7 @@ async def relay(
         async def run_front() -> None:
             try:
                 await front.run()
-            except ClientError as exc:
+            except TlsMitmError as exc:  # (ClientError, or a body hook's block)
                 setup.front_error.append(exc)
             finally:
                 setup.front_done.set()
@@ -643,6 +643,22 @@ async def test_body_hooks_see_every_byte_over_h2() -> None:
     assert bytes(hooks.request_body) == payload
     assert bytes(hooks.response_body) == payload
     assert sorted(hooks.ends) == ["request", "response"]
+
+
+class BodyBlocker(RecordingHooks):
+    async def on_response_body(
+        self, flow: FlowInfo, request: Request, response: Response, chunk: bytes, *, end: bool
+    ) -> Block | None:
+        return Block(title="no", explanation="body") if b"virus" in chunk else None
+
+
+async def test_a_body_hook_block_closes_the_connection() -> None:
+    async with relay(upstream="h2", hooks=BodyBlocker()) as s:
+        _, ex = await s.client.request(b"/eicar")
+        with trio.fail_after(10):
+            await s.front_done.wait()
+        assert [getattr(e, "reason", None) for e in s.front_error] == ["blocked_in_body"]
+        assert EICAR not in bytes(ex.body)
 
 
 # -- HTTP/1.1 client, HTTP/2 origin -------------------------------------------------------------

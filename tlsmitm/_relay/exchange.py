@@ -518,6 +518,16 @@ class H1Upstream:
                 self._open += 1
                 try:
                     return _H1Conn(await self.connect())
+                except UpstreamError as exc:
+                    # Another connection failed (did not verify, refused): never answered
+                    # here, inside the site's origin. The client's connection goes away and the
+                    # request is refused, so the client retries on a connection of its own,
+                    # where the whole flow (and its error page) applies.
+                    self._open -= 1
+                    self.connect = None
+                    self.max_connections = 1
+                    self.on_gone()
+                    raise Refused(str(exc)) from exc
                 except BaseException:
                     self._open -= 1
                     raise

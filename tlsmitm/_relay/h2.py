@@ -53,7 +53,7 @@ import h2.settings
 import trio
 from hyperframe.frame import GoAwayFrame
 
-from .._errors import ClientError, UpstreamError
+from .._errors import ClientError, TlsMitmError, UpstreamError
 from .._scan import ScanSettings
 from .exchange import (
     MAX_INFORMATIONAL,
@@ -437,7 +437,7 @@ class H2Front:
             await self._run()
         except BaseExceptionGroup as group:
             leaf = leaf_exception(group)
-            if isinstance(leaf, ClientError | UpstreamError):
+            if isinstance(leaf, TlsMitmError):  # (ClientError, UpstreamError, blocked_in_body)
                 raise leaf from group
             raise
 
@@ -936,7 +936,7 @@ async def run_h2(job: RelayJob) -> RelayOutcome:
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         leaf = leaf_exception(group)
-        if isinstance(leaf, ClientError | UpstreamError):
+        if isinstance(leaf, TlsMitmError):  # (ClientError, UpstreamError, blocked_in_body)
             raise leaf from group
         raise
     finally:
