@@ -688,3 +688,41 @@ def test_an_accept_outage_is_one_warning_not_an_internal_error(
     assert lines[0].levelno == logging.WARNING
     assert "Too many open files" in lines[0].getMessage()
     assert "internal error" not in lines[0].getMessage()
+
+
+async def test_pipelined_requests_are_limited(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    from origin import OriginStats, serve_http
+
+    from tlsmitm._relay.h1 import MAX_PIPELINED
+
+    stats = OriginStats()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await serve_http(stream, stats)
+
+    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    origin_port = listeners[0].socket.getsockname()[1]
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+    one = f"GET http://127.0.0.1:{origin_port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    answer = await ask(setup, one * 3 * MAX_PIPELINED)  # all in one send
+    # Served in order up to the limit, then the connection ends: never 192 upstream exchanges.
+    assert answer.count(b"HTTP/1.1 200 ") == MAX_PIPELINED
+    assert len(stats.requests) == MAX_PIPELINED
+    await settle(setup)
+    assert setup.records[-1].reason == "pipelined_limit"
+
+    # Requests that wait for their answers (keep-alive, not pipelined) are not limited.
+    def keep_alive() -> int:
+        answered = 0
+        with socket.create_connection(("127.0.0.1", setup.proxy_port), timeout=10) as s:
+            for _ in range(MAX_PIPELINED + 5):
+                s.sendall(one)
+                data = b""
+                while b"hello" not in data:
+                    data += s.recv(4096)
+                answered += 1
+        return answered
+
+    assert await trio.to_thread.run_sync(keep_alive) == MAX_PIPELINED + 5

@@ -39,7 +39,10 @@ from .hooks import Block, BodyTap, FlowInfo, Headers, Hooks, Request, Response, 
 from .scanning import ScanCallback, log_decision, response_has_body
 from .state import FlowRecord
 
-__all__ = ["BlockAnswer", "HttpRelay", "StsCallback", "Switched", "run_relay"]
+#: Requests in a row a client may send before reading the previous answers (pipelining).
+MAX_PIPELINED = 64
+
+__all__ = ["MAX_PIPELINED", "BlockAnswer", "HttpRelay", "StsCallback", "Switched", "run_relay"]
 
 _RECEIVE_SIZE = 128 * 1024
 _MAX_INCOMPLETE_EVENT = 64 * 1024  # bound on a request/response head
@@ -158,6 +161,7 @@ class HttpRelay:
         self._up = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_INCOMPLETE_EVENT)
         self._idle_scope = trio.CancelScope()
         self._head_deadline: float | None = None
+        self._pipelined = 0  # requests in a row whose head was here before the previous ended
         self._awaiting_request = True
         self._ended_between_requests = False
         self._connection_bound_auth = False
@@ -571,8 +575,19 @@ def _await_request(relay: HttpRelay, awaiting: bool) -> None:
     relay._head_deadline = None
     if relay.record is not None:
         relay.record.idle_since = trio.current_time() if awaiting else None
-    if awaiting and relay._down.trailing_data[0]:
-        _head_began(relay)  # pipelined bytes are here already: the next head has begun
+    if not awaiting:
+        return
+    if not relay._down.trailing_data[0]:
+        relay._pipelined = 0
+        return
+    # Pipelined bytes are here already: the next head has begun. A client may pipeline, but not
+    # without end (issue 15: 3,000 requests in one send); each costs an upstream exchange.
+    relay._pipelined += 1
+    if relay._pipelined > MAX_PIPELINED:
+        raise ClientError(
+            f"more than {MAX_PIPELINED} pipelined requests in a row", reason="pipelined_limit"
+        )
+    _head_began(relay)
 
 
 def _raise_if_a_head_timed_out(relay: HttpRelay) -> None:
