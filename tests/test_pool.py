@@ -60,6 +60,18 @@ def test_a_first_visit_is_not_kept_a_return_within_the_window_is() -> None:
     assert pool.put(_key(), _entry(later, 300), now=111 + REPEAT_WINDOW + 1) == [later]
 
 
+def test_would_keep_says_no_to_a_first_visit_and_notes_it() -> None:
+    pool = UpstreamPool(max_idle=10, max_per_key=4, idle_seconds=5)
+    assert not pool.would_keep(_key(), now=100)  # first visit: relayed as without a pool
+    assert pool.would_keep(_key(), now=110)  # a return within the window
+    assert not pool.would_keep(_key(host="b.test", sni="b.test"), now=110)  # another key
+    assert pool.put(_key(), _entry(_Stream("kept"), 115), now=111) == []
+    assert not pool.would_keep(_key(), now=111 + REPEAT_WINDOW + 1)  # the window passed
+    off = UpstreamPool(max_idle=0, max_per_key=4, idle_seconds=5)
+    assert not off.would_keep(_key(), now=100)
+    assert not off.would_keep(_key(), now=101)
+
+
 def test_take_returns_the_newest_live_connection_and_drops_dead_ones() -> None:
     pool = UpstreamPool(max_idle=10, max_per_key=4, idle_seconds=5)
     old, dead = _Stream("old"), _Stream("dead", idle=False)

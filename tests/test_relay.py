@@ -1063,6 +1063,37 @@ async def test_a_client_reconnecting_gets_the_kept_upstream_connection(
     assert [(r.decision, r.verdict) for r in setup.records[-4:]] == [("intercept", "ok")] * 4
 
 
+async def test_a_first_visit_is_relayed_as_without_a_pool(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    """A client's Connection: close reaches the origin on a first visit (nothing will be kept);
+    from the second visit on it applies to the client's hop only and the upstream is kept."""
+    origin = await start_origin(nursery, tmp_path, hierarchy)
+    setup = await start_proxy(nursery, tmp_path, hierarchy)
+
+    def visit() -> None:
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", setup.proxy_port, context=setup.client_context(), timeout=20
+        )
+        conn.set_tunnel(HOST, origin.port)
+        try:
+            conn.request("GET", "/", headers={"Connection": "close"})
+            assert conn.getresponse().read()
+        finally:
+            conn.close()
+
+    for _ in range(3):
+        await trio.to_thread.run_sync(visit)
+        await settle(setup)
+    closes = [
+        any(k.lower() == b"connection" and v.lower() == b"close" for k, v in headers)
+        for headers in origin.stats.headers
+    ]
+    assert closes == [True, False, False]
+    assert origin.stats.connections == 2  # the second visit's upstream served the third
+    assert setup.interceptor.stats.upstream_reused == 1
+
+
 async def test_an_upstream_that_closed_while_idle_is_not_reused(
     nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
 ) -> None:

@@ -321,7 +321,8 @@ async def test_a_clients_connection_close_ends_its_own_hop_only(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     # RFC 9110 §7.6.1: Connection is hop-by-hop. The client's hop closes after the response;
-    # the upstream hop is kept for the client's next connection.
+    # the upstream hop is kept for the client's next connection -- from the second visit on.
+    # A first visit's upstream is not kept, so it is relayed as without a pool (close sent).
     interceptor, client_context, stats, dialed, _ = _build(tmp_path, nursery)
     await _one_request(interceptor, client_context, extra_headers="Connection: close\r\n")
     second = await _one_request(
@@ -332,7 +333,7 @@ async def test_a_clients_connection_close_ends_its_own_hop_only(
     assert dialed == [(HOST, 443)] * 2
     assert interceptor.stats.upstream_reused == 1
     forwarded = [dict(headers).get(b"connection") for headers in stats.headers]
-    assert forwarded == [None, b"keep-alive", None]
+    assert forwarded == [b"close", b"keep-alive", None]
     await interceptor.close_idle_upstreams()
 
 

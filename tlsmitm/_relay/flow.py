@@ -298,7 +298,7 @@ class Flow:
             action=action,
             upstream_alpn=upstream.selected_alpn(),
             relays=RELAYS.available(),
-            pool_enabled=ix._pool.enabled,
+            pool_enabled=ix._pool.would_keep(key, trio.current_time()),
         )
         conn.decide(plan.decision, plan.reason)
         self._count(plan)

@@ -245,7 +245,8 @@ def plan_connection(
         action: :meth:`ErrorResponder.plan`'s action (HSTS knowledge is in it).
         upstream_alpn: the ALPN protocol the upstream selected (``None``: none).
         relays: the relays registered.
-        pool_enabled: the interceptor keeps idle upstream connections at all.
+        pool_enabled: the pool would keep this upstream connection after a clean end (pooling
+            is on and this is not a first visit: :meth:`UpstreamPool.would_keep`).
 
     Raises:
         ValueError: the verdict and the action contradict each other.

@@ -140,6 +140,16 @@ class UpstreamPool:
             return None
         return now + seconds
 
+    def would_keep(self, key: PoolKey, now: float) -> bool:
+        """Would a connection for ``key`` be kept after this visit? Notes ``key`` as seen now.
+
+        Asked before relaying: when the answer is no (pooling is off, or this is a first visit
+        in :data:`REPEAT_WINDOW`), the relay treats the upstream connection exactly as without
+        a pool -- the client's ``Connection: close`` goes upstream, its head is forwarded as
+        parsed -- so a miss costs nothing the pool would not use.
+        """
+        return self.enabled and self._seen_recently(key, now)
+
     def put(self, key: PoolKey, entry: PooledUpstream, now: float) -> list[TLSStream]:
         """Keep ``entry``; returns the connections that expired or no longer fit.
 
