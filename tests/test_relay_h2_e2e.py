@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import hashlib
 import ssl
 from concurrent.futures import ThreadPoolExecutor
@@ -23,11 +25,15 @@ from test_relay import (
     EicarBlocker,
     Origin,
     Setup,
+    _expired_leaf,
     connect_line,
+    https_via_proxy,
     settle,
     start_origin,
     start_proxy,
 )
+
+from tlsmitm._responder import ErrorResponder
 
 pytestmark = pytest.mark.e2e
 
@@ -280,3 +286,43 @@ async def test_grpc_unary_and_streaming_calls_through_the_proxy(
     assert [target for _, target in hooks.seen] == [b"/test.Echo/Unary", b"/test.Echo/Stream"]
     await settle(setup)
     assert [r.relay for r in setup.records] == ["h2"]
+
+
+@pytest.mark.parametrize("learned_over", ["h2-origin", "no-alpn-origin"])
+async def test_sts_learned_over_h2_or_without_alpn_stops_a_later_override(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy, learned_over: str
+) -> None:
+    bad = await start_origin(nursery, tmp_path, hierarchy, _expired_leaf(hierarchy))
+    setup = await start_proxy(
+        nursery, tmp_path, hierarchy, responder=ErrorResponder(profile="page")
+    )
+    if learned_over == "h2-origin":
+        port = await start_h2_origin(nursery, tmp_path, hierarchy)
+
+        def learn() -> None:
+            with _httpx(setup) as http:
+                response = http.get(f"https://{HOST}:{port}/sts")
+                assert (response.http_version, response.status_code) == ("HTTP/2", 200)
+
+    else:
+        no_alpn = await start_origin(nursery, tmp_path, hierarchy, alpn=())
+
+        def learn() -> None:
+            assert https_via_proxy(setup, no_alpn.port, [("GET", "/hsts", None)])[0][0] == 200
+
+    await trio.to_thread.run_sync(learn)
+    now = dt.datetime.now(dt.UTC)
+    with trio.fail_after(10):  # (written by the state writer, after the response)
+        while not setup.interceptor.hsts.is_known_host(HOST, now=now):
+            await trio.sleep(0.01)
+    results = await trio.to_thread.run_sync(
+        functools.partial(https_via_proxy, setup, bad.port, [("GET", "/", None)])
+    )
+    status, headers, _ = results[0]
+    assert status == 303
+    path = headers["location"][len("https://error.invalid") :]
+    page = await trio.to_thread.run_sync(
+        functools.partial(https_via_proxy, setup, 443, [("GET", path, None)], host="error.invalid")
+    )
+    assert b"/override" not in page[0][2]  # a known HSTS host: a block page, no override
+    assert bad.stats.requests == []
