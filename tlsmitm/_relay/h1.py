@@ -205,20 +205,7 @@ class HttpRelay:
             self._touch()
 
     def _touch(self) -> None:
-        # One cancel scope per relay whose deadline moves with every byte: a peer that stops
-        # sending, or stops reading (backpressure that never ends), is dropped after
-        # idle_timeout. Moving a trio deadline costs about half a checkpoint, so the scope's
-        # deadline is set a little beyond the idle deadline and moved only when the idle
-        # deadline passes it (about once per _deadline_slack of activity, not once per I/O):
-        # an idle peer is dropped between idle_timeout and idle_timeout + slack after its last
-        # byte, never earlier. A head deadline is exact.
-        deadline = trio.current_time() + self.idle_timeout
-        scope, head = self._idle_scope, self._head_deadline
-        if head is not None and head < deadline + self._deadline_slack:
-            scope.deadline = min(deadline, head)
-            return
-        if not deadline <= scope.deadline <= deadline + self._deadline_slack:
-            scope.deadline = deadline + self._deadline_slack
+        _move_deadline(self)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -348,30 +335,13 @@ class HttpRelay:
             raise ClientError("client closed during the request", reason="client_gone")
         result: list[Switched | None] = [None]
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._forward_request_body, request)
+            nursery.start_soon(_forward_request_body, self, request)
             result[0] = await self._forward_response(request, nursery.cancel_scope)
             if self._down.their_state is not h11.DONE:
                 # The origin answered before the request body was complete: stop reading it;
                 # the run loop sees the unfinished cycle and closes the connection.
                 nursery.cancel_scope.cancel()
         return result[0]
-
-    async def _forward_request_body(self, request: Request) -> None:
-        while self._down.their_state is h11.SEND_BODY:
-            event = await self._next_event(self._down, self.client, "client")
-            if isinstance(event, h11.Data):
-                if self._request_bodies:
-                    await self._bodies.request(request, bytes(event.data), end=False)
-                await self._send(self._up, self.upstream, event)
-            elif isinstance(event, h11.EndOfMessage):
-                if self._request_bodies:
-                    await self._bodies.request(request, b"", end=True)
-                await self._send(self._up, self.upstream, event)
-                return
-            elif isinstance(event, h11.ConnectionClosed):
-                raise ClientError("client closed during the request body", reason="client_gone")
-            else:  # pragma: no cover - h11 emits nothing else in SEND_BODY
-                raise ClientError(f"unexpected {type(event).__name__}", reason="bad_http")
 
     async def _forward_response(
         self, request: Request, request_scope: trio.CancelScope
@@ -567,6 +537,44 @@ def _replaced_events(response: Response) -> list[Any]:
 
 class _Blocked(Exception):
     """A hook blocked or replaced a response: the connection ends after the answer."""
+
+
+async def _forward_request_body(relay: HttpRelay, request: Request) -> None:
+    """The client's request body to the origin (and to body hooks), to its end."""
+    while relay._down.their_state is h11.SEND_BODY:
+        event = await relay._next_event(relay._down, relay.client, "client")
+        if isinstance(event, h11.Data):
+            if relay._request_bodies:
+                await relay._bodies.request(request, bytes(event.data), end=False)
+            await relay._send(relay._up, relay.upstream, event)
+        elif isinstance(event, h11.EndOfMessage):
+            if relay._request_bodies:
+                await relay._bodies.request(request, b"", end=True)
+            await relay._send(relay._up, relay.upstream, event)
+            return
+        elif isinstance(event, h11.ConnectionClosed):
+            raise ClientError("client closed during the request body", reason="client_gone")
+        else:  # pragma: no cover - h11 emits nothing else in SEND_BODY
+            raise ClientError(f"unexpected {type(event).__name__}", reason="bad_http")
+
+
+def _move_deadline(relay: HttpRelay) -> None:
+    """Progress was made: push the relay's idle deadline (a head deadline stays put).
+
+    One cancel scope per relay whose deadline moves with every byte: a peer that stops sending,
+    or stops reading (backpressure that never ends), is dropped after idle_timeout. Moving a trio
+    deadline costs about half a checkpoint, so the scope's deadline is set a little beyond the
+    idle deadline and moved only when the idle deadline passes it (about once per
+    _deadline_slack of activity, not once per I/O): an idle peer is dropped between idle_timeout
+    and idle_timeout + slack after its last byte, never earlier. A head deadline is exact.
+    """
+    deadline = trio.current_time() + relay.idle_timeout
+    scope, head = relay._idle_scope, relay._head_deadline
+    if head is not None and head < deadline + relay._deadline_slack:
+        scope.deadline = min(deadline, head)
+        return
+    if not deadline <= scope.deadline <= deadline + relay._deadline_slack:
+        scope.deadline = deadline + relay._deadline_slack
 
 
 def _await_request(relay: HttpRelay, awaiting: bool) -> None:

@@ -83,7 +83,7 @@ async def exchange_scanned_request(
         return await relay._forward_response(request, trio.CancelScope())
     result: list[Switched | None] = [None]
     async with trio.open_nursery() as nursery:  # unscanned (--scan-failure open): stream on
-        nursery.start_soon(relay._forward_request_body, request)
+        nursery.start_soon(_h1._forward_request_body, relay, request)
         result[0] = await relay._forward_response(request, nursery.cancel_scope)
         if relay._down.their_state is not h11.DONE:
             nursery.cancel_scope.cancel()
