@@ -84,9 +84,10 @@ class Plan:
     Attributes:
         mode: ``quick`` or ``full``.
         seconds: length of each connection-setup and latency measurement.
-        repeats: how often each connection-setup and latency measurement is repeated; the
-            peers take turns (so a change in the shared machine's load hits all of them) and
-            the median is reported.
+        repeats: how often each measurement is repeated (rounds); for connection setup and
+            latency the peers take turns, round by round (A, B, A, B...: a change in the
+            shared machine's load hits all of them), and the median is reported with the
+            smallest and largest round beside it.
         bulk_size: bytes of each bulk download and upload.
         held_counts: connections held open (each count a fresh peer).
         held_counts_slow: the same for the peers that open connections slowly (mitmproxy,
@@ -122,7 +123,7 @@ QUICK = Plan(
 FULL = Plan(
     mode="full",
     seconds=2.5,
-    repeats=3,
+    repeats=5,
     bulk_size=256 * MiB,
     held_counts=(1000, 10_000),
     held_counts_slow=(1000,),
@@ -167,7 +168,9 @@ class RunResult:
 
 
 def _log(message: str) -> None:
-    print(f"benchmarks: {message}", file=sys.stderr, flush=True)
+    # The load average on every line: a figure taken on a busy machine is visible as such.
+    load = os.getloadavg()[0]
+    print(f"benchmarks [load {load:.1f}]: {message}", file=sys.stderr, flush=True)
 
 
 def _first_line(command: list[str]) -> str:
@@ -257,12 +260,21 @@ class _Measurer:
         return running
 
     def _guard(self, running: Running, scenario: str, body: Callable[[], None]) -> None:
-        try:
-            body()
-        except Exception as exc:  # one scenario failing must not end the run: report it
-            self.record.failures[scenario] = f"{type(exc).__name__}: {exc}"
-            self.record.status = "partial"
-            _log(f"[{self.record.label}] {scenario} failed:\n{traceback.format_exc()}")
+        """Run one measurement; a failure is retried once, and reported either way."""
+        for attempt in (1, 2):
+            try:
+                body()
+            except Exception as exc:  # one scenario failing must not end the run: report it
+                failure = f"{type(exc).__name__}: {exc}"
+                _log(f"[{self.record.label}] {scenario} failed:\n{traceback.format_exc()}")
+                if attempt == 1 and running.alive():
+                    self.record.notes.append(f"{scenario}: failed once ({failure}); retried")
+                    continue
+                self.record.failures[scenario] = (
+                    f"{failure} (on the retry too)" if attempt == 2 else failure
+                )
+                self.record.status = "partial"
+            break
         if not running.alive():
             self.record.failures[scenario] = (
                 f"the peer exited (status {running.process.returncode if running.process else '?'})"
@@ -301,11 +313,11 @@ class _Measurer:
         self.samples.setdefault(key, []).append(value)
 
     def finish_samples(self) -> None:
-        """Median of each repeated figure into ``metrics`` (plus the range of the rates)."""
+        """Median of each repeated figure into ``metrics``, its smallest and largest beside."""
         for key, values in self.samples.items():
             finite = sorted(v for v in values if not math.isnan(v))
             self.record.metrics[key] = statistics.median(finite) if finite else math.nan
-            if key.endswith(".per_s") and len(finite) > 1:
+            if len(finite) > 1:
                 self.record.metrics[f"{key}_min"] = finite[0]
                 self.record.metrics[f"{key}_max"] = finite[-1]
 
@@ -370,20 +382,24 @@ class _Measurer:
         self._sample("keepalive.c4.per_s", per_s)
         _log(f"[{self.record.label}] keep-alive, 4 connections #{repeat + 1}: {per_s:,.0f} req/s")
 
-    def bulk(self) -> None:
+    def start_for_bulk(self) -> Running:
+        """Start the peer for the bulk transfers (all peers run; they take turns by round)."""
         running = self._start()
-        try:
-            self._warm(running.target, (BENCH_DOMAIN,))
-            for repeat in range(self.plan.repeats):
-                for direction in ("download", "upload"):
-                    self._guard(
-                        running,
-                        f"bulk.{direction}",
-                        functools.partial(self._transfer, running, direction, repeat),
-                    )
-                    self.origin.clear_uploads()
-        finally:
-            running.stop()
+        self._warm(running.target, (BENCH_DOMAIN,))
+        return running
+
+    def bulk_round(self, running: Running, repeat: int) -> None:
+        """One round of bulk transfers: a download, then an upload."""
+        for direction in ("download", "upload"):
+            self._guard(
+                running,
+                f"bulk.{direction}",
+                functools.partial(self._transfer, running, direction, repeat),
+            )
+            self.origin.clear_uploads()
+
+    def finish_bulk(self) -> None:
+        """Median, spread and worst memory of the bulk rounds into ``metrics``."""
         for direction in ("download", "upload"):
             key = f"bulk.{direction}"
             rates = sorted(self.samples.pop(f"{key}.mb_s", []))
@@ -396,9 +412,13 @@ class _Measurer:
                 values = self.samples.pop(f"{key}.{figure}", [])
                 if values:
                     self.record.metrics[f"{key}.{figure}"] = max(values)
+            cpu = sorted(self.samples.pop(f"{key}.cpu_ms_per_mib", []))
+            if cpu:
+                self.record.metrics[f"{key}.cpu_ms_per_mib"] = statistics.median(cpu)
 
     def _transfer(self, running: Running, direction: str, repeat: int) -> None:
         size = self.plan.bulk_size
+        cpu_before = cpu_seconds(running.pids())
         with RssSampler(running.pids()) as sampler:
             result = _client.transfer(
                 running.target,
@@ -409,13 +429,16 @@ class _Measurer:
             )
         if result.error is not None:
             raise _client.ProtocolFailure(result.error)
+        cpu_ms_per_mib = (cpu_seconds(running.pids()) - cpu_before) * 1000 / (size / MiB)
         key = f"bulk.{direction}"
         self._sample(f"{key}.mb_s", result.megabytes_per_second)
+        self._sample(f"{key}.cpu_ms_per_mib", cpu_ms_per_mib)
         self._sample(f"{key}.peak_rss_mib", sampler.peak / MiB)
         self._sample(f"{key}.rss_growth_mib", (sampler.peak - sampler.baseline) / MiB)
         _log(
             f"[{self.record.label}] {direction} {size // MiB} MiB #{repeat + 1}: "
-            f"{result.megabytes_per_second:.0f} MB/s, peak RSS {sampler.peak / MiB:.0f} MiB "
+            f"{result.megabytes_per_second:.0f} MB/s, {cpu_ms_per_mib:.2f} CPU ms/MiB, "
+            f"peak RSS {sampler.peak / MiB:.0f} MiB "
             f"(+{(sampler.peak - sampler.baseline) / MiB:.1f} MiB)"
         )
 
@@ -541,6 +564,38 @@ def _setup_in_turns(plan: Plan, measurers: Sequence[_Measurer]) -> None:
             measurer.finish_samples()
 
 
+def _bulk_in_turns(plan: Plan, measurers: Sequence[_Measurer]) -> None:
+    """Bulk transfers, all peers running, taking turns round by round (A, B, A, B...)."""
+    running: dict[str, Running] = {}
+    try:
+        for measurer in measurers:
+            label = measurer.record.label
+            _log(f"[{label}] starting for bulk transfers")
+            try:
+                running[label] = measurer.start_for_bulk()
+            except Exception as exc:  # (Unavailable, or the warm-up request failing)
+                measurer.record.status = "partial" if measurer.record.metrics else "missing"
+                measurer.record.failures["bulk"] = f"{type(exc).__name__}: {exc}"
+                _log(f"[{label}] bulk: {exc}")
+        for repeat in range(plan.repeats):
+            for measurer in measurers:
+                label = measurer.record.label
+                peer = running.get(label)
+                if peer is None:
+                    continue
+                try:
+                    measurer.bulk_round(peer, repeat)
+                except Unavailable as exc:
+                    _log(f"[{label}] {exc}")
+                    del running[label]
+                    peer.stop()
+    finally:
+        for peer in running.values():
+            peer.stop()
+        for measurer in measurers:
+            measurer.finish_bulk()
+
+
 def run_benchmarks(
     plan: Plan,
     *,
@@ -581,6 +636,17 @@ def run_benchmarks(
             measurers = [_Measurer(plan, env, origin, records[label], pools) for label in peers]
             if "setup" in scenarios:
                 _setup_in_turns(plan, measurers)
+            if "bulk" in scenarios:
+                _bulk_in_turns(
+                    plan,
+                    [
+                        m
+                        for m in measurers
+                        if m.record.status != "missing"
+                        and m.record.label not in SETUP_ONLY
+                        and m.record.label not in WORKER_PEERS
+                    ],
+                )
             for measurer in measurers:
                 record = measurer.record
                 label = record.label
@@ -588,8 +654,6 @@ def run_benchmarks(
                     continue
                 counts = plan.held_counts_slow if label in SLOW_TO_OPEN else plan.held_counts
                 groups: list[tuple[str, Callable[[], None]]] = []
-                if "bulk" in scenarios:
-                    groups.append(("bulk", measurer.bulk))
                 if "held" in scenarios:
                     groups += [(f"held.{n}", functools.partial(measurer.held, n)) for n in counts]
                 for name, group in groups:

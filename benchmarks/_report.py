@@ -87,6 +87,12 @@ def _rows(result: RunResult) -> list[_Row]:
                 ratio=True,
                 digits=0,
             ),
+            _Row(
+                title="  server CPU per MiB",
+                key=f"bulk.{direction}.cpu_ms_per_mib",
+                unit="ms",
+                digits=2,
+            ),
             _Row(title="  peak RSS", key=f"bulk.{direction}.peak_rss_mib", unit="MiB", digits=0),
             _Row(
                 title="  RSS growth during it", key=f"bulk.{direction}.rss_growth_mib", unit="MiB"
@@ -127,6 +133,14 @@ def _fmt(value: float | None, digits: int) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _with_spread(metrics: dict[str, float], row: _Row, value: float | None) -> str:
+    """``median (smallest-largest)`` when the figure was measured in several rounds."""
+    low, high = metrics.get(f"{row.key}_min"), metrics.get(f"{row.key}_max")
+    if value is None or low is None or high is None or math.isnan(value):
+        return _fmt(value, row.digits)
+    return f"{_fmt(value, row.digits)} ({_fmt(low, row.digits)}-{_fmt(high, row.digits)})"
+
+
 def _peers(result: RunResult) -> list[str]:
     return [p for p in PEER_ORDER if p in result.peers]
 
@@ -164,6 +178,121 @@ def _ratio_goal(
     ratio = _ratio(result, key, peer, ours_label)
     shown = "-" if ratio is None else (f"{ratio:.0%}" if at_least < 1 else f"{ratio:.1f}x")
     return Goal(goal=goal, measured=shown, met=None if ratio is None else ratio >= at_least)
+
+
+def _metric(result: RunResult, label: str, key: str) -> float | None:
+    record = result.peers.get(label)
+    value = record.metrics.get(key) if record is not None else None
+    return None if value is None or math.isnan(value) else value
+
+
+def _compare(
+    goal: str, ours: float | None, theirs: float | None, factor: float, *, at_most: bool = False
+) -> Goal:
+    """``ours / theirs`` against ``factor`` (at least, or at most), both figures shown."""
+    if ours is None or theirs is None or not theirs:
+        return Goal(goal=goal, measured="-", met=None)
+    ratio = ours / theirs
+    return Goal(
+        goal=goal,
+        measured=f"{ratio:.2f}x ({ours:,.3g} against {theirs:,.3g})",
+        met=ratio <= factor if at_most else ratio >= factor,
+    )
+
+
+def _issue19_goals(result: RunResult) -> list[Goal]:
+    """Issue 19: per core, ahead of Squid; costs as ratios to the terminator of the same run."""
+
+    def m(label: str, key: str) -> float | None:
+        return _metric(result, label, key)
+
+    goals: list[Goal] = []
+    for concurrency in (1, 16):
+        key = f"setup.fresh.c{concurrency}.per_s"
+        goals.append(
+            _compare(
+                f"issue 19: new-name setup, {concurrency} in flight >= 1.25x Squid",
+                m("tlsmitm", key),
+                m("squid", key),
+                1.25,
+            )
+        )
+    goals.append(
+        _compare(
+            "issue 19: CPU per new-name connection <= 2.8x the terminator's per connection",
+            m("tlsmitm", "setup.fresh.c16.cpu_ms"),
+            m("terminator", "setup.one.c16.cpu_ms"),
+            2.8,
+            at_most=True,
+        )
+    )
+    for concurrency in (1, 16):
+        key = f"setup.one.c{concurrency}.per_s"
+        goals.append(
+            _compare(
+                f"issue 19: warm-name setup, {concurrency} in flight >= 2x Squid",
+                m("tlsmitm", key),
+                m("squid", key),
+                2,
+            )
+        )
+        key = f"setup.fresh.c{concurrency}.per_s"
+        goals.append(
+            _compare(
+                f"issue 19: new names, {concurrency} in flight, with the pool >= without it",
+                m("tlsmitm", key),
+                m("tlsmitm-nopool", key),
+                1,
+            )
+        )
+    direct = m("direct", "latency.p50_ms") or 0.0  # added latency: beyond a direct request
+    ours, squid = m("tlsmitm", "latency.p50_ms"), m("squid", "latency.p50_ms")
+    goals.append(
+        _compare(
+            "issue 19: warm keep-alive request, added p50 <= Squid's",
+            None if ours is None else ours - direct,
+            None if squid is None else squid - direct,
+            1,
+            at_most=True,
+        )
+    )
+    goals.append(
+        _compare(
+            "issue 19: warm keep-alive request, p99 <= 2x the terminator's",
+            m("tlsmitm", "latency.p99_ms"),
+            m("terminator", "latency.p99_ms"),
+            2,
+            at_most=True,
+        )
+    )
+    for direction in ("download", "upload"):
+        key = f"bulk.{direction}.mb_s"
+        goals.append(
+            _compare(
+                f"issue 19: bulk {direction} >= Squid's", m("tlsmitm", key), m("squid", key), 1
+            )
+        )
+    goals.append(
+        _compare(
+            "issue 19: the terminator uploads at least as fast as it downloads",
+            m("terminator", "bulk.upload.mb_s"),
+            m("terminator", "bulk.download.mb_s"),
+            1,
+        )
+    )
+    counts = sorted(result.plan.held_counts)
+    if counts:
+        key = f"held.{counts[-1]}.kib_per_conn"
+        goals.append(
+            _compare(
+                f"issue 19: RSS per held connection ({counts[-1]:,}) <= 64 KiB",
+                m("tlsmitm", key),
+                64.0,
+                1,
+                at_most=True,
+            )
+        )
+    return goals
 
 
 def evaluate_goals(result: RunResult) -> list[Goal]:
@@ -284,6 +413,7 @@ def evaluate_goals(result: RunResult) -> list[Goal]:
         goals.append(
             Goal(goal="added p50 latency on a warm connection <= 1 ms", measured="-", met=None)
         )
+    goals += _issue19_goals(result)
     return goals
 
 
@@ -320,7 +450,11 @@ def figures_table(result: RunResult) -> tuple[list[str], list[list[str]]]:
         for peer in ratio_peers:
             ratio = _ratio(result, row.key, peer) if row.ratio else None
             ratios.append("" if ratio is None else f"{ratio:.2f}")
-        lines.append([row.title, row.unit, *(_fmt(v, row.digits) for v in values), *ratios])
+        cells = [
+            _with_spread(result.peers[p].metrics, row, v)
+            for p, v in zip(peers, values, strict=True)
+        ]
+        lines.append([row.title, row.unit, *cells, *ratios])
     return header, lines
 
 

@@ -124,3 +124,84 @@ def test_the_state_benchmark_measures_sqlite_redis_and_the_cache(bench: None) ->
         assert figures[key] > 0, key
     assert 0 < figures["cache_hit_rate"] < 1
     assert figures["redis_over_sqlite_new_name"] > 0
+
+
+def test_a_failed_measurement_is_retried_once_and_reported(bench: None) -> None:
+    from typing import Any, cast
+
+    from benchmarks import _harness
+
+    class _Alive:
+        def alive(self) -> bool:
+            return True
+
+    record = _harness.PeerRecord(label="squid")
+    measurer = _harness._Measurer(_harness.QUICK, cast(Any, None), cast(Any, None), record, {})
+    calls: list[int] = []
+
+    def flaky() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("SSLEOFError: EOF occurred in violation of protocol")
+
+    measurer._guard(cast(Any, _Alive()), "bulk.upload", flaky)
+    assert len(calls) == 2
+    assert record.status == "ok"
+    assert record.failures == {}
+    assert record.notes == [
+        "bulk.upload: failed once (OSError: SSLEOFError: EOF occurred in "
+        "violation of protocol); retried"
+    ]
+
+    def broken() -> None:
+        calls.append(1)
+        raise OSError("still broken")
+
+    calls.clear()
+    measurer._guard(cast(Any, _Alive()), "bulk.download", broken)
+    assert len(calls) == 2  # once, and once more: no further
+    assert record.status == "partial"
+    assert record.failures["bulk.download"] == "OSError: still broken (on the retry too)"
+
+
+def test_rounds_show_their_spread_beside_the_median(bench: None) -> None:
+    from benchmarks import _harness, _report
+
+    record = _harness.PeerRecord(label="terminator")
+    measurer = _harness._Measurer(_harness.FULL, None, None, record, {})  # type: ignore[arg-type]
+    for value in (120.0, 100.0, 90.0, 110.0, 105.0):
+        measurer._sample("setup.one.c1.per_s", value)
+    measurer.finish_samples()
+    assert _harness.FULL.repeats >= 5
+    assert record.metrics["setup.one.c1.per_s"] == 105.0
+    result = _harness.RunResult(
+        plan=_harness.FULL,
+        meta=_harness.machine_info(),
+        peers={"terminator": record},
+        components={},
+    )
+    assert "105 (90-120)" in _report.text_report(result)
+
+
+def test_issue_19_goals_are_judged_against_peers_of_the_same_run(bench: None) -> None:
+    from benchmarks import _harness, _report
+
+    terminator = _harness.PeerRecord(label="terminator")
+    terminator.metrics.update({"bulk.download.mb_s": 600.0, "bulk.upload.mb_s": 300.0})
+    ours = _harness.PeerRecord(label="tlsmitm")
+    ours.metrics.update({"bulk.upload.mb_s": 200.0, "held.1000.kib_per_conn": 60.0})
+    squid = _harness.PeerRecord(label="squid")
+    squid.metrics.update({"bulk.upload.mb_s": 400.0})
+    result = _harness.RunResult(
+        plan=_harness.QUICK,
+        meta=_harness.machine_info(),
+        peers={"terminator": terminator, "tlsmitm": ours, "squid": squid},
+        components={},
+    )
+    goals = {g.goal: g for g in _report.evaluate_goals(result)}
+    upload = goals["issue 19: the terminator uploads at least as fast as it downloads"]
+    assert (upload.met, upload.measured) == (False, "0.50x (300 against 600)")
+    assert goals["issue 19: bulk upload >= Squid's"].met is False
+    assert goals["issue 19: bulk download >= Squid's"].met is None  # not measured here
+    assert goals["issue 19: RSS per held connection (1,000) <= 64 KiB"].met is True
+    assert "[MISS] issue 19: the terminator uploads" in _report.text_report(result)
