@@ -93,13 +93,21 @@ async def test_serve_writes_json_lines_for_real_traffic(
     hierarchy = good_hierarchy(HOST)
     port, _ = await start_origin(nursery, tmp_path, hierarchy)
     async with serve(
-        tmp_path / "state", "--log-format", "json", *upstream_args(tmp_path, hierarchy, HOST)
+        tmp_path / "state",
+        *("--log-format", "json", "--access-log"),
+        *upstream_args(tmp_path, hierarchy, HOST),
     ) as served:
         cacert = str(tmp_path / "state" / "ca" / "root.pem")
-        result = await curl("--proxy", served.proxy, "--cacert", cacert, f"https://{HOST}:{port}/")
+        result = await curl(
+            "--http1.1", "--proxy", served.proxy, "--cacert", cacert, f"https://{HOST}:{port}/"
+        )
         assert result.stdout == b"hello from origin"
+        h2 = await curl(
+            "--http2", "--proxy", served.proxy, "--cacert", cacert, f"https://{HOST}:{port}/"
+        )
+        assert h2.stdout == b"hello from origin"
         with trio.fail_after(20):
-            while b'"event":"connection"' not in served.stderr:
+            while served.stderr.count(b'"event":"connection"') < 2:
                 await trio.sleep(0.05)
         assert await served.stop() == 0
     lines = [json.loads(line) for line in served.stderr.decode().splitlines()]
@@ -114,4 +122,18 @@ async def test_serve_writes_json_lines_for_real_traffic(
     assert connection["client"].startswith("127.0.0.1:")
     assert connection["bytes_down"] > 0
     assert connection["logger"] == "tlsmitm.decisions"
-    assert any(line["event"] == "shutdown" for line in lines)  # serve's own lines are JSON too
+    assert connection["conn"]  # the connection's id, unique in the process
+    assert connection["duration_ms"] >= 0
+    assert any(line["event"] == "shutdown" for line in lines)
+    exchange = next(line for line in lines if line["event"] == "exchange")
+    assert exchange["logger"] == "tlsmitm.access"
+    assert (exchange["method"], exchange["status"], exchange["protocol"]) == (
+        "GET",
+        200,
+        "http/1.1",
+    )
+    assert exchange["host"] == HOST
+    assert exchange["conn"] == connection["conn"]
+    assert exchange["duration_ms"] >= 0
+    # curl --http2 speaks h2 to tlsmitm, which speaks HTTP/1.1 to this origin.
+    assert any(line["event"] == "exchange" and line["protocol"] == "h2" for line in lines)

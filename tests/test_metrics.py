@@ -42,6 +42,18 @@ def _value(
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def _by_decision(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], decision: str
+) -> float:
+    """Connections with ``decision``, whatever the reason (a client that closes first after its
+    response is ``connection_lost``, one that finished cleanly ``verified``)."""
+    return sum(
+        value
+        for (name, labels), value in samples.items()
+        if name == "tlsmitm_connections_total" and ("decision", decision) in labels
+    )
+
+
 def _metrics_url(served: Served) -> str:
     line = next(line for line in served.stdout.decode().splitlines() if "/metrics" in line)
     return line.split()[1]
@@ -71,7 +83,7 @@ async def test_metrics_count_real_traffic_and_healthz_follows_shutdown(
         cacert = str(state / "ca" / "root.pem")
         for _ in range(3):
             result = await curl(
-                "--proxy", served.proxy, "--cacert", cacert, f"https://{HOST}:{port}/"
+                "--http1.1", "--proxy", served.proxy, "--cacert", cacert, f"https://{HOST}:{port}/"
             )
             assert result.stdout == b"hello from origin"
         # Bypassed: the client talks to the origin itself (and trusts its root).
@@ -90,10 +102,7 @@ async def test_metrics_count_real_traffic_and_healthz_follows_shutdown(
 
         def complete(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> bool:
             return (
-                _value(
-                    samples, "tlsmitm_connections_total", decision="intercept", reason="verified"
-                )
-                >= 3
+                _by_decision(samples, "intercept") >= 4
                 and _value(samples, "tlsmitm_connections_total", decision="bypass", reason="rule")
                 >= 1
                 and _value(
@@ -110,10 +119,10 @@ async def test_metrics_count_real_traffic_and_healthz_follows_shutdown(
                 if complete(samples):
                     break
                 await trio.sleep(0.2)
-        assert (
-            _value(samples, "tlsmitm_connections_total", decision="intercept", reason="verified")
-            == 3
-        )
+        # Three intercepted and relayed, one intercepted whose client refused the error CA's leaf.
+        assert _by_decision(samples, "intercept") == 4
+        refused_leaf = {"decision": "intercept", "reason": "tls_handshake"}
+        assert _value(samples, "tlsmitm_connections_total", **refused_leaf) == 1
         assert _value(samples, "tlsmitm_connections_total", decision="bypass", reason="rule") == 1
         assert (
             _value(samples, "tlsmitm_upstream_verification_failures_total", reason="expired") == 1

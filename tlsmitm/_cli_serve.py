@@ -347,6 +347,12 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error")
     )
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="also log one line per HTTP exchange (method, host, status, protocol, duration; "
+        "never the path)",
+    )
 
 
 def _workers_count(text: str) -> int:
@@ -738,6 +744,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(
         log_format=args.log_format,
         level="debug" if getattr(args, "debug", False) else args.log_level,
+        access_log=args.access_log,
     )
     descriptor_note = _fit_descriptor_budget(args)
     from ._workers import bind_shared_port, reuse_port_listener, supervise, usable_cpus
@@ -764,6 +771,7 @@ def run(args: argparse.Namespace) -> int:
         return supervise(args, workers, holder, metrics_sockets)
     interceptor = build_interceptor(args)
     assert isinstance(interceptor, Interceptor)
+    interceptor.access_log = args.access_log
     if interceptor.state_problem and worker_index is None:
         # One line, at start: the deployer hears about it now, not at the first HSTS header.
         logging.getLogger("tlsmitm.state").warning("%s", interceptor.state_problem)

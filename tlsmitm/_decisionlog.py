@@ -96,6 +96,8 @@ class ConnectionRecord:
             when no body went to the content scanners.
         scan_ms: milliseconds the scanners took on this connection's bodies (for each body,
             the slowest scanner), ``None`` when nothing was scanned.
+        connection_id: the connection's id, unique within the process that handled it (the
+            ``conn`` key of JSON logs); not part of the ``key=value`` line.
     """
 
     time: datetime
@@ -112,8 +114,13 @@ class ConnectionRecord:
     splice: str | None = None
     scan: str | None = None
     scan_ms: float | None = None
+    connection_id: str | None = None
 
     def __post_init__(self) -> None:
+        if self.connection_id is not None and not isinstance(self.connection_id, str):
+            raise TypeError(
+                f"ConnectionRecord.connection_id must be a str or None, not {self.connection_id!r}"
+            )
         if not isinstance(self.time, datetime) or self.time.utcoffset() is None:
             raise ValueError(f"ConnectionRecord.time must be an aware datetime, not {self.time!r}")
         if not isinstance(self.client, str):

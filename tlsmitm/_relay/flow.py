@@ -427,6 +427,7 @@ class Flow:
             stopping=ix._stopping,
             record=conn,
             keep_upstream_alive=plan.poolable,
+            on_exchange=ix.access_logger(conn, name) if ix.access_log else None,
             scan=ix.config.scan,
             on_scan=functools.partial(note_scan, ix.stats, conn),
             # Only a verified flow gets more upstream connections, each verified again.

@@ -150,6 +150,7 @@ class HttpRelay:
     head_timeout: float = 10.0
     record: FlowRecord | None = None
     should_stop: Callable[[], bool] = lambda: False
+    on_exchange: Callable[[Request, int, float], None] | None = None  # the access log
     initial_client_data: bytes = b""
     keep_upstream_alive: bool = False
     counters: _Counters = field(default_factory=_Counters)
@@ -163,6 +164,7 @@ class HttpRelay:
         self._head_deadline: float | None = None
         self._pipelined = 0  # requests in a row whose head was here before the previous ended
         self._awaiting_request = True
+        self._last_status = 0
         self._ended_between_requests = False
         self._connection_bound_auth = False
         self.keep_alive_hint: float | None = None
@@ -251,7 +253,14 @@ class HttpRelay:
             parsed: h11.Request | None = event
             if outcome is not None:
                 request, parsed = outcome, None
-            switched = await self._exchange(request, parsed)
+            exchange_started = trio.current_time()
+            self._last_status = 0
+            try:
+                switched = await self._exchange(request, parsed)
+            finally:  # logged once a response head went out, even if the client left early
+                if self.on_exchange is not None and self._last_status:
+                    elapsed = trio.current_time() - exchange_started
+                    self.on_exchange(request, self._last_status, elapsed)
             if switched is not None:
                 return switched
             # The upstream is between requests only when both its messages are complete and
@@ -351,6 +360,7 @@ class HttpRelay:
             if isinstance(event, h11.InformationalResponse):
                 await self._send(self._down, self.client, event)
                 if event.status_code == 101:
+                    self._last_status = 101
                     request_scope.cancel()
                     to_client, _ = self._up.trailing_data
                     to_upstream, _ = self._down.trailing_data
@@ -376,6 +386,7 @@ class HttpRelay:
                 headers=_h11_headers(event.headers),
                 http_version=bytes(event.http_version),
             )
+            self._last_status = event.status_code
             await self._handle_response(request, response, event)
             return None
 

@@ -237,9 +237,10 @@ def _open_connection(limits: H2Limits, *, client_side: bool) -> h2.connection.H2
 
 
 class _FrontStream:
-    __slots__ = ("body_ended", "headers", "id", "inbox", "scope")
+    __slots__ = ("body_ended", "headers", "id", "inbox", "request", "scope")
 
     def __init__(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+        self.request: Request | None = None  # once parsed (for the access log)
         self.id = stream_id
         self.headers = headers
         self.body_ended = ended
@@ -290,6 +291,7 @@ class _H2ResponseSink:
         self.counters = counters
         self.head_sent = False
         self.ended = False
+        self.status = 0
 
     def _send_headers(self, headers: list[tuple[bytes, bytes]], *, end: bool) -> None:
         try:
@@ -305,6 +307,7 @@ class _H2ResponseSink:
     async def head(self, status: int, reason: bytes, headers: Headers) -> None:
         self._send_headers(h2_response_headers(status, headers), end=False)
         self.head_sent = True
+        self.status = status
         await self.wire.flush()
 
     async def data(self, chunk: bytes) -> None:
@@ -377,6 +380,8 @@ class H2Front:
         self.should_stop = should_stop
         self.clock = clock
         self.counters = Counters()
+        #: Told (request, status, seconds) when each exchange ends (the access log).
+        self.on_exchange: Callable[[Request, int, float], None] | None = None
         self._initial = initial_client_data
         self._streams: dict[int, _FrontStream] = {}
         self._streams_done = trio.lowlevel.ParkingLot()
@@ -553,6 +558,7 @@ class H2Front:
 
     async def _serve(self, stream: _FrontStream) -> None:
         sink = _H2ResponseSink(self._wire, stream.id, self.counters)
+        started = trio.current_time()
         try:
             with stream.scope:
                 try:
@@ -560,6 +566,8 @@ class H2Front:
                 except Exception as exc:
                     await self._failed(stream, sink, leaf_exception(exc), exc)
         finally:
+            if self.on_exchange is not None and stream.request is not None:
+                self.on_exchange(stream.request, sink.status, trio.current_time() - started)
             del self._streams[stream.id]
             inbox = stream.inbox
             if inbox.fc_pending:  # unread request body: give the connection window back
@@ -616,6 +624,7 @@ class H2Front:
             self._wire.reset(stream.id, _ERR.PROTOCOL_ERROR)  # RFC 9113 §8.1.1
             return
         self.counters.requests += 1
+        stream.request = request
         if request.method == b"CONNECT":
             # Plain CONNECT inside the tunnel is not relayed, and extended CONNECT
             # (RFC 8441) was not advertised.
@@ -928,6 +937,8 @@ async def run_h2(job: RelayJob) -> RelayOutcome:
             scan=job.scan,
             on_scan=job.on_scan,
         )
+    if isinstance(front, H2Front):
+        front.on_exchange = job.on_exchange
     try:
         async with trio.open_nursery() as nursery:
             if isinstance(front, H2Front) and job.stopping is not None:
@@ -942,6 +953,7 @@ async def run_h2(job: RelayJob) -> RelayOutcome:
     finally:
         job.record.bytes_up += front.counters.bytes_up
         job.record.bytes_down += front.counters.bytes_down
+        job.record.requests += front.counters.requests
     return RelayOutcome()
 
 

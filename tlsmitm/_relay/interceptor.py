@@ -11,7 +11,9 @@ connection goes to the :class:`~tlsmitm.DecisionLog`.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -50,7 +52,7 @@ from .guard import (
     refuse_busy,
     shed_idle,
 )
-from .hooks import Hooks
+from .hooks import Hooks, Request
 from .intake import explicit, transparent
 from .plan import Decision
 from .pool import UpstreamPool
@@ -69,9 +71,13 @@ __all__ = [
 ]
 
 log = logging.getLogger("tlsmitm.relay")
+_access = logging.getLogger("tlsmitm.access")
 
 _ACCEPT_BACKOFF_MIN = 0.05
 _ACCEPT_BACKOFF_MAX = 1.0
+_PID = os.getpid()
+_CONNECTION_IDS = itertools.count(1)
+
 # On shutdown, a tunnel that moved no byte for this long counts as idle and is closed at once.
 _IDLE_TUNNEL_SECONDS = 0.25
 _DRAIN_POLL_SECONDS = 0.05
@@ -285,6 +291,8 @@ class Interceptor:
         self._draining = False
         #: Told about every closed connection (:class:`tlsmitm._metrics.Metrics`); ``None``: off.
         self.metrics: ConnectionObserver | None = None
+        #: Log one line per HTTP exchange to ``tlsmitm.access`` (``serve --access-log``).
+        self.access_log = False
         #: Set by :meth:`shutdown`, for relays that wait rather than poll (WebSocket: 1001).
         self._stopping = trio.Event()
         self._boundary = ErrorBoundary(log)
@@ -523,7 +531,12 @@ class Interceptor:
             destination: ``None`` for an explicit proxy connection (the client sends CONNECT);
                 the original destination ``(ip, port)`` in transparent mode.
         """
-        conn = FlowRecord(client=f"{client[0]}:{client[1]}", started=self.clock())
+        conn = FlowRecord(
+            client=f"{client[0]}:{client[1]}",
+            started=self.clock(),
+            connection_id=f"{_PID:x}-{next(_CONNECTION_IDS):x}",
+        )
+        opened = trio.current_time()
         self.stats.connections += 1
         self.stats.active += 1
         if self.stats.active == 1:
@@ -565,12 +578,42 @@ class Interceptor:
             self.stats.active -= 1
             if self.stats.active == 0:
                 self._all_done.set()
+            conn.duration_ms = round((trio.current_time() - opened) * 1000, 3)
             try:
                 self._emit(conn)
             except Exception as exc:
                 # Issue 15 fault 1: a record that cannot be built or written must not escape
                 # this finally and end serve().
                 self._boundary.report(exc, client=conn.client, where="logging")
+
+    def access_logger(self, conn: FlowRecord, host: str) -> Callable[[Request, int, float], None]:
+        """The access-log callback of one connection's HTTP relay (one INFO line per exchange,
+        logger ``tlsmitm.access``; no path or query: only method, host, status, protocol)."""
+
+        def exchange(request: Request, status: int, seconds: float) -> None:
+            protocol = conn.relay.value if conn.relay is not None else "http/1.1"
+            duration_ms = round(seconds * 1000, 3)
+            _access.info(
+                "%s %s %s %s %.1f ms",
+                request.method.decode("ascii", "replace"),
+                host,
+                status,
+                protocol,
+                duration_ms,
+                extra={
+                    "event": "exchange",
+                    "conn": conn.connection_id,
+                    "client": conn.client,
+                    "host": host,
+                    "port": conn.port,
+                    "protocol": protocol,
+                    "method": request.method.decode("ascii", "replace"),
+                    "status": status,
+                    "duration_ms": duration_ms,
+                },
+            )
+
+        return exchange
 
     def _emit(self, conn: FlowRecord) -> None:
         if self.metrics is not None:

@@ -22,7 +22,7 @@ import trio
 from .._scan import ScanSettings
 from .._websocket import DEFAULT_MAX_MESSAGE
 from .h1 import BlockAnswer, HttpRelay, StsCallback, Switched, run_relay
-from .hooks import FlowInfo, Hooks
+from .hooks import FlowInfo, Hooks, Request
 from .plan import RelayKind, SpliceReason, relay_after_upgrade
 from .scanning import ScanCallback, log_decision
 from .splice import splice
@@ -83,6 +83,7 @@ class RelayJob:
     to_upstream: bytes = b""
     to_client: bytes = b""
     upgrade: Switched | None = None
+    on_exchange: Callable[[Request, int, float], None] | None = None
     websocket_max_message: int = DEFAULT_MAX_MESSAGE
     stopping: trio.Event | None = None
     scan: ScanSettings | None = None
@@ -121,6 +122,7 @@ async def run_h1(job: RelayJob) -> RelayOutcome:
         head_timeout=job.head_timeout,
         record=job.record,
         should_stop=job.should_stop,
+        on_exchange=job.on_exchange,
         initial_client_data=job.to_upstream,
         keep_upstream_alive=job.keep_upstream_alive,
         scan=job.scan,

@@ -80,6 +80,8 @@ class FlowRecord:
     upstream_handshake_s: float | None = None  # upstream TLS handshake and verification
     client_handshake_s: float | None = None  # the client's TLS handshake with our leaf
     hsts_known: bool = False  # the host was a known HSTS host when its action was planned
+    connection_id: str | None = None  # unique within this process (JSON logs' "conn")
+    duration_ms: float | None = None  # set when the connection closed
 
     @property
     def identity(self) -> str:
@@ -121,4 +123,6 @@ class FlowRecord:
             splice=None if self.splice_reason is None else self.splice_reason.value,
             scan=self.scan,
             scan_ms=None if self.scan_ms is None else round(self.scan_ms, 1),
+            duration_ms=self.duration_ms,
+            connection_id=self.connection_id,
         )
