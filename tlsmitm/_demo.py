@@ -326,6 +326,8 @@ async def run_demo(
     out("   ./run serve                      the proxy on 127.0.0.1:8080 (./run serve --help)")
     out("   ./run check example.com          verify a site as the proxy would (needs internet)")
     out("   ./run ca show                    your CA, its fingerprints and key protection")
+    out("   ./run ca install --nss-db DIR    trust your CA in a browser profile (and uninstall)")
+    out("   ./run serve --scan clamd:///run/clamav/clamd.ctl   scan downloads with ClamAV")
     out("   examples/eicar_filter.py         the hook above as a program; docs/tutorial.rst")
     seen["records"] = records
     return seen
