@@ -93,6 +93,7 @@ _ALERT_FLUSH_TIMEOUT: Final = 1.0  # seconds to deliver our fatal alert after a 
 # handed to the transport in one write: a quarter of the system calls and scheduler trips.
 _SEND_SLICE: Final = 64 * 1024
 _SEND_BATCH: Final = 256 * 1024
+_DRAIN_SIZE: Final = 2 * _SEND_SLICE  # most ciphertext taken from the outgoing BIO at once
 # Ciphertext handed to OpenSSL's incoming memory BIO at once. A refill (up to max_refill_bytes) is
 # fed in such pieces as OpenSSL consumes them: a memory BIO never gives back memory it grew to, so
 # feeding a whole 128 KiB refill would leave every connection that once received in bulk holding
@@ -759,20 +760,23 @@ class TLSStream(trio.abc.HalfCloseableStream):
         chunks, self._encrypted = self._encrypted, []
         while True:
             try:
-                chunks.append(self.connection.bio_read(_SEND_SLICE * 2))
+                chunk = self.connection.bio_read(_DRAIN_SIZE)
             except SSL.WantReadError:
-                return b"".join(chunks)
+                break
+            chunks.append(chunk)
+            if len(chunk) < _DRAIN_SIZE:
+                # A memory BIO hands out everything it holds up to the size asked: it is empty
+                # now, and asking again would only raise (an exception per send saved).
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _feed(self) -> bool:
-        """Give OpenSSL the next piece of the refill; ``False`` when nothing is left."""
+    def _feed(self) -> None:
+        """Give OpenSSL the next piece of the refill (call only while ``_unfed`` holds some)."""
         unfed = self._unfed
-        if not unfed:
-            return False
         piece = unfed[:_FEED_SLICE]
         self.connection.bio_write(piece)
         self._records.feed(piece)
         self._unfed = unfed[_FEED_SLICE:] if len(unfed) > _FEED_SLICE else memoryview(b"")
-        return True
 
     async def _retry(
         self,
@@ -818,8 +822,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
                         # An unknown part of the ciphertext is on the wire: nothing can follow.
                         self._mark_broken()
                         raise
-            elif want_read and self._feed():
-                continue  # more of the last refill: no transport read needed
+            elif want_read and self._unfed:
+                self._feed()  # more of the last refill: no transport read needed
+                continue
             elif want_read:
                 seen = self._inner_recv_count
                 async with self._inner_recv_lock:
@@ -829,9 +834,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
                             data = await self.transport_stream.receive_some(self._max_refill)
                         except trio.BrokenResourceError as exc:
                             raise self._transport_broken(exc, handshake=is_handshake) from exc
-                        if data:
+                        if len(data) > _FEED_SLICE:
                             self._unfed = memoryview(data)
                             self._feed()
+                        elif data:  # (the usual small refill: fed whole, no view)
+                            self.connection.bio_write(data)
+                            self._records.feed(data)
                         else:
                             self.connection.bio_shutdown()
                             self._transport_eof = True
@@ -904,7 +912,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if self._received_close:
             return b""
         try:
-            data = self._decrypt(max_bytes)
+            # (A "want read" here goes to _retry, which feeds the refill or reads more.)
+            data = self.connection.recv(min(max_bytes, _MAX_PLAINTEXT_RECORD))
         except SSL.ZeroReturnError:  # close_notify
             self._received_close = True
             return b""
@@ -930,8 +939,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
         total = len(data)
         while total < max_bytes:
             try:
-                more = self._decrypt(max_bytes - total)
+                # One record per call; never a buffer bigger than a record needs.
+                more = self.connection.recv(min(max_bytes - total, _MAX_PLAINTEXT_RECORD))
             except SSL.WantReadError:
+                if self._unfed:  # more of the refill to decrypt
+                    self._feed()
+                    continue
                 break
             except SSL.ZeroReturnError:
                 self._received_close = True
@@ -944,16 +957,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
             chunks.append(more)
             total += len(more)
         return b"".join(chunks)
-
-    def _decrypt(self, max_bytes: int) -> bytes:
-        """One record's plaintext (at most ``max_bytes``), feeding the refill as OpenSSL asks."""
-        size = min(max_bytes, _MAX_PLAINTEXT_RECORD)  # no bigger buffer than a record needs
-        while True:
-            try:
-                return self.connection.recv(size)
-            except SSL.WantReadError:
-                if not self._feed():
-                    raise
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Receive and decrypt some data; ``b""`` at the end of the stream.
@@ -988,7 +991,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             pending.offset += connection.send(view[pending.offset : pending.offset + _SEND_SLICE])
             if pending.offset - pending.drained >= _SEND_SLICE and pending.offset < len(view):
                 # A slice's records fit in twice its size; anything left is drained in order.
-                self._encrypted.append(connection.bio_read(2 * _SEND_SLICE))
+                self._encrypted.append(connection.bio_read(_DRAIN_SIZE))
                 pending.drained = pending.offset
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
