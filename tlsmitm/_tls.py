@@ -99,6 +99,7 @@ _DRAIN_SIZE: Final = 2 * _SEND_SLICE  # most ciphertext taken from the outgoing 
 # feeding a whole 128 KiB refill would leave every connection that once received in bulk holding
 # about 170 KiB; fed in 32 KiB pieces it holds about 43 KiB, and the refill itself is freed.
 _FEED_SLICE: Final = 32 * 1024
+_NOTHING: Final = memoryview(b"")  # shared: an empty read-only view
 _MAX_PLAINTEXT_RECORD: Final = 2**14  # RFC 8446 §5.1; one SSL_read returns at most one record
 _RECORD_HEADER: Final = 5  # RFC 8446 §5.1
 
@@ -632,12 +633,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._failure: TLSError | None = None
         self._records = _RecordBoundary()
         self._transport_eof = False
-        self._unfed = memoryview(b"")  # received ciphertext not yet given to OpenSSL
+        self._unfed = _NOTHING  # received ciphertext not yet given to OpenSSL
         self._received_close = False
         self._sent_close = False
         self._deferred: SSL.Error | None = None
         self._delayed_outgoing = b""
-        self._encrypted: list[bytes] = []  # ciphertext taken from the BIO, not yet sent
+        # Ciphertext taken from the BIO, not yet sent; a list only while a large write runs
+        # (an idle connection holds nothing of its own here).
+        self._encrypted: list[bytes] | None = None
         self._handshake_started = False
         self._handshake_done = trio.Event()
         self._handshake_ok = False
@@ -757,7 +760,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
     # -- the driver ------------------------------------------------------------------------
 
     def _drain_outgoing(self) -> bytes:
-        chunks, self._encrypted = self._encrypted, []
+        chunks, self._encrypted = self._encrypted or [], None
         while True:
             try:
                 chunk = self.connection.bio_read(_DRAIN_SIZE)
@@ -776,7 +779,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         piece = unfed[:_FEED_SLICE]
         self.connection.bio_write(piece)
         self._records.feed(piece)
-        self._unfed = unfed[_FEED_SLICE:] if len(unfed) > _FEED_SLICE else memoryview(b"")
+        self._unfed = unfed[_FEED_SLICE:] if len(unfed) > _FEED_SLICE else _NOTHING
 
     async def _retry(
         self,
@@ -991,6 +994,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
             pending.offset += connection.send(view[pending.offset : pending.offset + _SEND_SLICE])
             if pending.offset - pending.drained >= _SEND_SLICE and pending.offset < len(view):
                 # A slice's records fit in twice its size; anything left is drained in order.
+                if self._encrypted is None:
+                    self._encrypted = []
                 self._encrypted.append(connection.bio_read(_DRAIN_SIZE))
                 pending.drained = pending.offset
 
