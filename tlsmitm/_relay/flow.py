@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -46,7 +46,7 @@ from .._tls import TLSStream
 from .._verify import Verdict
 from .downstream import NotTLS
 from .error_origin import block_answer, redirect_to_error
-from .hooks import FlowInfo
+from .hooks import FlowInfo, Request
 from .plan import (
     ConnectionPlan,
     Decision,
@@ -69,6 +69,7 @@ if TYPE_CHECKING:
 __all__ = ["Flow"]
 
 log = logging.getLogger("tlsmitm.relay")
+_access = logging.getLogger("tlsmitm.access")
 
 # A fatal handshake_failure alert in a TLS 1.2 record (RFC 8446 §6): what a client that does not
 # speak HTTP gets when upstream verification failed (ActionKind.ALERT).
@@ -427,7 +428,7 @@ class Flow:
             stopping=ix._stopping,
             record=conn,
             keep_upstream_alive=plan.poolable,
-            on_exchange=ix.access_logger(conn, name) if ix.access_log else None,
+            on_exchange=access_logger(conn, name) if ix.access_log else None,
             scan=ix.config.scan,
             on_scan=functools.partial(note_scan, ix.stats, conn),
             # Only a verified flow gets more upstream connections, each verified again.
@@ -507,3 +508,33 @@ class Flow:
         await splice(
             a, b, self._conn, idle_timeout=self._ix.config.idle_timeout, to_upstream=to_upstream
         )
+
+
+def access_logger(conn: FlowRecord, host: str) -> Callable[[Request, int, float], None]:
+    """The access-log callback of one connection's HTTP relay (one INFO line per exchange,
+    logger ``tlsmitm.access``; no path or query: only method, host, status, protocol)."""
+
+    def exchange(request: Request, status: int, seconds: float) -> None:
+        protocol = conn.relay.value if conn.relay is not None else "http/1.1"
+        duration_ms = round(seconds * 1000, 3)
+        _access.info(
+            "%s %s %s %s %.1f ms",
+            request.method.decode("ascii", "replace"),
+            host,
+            status,
+            protocol,
+            duration_ms,
+            extra={
+                "event": "exchange",
+                "conn": conn.connection_id,
+                "client": conn.client,
+                "host": host,
+                "port": conn.port,
+                "protocol": protocol,
+                "method": request.method.decode("ascii", "replace"),
+                "status": status,
+                "duration_ms": duration_ms,
+            },
+        )
+
+    return exchange

@@ -438,7 +438,7 @@ class HttpRelay:
         )
         outcome = await self.hooks.on_response(self.flow, request, shown)
         if complete and isinstance(outcome, Response) and outcome.body is not None:
-            await self._send_replaced(outcome)
+            await send_replaced(self, outcome)
             return
         head = await self._response_outcome(
             outcome, response, request, buffered=bytes(buffered), parsed=parsed
@@ -480,12 +480,6 @@ class HttpRelay:
             data = (data or b"") + (self._down.send(h11.Data(data=buffered)) or b"")
         return data or b""
 
-    async def _send_replaced(self, response: Response) -> None:
-        for event in _replaced_events(response):
-            await self._send(self._down, self.client, event)
-        # The origin's remaining body is not wanted; the connection cannot be reused.
-        raise _Blocked
-
     async def _stream_response_body(
         self, head: bytes, request: Request, response: Response
     ) -> None:
@@ -503,12 +497,9 @@ class HttpRelay:
                 continue
             if not isinstance(event, h11.Data | h11.EndOfMessage):
                 raise UpstreamError("origin closed during the response", reason="upstream_gone")
-            if not self._response_bodies:
-                pass
-            elif isinstance(event, h11.Data):
-                await self._bodies.response(request, response, bytes(event.data), end=False)
-            else:
-                await self._bodies.response(request, response, b"", end=True)
+            if self._response_bodies:
+                data = bytes(event.data) if isinstance(event, h11.Data) else None
+                await self._bodies.response(request, response, data or b"", end=data is None)
             out += self._down.send(event) or b""
             if isinstance(event, h11.EndOfMessage):
                 await self._flush(out)
@@ -544,6 +535,14 @@ def _replaced_events(response: Response) -> list[Any]:
     headers.append((b"content-length", str(len(body)).encode()))
     head = h11.Response(status_code=response.status, reason=response.reason, headers=headers)
     return [head, h11.Data(data=body), h11.EndOfMessage()] if body else [head, h11.EndOfMessage()]
+
+
+async def send_replaced(relay: HttpRelay, response: Response) -> None:
+    """Answer with a hook's or a scanner's replacement instead of the origin's response."""
+    for event in _replaced_events(response):
+        await relay._send(relay._down, relay.client, event)
+    # The origin's remaining body is not wanted; the connection cannot be reused.
+    raise _Blocked
 
 
 class _Blocked(Exception):

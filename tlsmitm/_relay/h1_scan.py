@@ -2,7 +2,7 @@
 
 Functions over an :class:`~tlsmitm._relay.h1.HttpRelay`, kept out of the class so that it stays
 small: :func:`scanned_response` holds a response body, :func:`exchange_scanned_request` a
-request body (``--scan-requests``), :func:`send_replaced` answers with a replacement (a hook's
+request body (``--scan-requests``), :func:`.h1.send_replaced` answers with a replacement (a hook's
 or a scanner's). The protocol-neutral parts -- what scanners are told, how a decision is
 answered and logged -- are in :mod:`.scanning`.
 """
@@ -119,7 +119,8 @@ async def _answer_unless_delivered(
     if decision.action == "replace":
         replaced = decision.replacement
         assert replaced is not None
-        await relay._send_replaced(
+        await _h1.send_replaced(
+            relay,
             Response(
                 status=replaced.status,
                 reason=replaced.reason,
@@ -204,5 +205,5 @@ async def _hooked_head(
         shown = replace(response, body=body if fits else None, truncated=not fits)
     outcome = await relay.hooks.on_response(relay.flow, request, shown)
     if isinstance(outcome, Response) and outcome.body is not None and shown.body is not None:
-        await relay._send_replaced(outcome)
+        await _h1.send_replaced(relay, outcome)
     return await relay._response_outcome(outcome, response, request, buffered=b"", parsed=parsed)

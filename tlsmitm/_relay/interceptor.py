@@ -52,7 +52,7 @@ from .guard import (
     refuse_busy,
     shed_idle,
 )
-from .hooks import Hooks, Request
+from .hooks import Hooks
 from .intake import explicit, transparent
 from .plan import Decision
 from .pool import UpstreamPool
@@ -71,7 +71,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("tlsmitm.relay")
-_access = logging.getLogger("tlsmitm.access")
 
 _ACCEPT_BACKOFF_MIN = 0.05
 _ACCEPT_BACKOFF_MAX = 1.0
@@ -586,35 +585,6 @@ class Interceptor:
                 # this finally and end serve().
                 self._boundary.report(exc, client=conn.client, where="logging")
 
-    def access_logger(self, conn: FlowRecord, host: str) -> Callable[[Request, int, float], None]:
-        """The access-log callback of one connection's HTTP relay (one INFO line per exchange,
-        logger ``tlsmitm.access``; no path or query: only method, host, status, protocol)."""
-
-        def exchange(request: Request, status: int, seconds: float) -> None:
-            protocol = conn.relay.value if conn.relay is not None else "http/1.1"
-            duration_ms = round(seconds * 1000, 3)
-            _access.info(
-                "%s %s %s %s %.1f ms",
-                request.method.decode("ascii", "replace"),
-                host,
-                status,
-                protocol,
-                duration_ms,
-                extra={
-                    "event": "exchange",
-                    "conn": conn.connection_id,
-                    "client": conn.client,
-                    "host": host,
-                    "port": conn.port,
-                    "protocol": protocol,
-                    "method": request.method.decode("ascii", "replace"),
-                    "status": status,
-                    "duration_ms": duration_ms,
-                },
-            )
-
-        return exchange
-
     def _emit(self, conn: FlowRecord) -> None:
         if self.metrics is not None:
             self.metrics.connection_closed(conn)
@@ -627,35 +597,41 @@ class Interceptor:
 
         Used by ``python -m tlsmitm check``; never relays anything.
         """
-        name = normalize_host(host)
-        upstream_tcp = await self._upstreams.connect(name, port)
-        probe = await self._upstreams.probe(upstream_tcp, name, port, alpn_offer)
-        try:
-            now = self.clock()
-            action = None
-            if probe.verdict is not None:
-                action = self.responder.plan(
-                    probe.verdict,
-                    host=name,
-                    hsts_known=self.hsts.is_known_host(name, now=now),
-                    client_speaks_http=True,
-                    now=now,
-                )
-            stream = probe.stream
-            return CheckResult(
+        return await _check_upstream(self, host, port, alpn_offer)
+
+
+async def _check_upstream(
+    ix: Interceptor, host: str, port: int, alpn_offer: Sequence[bytes]
+) -> CheckResult:
+    name = normalize_host(host)
+    upstream_tcp = await ix._upstreams.connect(name, port)
+    probe = await ix._upstreams.probe(upstream_tcp, name, port, alpn_offer)
+    try:
+        now = ix.clock()
+        action = None
+        if probe.verdict is not None:
+            action = ix.responder.plan(
+                probe.verdict,
                 host=name,
-                port=port,
-                verdict=probe.verdict,
-                action=action,
-                client_certificate_requested=probe.client_certificate_requested,
-                hsts_known=self.hsts.is_known_host(name, now=now),
-                tls_version=stream.tls_version(),
-                cipher=stream.cipher_name(),
-                alpn=stream.selected_alpn(),
-                chain=tuple(stream.peer_certificate_chain()),
+                hsts_known=ix.hsts.is_known_host(name, now=now),
+                client_speaks_http=True,
+                now=now,
             )
-        finally:
-            await close(probe.stream)
+        stream = probe.stream
+        return CheckResult(
+            host=name,
+            port=port,
+            verdict=probe.verdict,
+            action=action,
+            client_certificate_requested=probe.client_certificate_requested,
+            hsts_known=ix.hsts.is_known_host(name, now=now),
+            tls_version=stream.tls_version(),
+            cipher=stream.cipher_name(),
+            alpn=stream.selected_alpn(),
+            chain=tuple(stream.peer_certificate_chain()),
+        )
+    finally:
+        await close(probe.stream)
 
 
 def open_state_store(state_dir: Path, state: str | None) -> tuple[StateStore, str | None]:
