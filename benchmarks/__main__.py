@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--scenarios",
-        type=_csv(("setup", "bulk", "held")),
-        default=["setup", "bulk", "held"],
-        help="comma-separated subset of setup,bulk,held (setup includes keep-alive latency)",
+        type=_csv(("setup", "bulk", "held", "h2")),
+        default=["setup", "bulk", "held", "h2"],
+        help="comma-separated subset of setup,bulk,held,h2 (setup includes keep-alive latency; "
+        "h2: HTTP/2 through tlsmitm and mitmproxy)",
     )
     parser.add_argument(
         "--components",

@@ -9,6 +9,11 @@ Scenarios (all traffic on 127.0.0.1, every loop bounded in time):
 3. ``bulk``: a download and an upload of one large body through one connection; MB/s, and the
    peer's peak RSS over its RSS before the transfer.
 4. ``held``: N connections opened and held, RSS per connection, then every one asked again.
+5. ``h2`` (issue 14), tlsmitm and mitmproxy only, the client offering ``h2`` and the origin
+   speaking it: requests/s over 1 connection x 100 concurrent streams and 16 connections x 10
+   streams (the peers taking turns); tlsmitm's HTTP/2 bulk download and upload (compare with
+   its HTTP/1.1 ``bulk``); and RSS per idle intercepted HTTP/2 connection with
+   :attr:`Plan.h2_held_count` held.
 
 Each group of scenarios gets a freshly started peer. Figures land in :class:`PeerRecord`
 ``metrics`` under dotted keys (``setup.fresh.c16.per_s``, ``bulk.download.mb_s``, ...).
@@ -35,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _client
+from . import _client, bench_h2
 from ._client import HttpsConnection, Target, client_context
 from ._components import COMPONENTS, ComponentResult, run_component
 from ._origin import NginxOrigin
@@ -75,6 +80,10 @@ WORKER_PEERS = frozenset({"tlsmitm-w2", "tlsmitm-auto"})
 # Peers measured for connection setup only (pooling changes nothing on one long connection).
 SETUP_ONLY = frozenset({"tlsmitm-nopool"})
 SLOW_TO_OPEN = frozenset({"mitmproxy", "squid"})
+# The ``h2`` scenario: request rates for these; bulk and idle memory for tlsmitm only (its
+# goals compare with tlsmitm's own HTTP/1.1 figures and a fixed budget).
+H2_PEERS = frozenset({"tlsmitm", "mitmproxy"})
+H2_CELLS = ((1, 100), (16, 10))  # (connections, concurrent streams on each)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,6 +105,7 @@ class Plan:
         component_seconds: ``seconds`` passed to each component benchmark's ``run``.
         fresh_names: new names for one cold-minting measurement (each repetition and each
             concurrency gets its own).
+        h2_held_count: idle intercepted HTTP/2 connections held for the memory figure.
     """
 
     mode: str
@@ -107,6 +117,7 @@ class Plan:
     held_open_seconds: float
     component_seconds: float
     fresh_names: int
+    h2_held_count: int
 
 
 QUICK = Plan(
@@ -119,6 +130,7 @@ QUICK = Plan(
     held_open_seconds=15.0,
     component_seconds=0.5,
     fresh_names=1000,
+    h2_held_count=2000,
 )
 FULL = Plan(
     mode="full",
@@ -130,6 +142,7 @@ FULL = Plan(
     held_open_seconds=90.0,
     component_seconds=2.0,
     fresh_names=1500,
+    h2_held_count=2000,
 )
 
 
@@ -491,6 +504,123 @@ class _Measurer:
             f"({metrics.get(f'{key}.kib_per_conn', math.nan):.1f} KiB per connection)"
         )
 
+    # -- HTTP/2 (issue 14) ----------------------------------------------------------------------
+
+    def h2_rate(self, running: Running, connections: int, streams: int, repeat: int) -> None:
+        """One repetition of HTTP/2 requests/s, ``streams`` in flight on each connection."""
+        per_s = bench_h2.rate(
+            running.target, connections=connections, streams=streams, seconds=self.plan.seconds
+        )
+        self._sample(f"h2.c{connections}x{streams}.per_s", per_s)
+        _log(
+            f"[{self.record.label}] h2, {connections} connection(s) x {streams} streams "
+            f"#{repeat + 1}: {per_s:,.0f} req/s"
+        )
+
+    def h2_bulk(self, running: Running, direction: str, repeat: int) -> None:
+        """One HTTP/2 download or upload of the bulk size on one connection."""
+        size = self.plan.bulk_size
+        with RssSampler(running.pids()) as sampler:
+            mb_s = bench_h2.bulk(running.target, direction=direction, size=size)
+        self.origin.clear_uploads()
+        key = f"h2.bulk.{direction}"
+        self._sample(f"{key}.mb_s", mb_s)
+        self._sample(f"{key}.peak_rss_mib", sampler.peak / MiB)
+        _log(
+            f"[{self.record.label}] h2 {direction} {size // MiB} MiB #{repeat + 1}: "
+            f"{mb_s:.0f} MB/s, peak RSS {sampler.peak / MiB:.0f} MiB"
+        )
+
+    def h2_held(self) -> None:
+        """RSS per idle intercepted HTTP/2 connection, on a freshly started peer."""
+        running = self._start()
+        try:
+            self._guard(running, "h2.held", lambda: self._hold_h2(running))
+        finally:
+            running.stop()
+
+    def _hold_h2(self, running: Running) -> None:
+        count = min(self.plan.h2_held_count, (fd_hard_limit() - 64) // 2)
+        key = f"h2.held.{self.plan.h2_held_count}"
+        bench_h2.rate(running.target, connections=5, streams=1, seconds=0.2)  # leaf, upstream
+        time.sleep(0.3)
+        baseline = rss_bytes(running.pids())
+        held_rss: list[int] = []
+        result = bench_h2.hold_idle(
+            running.target,
+            count=count,
+            open_seconds=self.plan.held_open_seconds,
+            while_held=lambda: held_rss.append(rss_bytes(running.pids())),
+        )
+        metrics = self.record.metrics
+        metrics[f"{key}.opened"] = result.opened
+        metrics[f"{key}.answered"] = result.answered
+        metrics[f"{key}.open_s"] = result.open_seconds
+        if result.opened:
+            metrics[f"{key}.kib_per_conn"] = (held_rss[0] - baseline) / result.opened / 1024
+        self._note_errors(key, result.errors)
+        _log(
+            f"[{self.record.label}] held {result.opened}/{count} idle h2 connections in "
+            f"{result.open_seconds:.1f} s, {result.answered} answered again; RSS "
+            f"{baseline / MiB:.0f} -> {held_rss[0] / MiB:.0f} MiB "
+            f"({metrics.get(f'{key}.kib_per_conn', math.nan):.1f} KiB per connection)"
+        )
+
+
+def _h2_in_turns(plan: Plan, measurers: Sequence[_Measurer]) -> None:
+    """HTTP/2 request rates (peers taking turns), tlsmitm's HTTP/2 bulk, then idle memory."""
+    running: dict[str, Running] = {}
+    try:
+        for measurer in measurers:
+            label = measurer.record.label
+            _log(f"[{label}] starting for HTTP/2")
+            try:
+                running[label] = measurer.start_for_bulk()
+            except Exception as exc:  # (Unavailable, or the warm-up request failing)
+                measurer.record.status = "partial" if measurer.record.metrics else "missing"
+                measurer.record.failures["h2"] = f"{type(exc).__name__}: {exc}"
+                _log(f"[{label}] h2: {exc}")
+        turns: list[tuple[str, Callable[[_Measurer, Running, int], None]]] = [
+            (
+                f"h2.c{c}x{s}",
+                lambda m, r, i, c=c, s=s: m.h2_rate(r, c, s, i),
+            )
+            for c, s in H2_CELLS
+        ]
+        turns += [
+            (f"h2.bulk.{d}", lambda m, r, i, d=d: m.h2_bulk(r, d, i))
+            for d in ("download", "upload")
+        ]
+        for scenario, measure in turns:
+            for repeat in range(plan.repeats):
+                for measurer in measurers:
+                    label = measurer.record.label
+                    peer = running.get(label)
+                    if peer is None or (scenario.startswith("h2.bulk") and label != "tlsmitm"):
+                        continue
+                    try:
+                        measurer._guard(
+                            peer, scenario, functools.partial(measure, measurer, peer, repeat)
+                        )
+                    except Unavailable as exc:
+                        _log(f"[{label}] {exc}")
+                        del running[label]
+                        peer.stop()
+    finally:
+        for peer in running.values():
+            peer.stop()
+        for measurer in measurers:
+            measurer.finish_samples()
+            measurer.samples.clear()
+    for measurer in measurers:
+        if measurer.record.label == "tlsmitm" and measurer.record.status != "missing":
+            _log(f"[tlsmitm] h2.held.{plan.h2_held_count}")
+            try:
+                measurer.h2_held()
+            except Unavailable as exc:
+                measurer.record.status = "partial"
+                measurer.record.failures.setdefault("h2.held", str(exc))
+
 
 def _fresh_pools(plan: Plan) -> dict[int, tuple[str, ...]]:
     size = plan.fresh_names * plan.repeats
@@ -601,7 +731,7 @@ def run_benchmarks(
     *,
     peers: Sequence[str] = PEERS,
     components: Sequence[str] = COMPONENTS,
-    scenarios: Sequence[str] = ("setup", "bulk", "held"),
+    scenarios: Sequence[str] = ("setup", "bulk", "held", "h2"),
 ) -> RunResult:
     """Run the whole benchmark; never raises for a peer that is missing or fails.
 
@@ -609,7 +739,8 @@ def run_benchmarks(
         plan: :data:`QUICK`, :data:`FULL` or your own.
         peers: which of :data:`~benchmarks._peers.PEERS` to measure.
         components: which component benchmarks to run.
-        scenarios: which scenario groups (``setup`` includes the keep-alive latency).
+        scenarios: which scenario groups (``setup`` includes the keep-alive latency; ``h2``
+            runs the origin with HTTP/2 enabled for the whole run).
     """
     raise_fd_limit()
     started = time.monotonic()
@@ -624,7 +755,7 @@ def run_benchmarks(
         pools = _fresh_pools(plan)
         names = [*WARM_NAMES, *(n for pool in pools.values() for n in pool)]
         try:
-            origin = NginxOrigin.start(pki, big_sizes=(plan.bulk_size,))
+            origin = NginxOrigin.start(pki, big_sizes=(plan.bulk_size,), http2="h2" in scenarios)
             meta["origin"] = origin.version()
         except Unavailable as exc:
             _log(f"no origin server: {exc}")
@@ -645,6 +776,15 @@ def run_benchmarks(
                         if m.record.status != "missing"
                         and m.record.label not in SETUP_ONLY
                         and m.record.label not in WORKER_PEERS
+                    ],
+                )
+            if "h2" in scenarios:
+                _h2_in_turns(
+                    plan,
+                    [
+                        m
+                        for m in measurers
+                        if m.record.status != "missing" and m.record.label in H2_PEERS
                     ],
                 )
             for measurer in measurers:

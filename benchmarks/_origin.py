@@ -125,13 +125,13 @@ class NginxOrigin:
                 http2=" http2" if http2 else "",
             )
         )
-        log = (work / "stderr.log").open("wb")
-        process = subprocess.Popen(
-            [nginx, "-p", str(work), "-e", str(work / "error.log"), "-c", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with (work / "stderr.log").open("wb") as log:  # (nginx keeps its own descriptor)
+            process = subprocess.Popen(
+                [nginx, "-p", str(work), "-e", str(work / "error.log"), "-c", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         origin = cls(process, port, work, nginx)
         try:
             wait_for_port(port, seconds=15, alive=process)

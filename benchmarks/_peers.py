@@ -264,6 +264,10 @@ def _start_tlsmitm(
             *resolve,
             "--max-connections",
             "30000",
+            # Every benchmark client is 127.0.0.1: the per-client cap (512 by default) would
+            # refuse the held connections with 429.
+            "--max-connections-per-client",
+            "0",
             *([] if pool else ["--upstream-pool-seconds", "0"]),
             "--log-level",
             "warning",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._harness import SETUP_CELLS, RunResult
+from ._harness import H2_CELLS, SETUP_CELLS, RunResult
 
 __all__ = ["Goal", "evaluate_goals", "rst_include", "text_report", "to_json", "write_chart"]
 
@@ -115,6 +115,37 @@ def _rows(result: RunResult) -> list[_Row]:
                 unit="s",
             )
         )
+    for connections, streams in H2_CELLS:
+        rows.append(
+            _Row(
+                title=f"h2, {connections} connection(s) x {streams} streams",
+                key=f"h2.c{connections}x{streams}.per_s",
+                unit="req/s",
+                ratio=True,
+                digits=0,
+            )
+        )
+    for direction in ("download", "upload"):
+        rows += [
+            _Row(
+                title=f"h2 {direction} {size} MiB",
+                key=f"h2.bulk.{direction}.mb_s",
+                unit="MB/s",
+                digits=0,
+            ),
+            _Row(title="  peak RSS", key=f"h2.bulk.{direction}.peak_rss_mib", unit="MiB", digits=0),
+        ]
+    h2_held = result.plan.h2_held_count
+    rows += [
+        _Row(
+            title=f"{h2_held:,} idle h2 held: opened",
+            key=f"h2.held.{h2_held}.opened",
+            unit="conn",
+            digits=0,
+        ),
+        _Row(title="  answered again", key=f"h2.held.{h2_held}.answered", unit="conn", digits=0),
+        _Row(title="  RSS per connection", key=f"h2.held.{h2_held}.kib_per_conn", unit="KiB"),
+    ]
     counts = sorted({*result.plan.held_counts, *result.plan.held_counts_slow})
     for count in counts:
         rows += [
@@ -295,6 +326,42 @@ def _issue19_goals(result: RunResult) -> list[Goal]:
     return goals
 
 
+def _issue14_goals(result: RunResult) -> list[Goal]:
+    """Issue 14: HTTP/2 against mitmproxy in the same run and against tlsmitm's own HTTP/1.1."""
+    goals = [
+        _ratio_goal(
+            result,
+            f"issue 14: h2 requests/s, {connections} connection(s) x {streams} streams "
+            ">= 3x mitmproxy",
+            f"h2.c{connections}x{streams}.per_s",
+            "mitmproxy",
+            3,
+        )
+        for connections, streams in H2_CELLS
+    ]
+    for direction in ("download", "upload"):
+        goals.append(
+            _compare(
+                f"issue 14: h2 bulk {direction} >= 0.8x tlsmitm's HTTP/1.1 bulk {direction}",
+                _metric(result, "tlsmitm", f"h2.bulk.{direction}.mb_s"),
+                _metric(result, "tlsmitm", f"bulk.{direction}.mb_s"),
+                0.8,
+            )
+        )
+    count = result.plan.h2_held_count
+    key = f"h2.held.{count}"
+    per = _metric(result, "tlsmitm", f"{key}.kib_per_conn")
+    opened = _metric(result, "tlsmitm", f"{key}.opened")
+    goals.append(
+        Goal(
+            goal=f"issue 14: RSS per idle intercepted h2 connection ({count:,}) <= 120 KiB",
+            measured="-" if per is None else f"{per:.1f} KiB at {opened or 0:,.0f} connections",
+            met=None if per is None else per <= 120 and opened == count,
+        )
+    )
+    return goals
+
+
 def evaluate_goals(result: RunResult) -> list[Goal]:
     """The issue's goals, each with the figure that decides it."""
     goals: list[Goal] = []
@@ -414,6 +481,7 @@ def evaluate_goals(result: RunResult) -> list[Goal]:
             Goal(goal="added p50 latency on a warm connection <= 1 ms", measured="-", met=None)
         )
     goals += _issue19_goals(result)
+    goals += _issue14_goals(result)
     return goals
 
 
@@ -510,7 +578,7 @@ def text_report(result: RunResult) -> str:
         )
         lines.append(f"  {name}: {shown}")
     lines.append("")
-    lines.append("goals (issue 9):")
+    lines.append("goals (issue 9 unless named):")
     for goal in evaluate_goals(result):
         mark = "n/a " if goal.met is None else ("MET " if goal.met else "MISS")
         lines.append(f"  [{mark}] {goal.goal}: {goal.measured}")

@@ -19,6 +19,8 @@ import ssl
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import h2.config
@@ -177,6 +179,99 @@ async def _bulk(target: Target, direction: str, size: int) -> float:
         await trio.aclose_forcefully(tls)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeldH2:
+    """What :func:`hold_idle` saw.
+
+    Attributes:
+        opened: connections that answered their first request over HTTP/2.
+        answered: held connections that answered once more after the measurement.
+        open_seconds: how long opening them took.
+        errors: failures while opening, by kind.
+    """
+
+    opened: int
+    answered: int
+    open_seconds: float
+    errors: dict[str, int]
+
+
+def _count(errors: dict[str, int], exc: Exception) -> None:
+    kind = f"{type(exc).__name__}: {str(exc)[:80]}"
+    errors[kind] = errors.get(kind, 0) + 1
+
+
+async def _hold_idle(
+    target: Target, count: int, open_seconds: float, while_held: Callable[[], None]
+) -> HeldH2:
+    opened: list[Opened] = []
+    errors: dict[str, int] = {}
+    limiter = trio.CapacityLimiter(32)
+    started = time.monotonic()
+
+    async def open_one() -> None:
+        async with limiter:
+            try:
+                pair = await _open(target)
+            except (OSError, RuntimeError, trio.BrokenResourceError) as exc:
+                _count(errors, exc)
+                return
+            try:
+                await _exchanges(pair, target, 1, 0.0, [0])
+            except (OSError, RuntimeError, trio.BrokenResourceError) as exc:
+                _count(errors, exc)
+                await trio.aclose_forcefully(pair[0])
+                return
+            opened.append(pair)
+
+    answered = [0]
+
+    async def ask_again(pair: Opened) -> None:
+        with trio.move_on_after(30):
+            try:
+                await _exchanges(pair, target, 1, 0.0, [0])
+            except (OSError, RuntimeError, trio.BrokenResourceError):
+                return
+            answered[0] += 1
+
+    try:
+        with trio.move_on_after(open_seconds):
+            async with trio.open_nursery() as nursery:
+                for _ in range(count):
+                    nursery.start_soon(open_one)
+        took = time.monotonic() - started
+        await trio.sleep(0.5)  # the proxy settles: every connection idle
+        await trio.to_thread.run_sync(while_held)
+        async with trio.open_nursery() as nursery:
+            for pair in opened:
+                nursery.start_soon(ask_again, pair)
+    finally:
+        for tls, _ in opened:
+            await trio.aclose_forcefully(tls)
+    return HeldH2(opened=len(opened), answered=answered[0], open_seconds=took, errors=errors)
+
+
+def hold_idle(
+    target: Target, *, count: int, open_seconds: float, while_held: Callable[[], None]
+) -> HeldH2:
+    """Open ``count`` intercepted HTTP/2 connections (one request each) and hold them idle.
+
+    ``while_held`` runs once they are all open and idle (measure memory there); then every
+    held connection asks once more and the answers are counted; then all are closed.
+    """
+    return trio.run(_hold_idle, target, count, open_seconds, while_held)
+
+
+def rate(target: Target, *, connections: int, streams: int, seconds: float) -> float:
+    """HTTP/2 requests/s over ``connections`` connections, ``streams`` in flight on each."""
+    return trio.run(_rate, target, connections, streams, seconds)
+
+
+def bulk(target: Target, *, direction: str, size: int) -> float:
+    """MB/s of one HTTP/2 download or upload of ``size`` bytes on one connection."""
+    return trio.run(_bulk, target, direction, size)
+
+
 def run(seconds: float = 2.0) -> dict[str, float]:
     """Measure; ``seconds`` per request-rate figure."""
     figures: dict[str, float] = {}
@@ -214,7 +309,7 @@ def run(seconds: float = 2.0) -> dict[str, float]:
     return figures
 
 
-__all__ = ["run"]
+__all__ = ["HeldH2", "bulk", "hold_idle", "rate", "run"]
 
 if __name__ == "__main__":
     sys.exit(component_main(run, sys.argv[1:]))

@@ -205,3 +205,85 @@ def test_issue_19_goals_are_judged_against_peers_of_the_same_run(bench: None) ->
     assert goals["issue 19: bulk download >= Squid's"].met is None  # not measured here
     assert goals["issue 19: RSS per held connection (1,000) <= 64 KiB"].met is True
     assert "[MISS] issue 19: the terminator uploads" in _report.text_report(result)
+
+
+def test_issue_14_goals_compare_h2_with_mitmproxy_and_with_tlsmitms_own_http1(
+    bench: None,
+) -> None:
+    from benchmarks import _harness, _report
+
+    ours = _harness.PeerRecord(label="tlsmitm")
+    ours.metrics.update(
+        {
+            "h2.c1x100.per_s": 900.0,
+            "h2.c16x10.per_s": 500.0,
+            "h2.bulk.download.mb_s": 90.0,
+            "bulk.download.mb_s": 100.0,
+            "h2.bulk.upload.mb_s": 50.0,
+            "bulk.upload.mb_s": 100.0,
+            "h2.held.2000.opened": 2000.0,
+            "h2.held.2000.kib_per_conn": 80.0,
+        }
+    )
+    mitm = _harness.PeerRecord(label="mitmproxy")
+    mitm.metrics.update({"h2.c1x100.per_s": 300.0, "h2.c16x10.per_s": 250.0})
+    result = _harness.RunResult(
+        plan=_harness.QUICK,
+        meta=_harness.machine_info(),
+        peers={"tlsmitm": ours, "mitmproxy": mitm},
+        components={},
+    )
+    goals = {g.goal: g for g in _report.evaluate_goals(result)}
+    one = goals["issue 14: h2 requests/s, 1 connection(s) x 100 streams >= 3x mitmproxy"]
+    assert (one.met, one.measured) == (True, "3.0x")
+    sixteen = goals["issue 14: h2 requests/s, 16 connection(s) x 10 streams >= 3x mitmproxy"]
+    assert (sixteen.met, sixteen.measured) == (False, "2.0x")
+    download = goals["issue 14: h2 bulk download >= 0.8x tlsmitm's HTTP/1.1 bulk download"]
+    assert (download.met, download.measured) == (True, "0.90x (90 against 100)")
+    assert goals["issue 14: h2 bulk upload >= 0.8x tlsmitm's HTTP/1.1 bulk upload"].met is False
+    held = goals["issue 14: RSS per idle intercepted h2 connection (2,000) <= 120 KiB"]
+    assert (held.met, held.measured) == (True, "80.0 KiB at 2,000 connections")
+    report = _report.text_report(result)
+    assert "[MISS] issue 14: h2 requests/s, 16 connection(s)" in report
+    assert "h2, 1 connection(s) x 100 streams" in report  # the figure's row
+
+
+def test_the_h2_client_measures_through_a_real_tlsmitm(bench: None, tmp_path: Path) -> None:
+    """The ``h2`` scenario's client end to end: ``serve --workers 1``, nginx speaking h2."""
+    from conftest import require_tool
+
+    require_tool("nginx")
+    from benchmarks import bench_h2
+    from benchmarks._origin import NginxOrigin
+    from benchmarks._peers import PeerEnv, start_peer
+    from benchmarks._pki import make_pki
+    from benchmarks._proc import rss_bytes
+
+    pki = make_pki(tmp_path, now=dt.datetime.now(dt.UTC))
+    origin = NginxOrigin.start(pki, big_sizes=(1 << 20,), http2=True)
+    try:
+        env = PeerEnv(work=tmp_path, pki=pki, origin_port=origin.port, names=())
+        proxy = start_peer("tlsmitm", env, origin_pids=[], origin_version="")
+        try:
+            per_s = bench_h2.rate(proxy.target, connections=2, streams=4, seconds=0.3)
+            download = bench_h2.bulk(proxy.target, direction="download", size=1 << 20)
+            upload = bench_h2.bulk(proxy.target, direction="upload", size=1 << 20)
+            seen: list[int] = []
+            held = bench_h2.hold_idle(
+                proxy.target,
+                count=6,
+                open_seconds=30,
+                while_held=lambda: seen.append(rss_bytes(proxy.pids())),
+            )
+            alive = proxy.alive()
+        finally:
+            proxy.stop()
+    finally:
+        origin.stop()
+    assert alive
+    assert per_s > 0
+    assert download > 0
+    assert upload > 0
+    assert (held.opened, held.answered, held.errors) == (6, 6, {})
+    assert len(seen) == 1
+    assert seen[0] > 0
