@@ -29,6 +29,7 @@ from tlsmitm._relay.h2 import H2Front, H2Upstream
 from tlsmitm._relay.h2_rules import (
     FloodGuard,
     H2Limits,
+    HeadWatch,
     h1_request_headers,
     h2_request_headers,
     request_from_h2,
@@ -124,6 +125,8 @@ async def relay(
     client_settings: dict[int, int] | None = None,
     start_client: bool = True,
     scan: ScanSettings | None = None,
+    head_timeout: float = 10.0,
+    idle_timeout: float = 300.0,
 ) -> AsyncIterator[Setup]:
     hooks = hooks or RecordingHooks()
     limits = limits or H2Limits()
@@ -170,6 +173,8 @@ async def relay(
             limits=limits,
             scan=scan,
             on_scan=reports.append,
+            head_timeout=head_timeout,
+            idle_timeout=idle_timeout,
         )
         client = H2Peer(client_sock, auto_ack=client_auto_ack, settings=client_settings)
         setup = Setup(client, front, up, hooks, sts, origin, stats, authorities=authorities)
@@ -859,3 +864,124 @@ async def test_a_client_that_vanishes_mid_stream_ends_the_relay() -> None:
         with trio.fail_after(20):
             await s.front_done.wait()
         assert s.front.active_streams == 0
+
+
+# -- deadlines: heads in total time, idle connections ------------------------------------------
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes([kind, flags])
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )
+
+
+def test_head_watch_times_the_preface_and_each_header_block_not_other_frames() -> None:
+    watch = HeadWatch(since=0.0)
+    settings = _frame(0x4, 0, 0, b"")
+    for i, byte in enumerate(PREFACE + settings):  # byte by byte: still the one head
+        assert watch.since == 0.0
+        watch.feed(bytes([byte]), now=float(i))
+    assert watch.since is None
+    watch.feed(_frame(0x6, 0, 0, b"12345678"), now=50.0)  # PING: not a head
+    assert watch.since is None
+    headers = _frame(0x1, 0, 1, b"x" * 20)  # no END_HEADERS
+    watch.feed(headers[:2], now=60.0)
+    watch.feed(headers[2:], now=61.0)
+    assert watch.since == 60.0  # from the frame's first byte
+    watch.feed(_frame(0x9, 0, 1, b"y" * 5), now=70.0)
+    assert watch.since == 60.0  # CONTINUATION without END_HEADERS: still open
+    watch.feed(_frame(0x9, 0x4, 1, b"z"), now=80.0)
+    assert watch.since is None
+    watch.feed(_frame(0x0, 0x1, 1, b"body" * 100)[:50], now=90.0)  # a partial DATA frame
+    assert watch.since is None
+    watch.feed(_frame(0x0, 0x1, 1, b"body" * 100)[50:] + _frame(0x1, 0x5, 3, b"h"), now=95.0)
+    assert watch.since is None  # a complete HEADERS frame in the same read
+
+
+async def test_a_trickled_headers_frame_is_cut_off_after_the_head_timeout() -> None:
+    async with relay(upstream="h2", head_timeout=1.0) as s:
+        await s.client.remote_settings_seen.wait()
+        frame = HeadersFrame(1)
+        frame.data = hpack.Encoder().encode([*_head(b"/"), (b"x-pad", b"p" * 400)])
+        frame.flags.add("END_HEADERS")
+        frame.flags.add("END_STREAM")
+        started = trio.current_time()
+        with contextlib.suppress(*GONE):
+            for byte in frame.serialize():  # one byte every 20 ms: each byte is progress
+                await s.client.send_raw(bytes([byte]))
+                if s.front_done.is_set():
+                    break
+                await trio.sleep(0.02)
+        await _expect_goaway(s, ERR.ENHANCE_YOUR_CALM, "head_timeout")
+        assert trio.current_time() - started >= 1.0
+        assert s.hooks.requests == []
+        await _normal_client_still_served()
+
+
+async def test_headers_without_end_headers_then_silence_get_goaway() -> None:
+    async with relay(upstream="h2", head_timeout=1.0) as s:
+        _, ex = await s.client.request(b"/echo", method=b"POST", body=b"first")
+        assert bytes(ex.body) == b"first"  # a complete request first: then a stalled block
+        frame = HeadersFrame(3)
+        frame.data = hpack.Encoder().encode(_head(b"/"))[:5]
+        await s.client.send_raw(frame.serialize())  # no END_HEADERS, no CONTINUATION
+        await _expect_goaway(s, ERR.ENHANCE_YOUR_CALM, "head_timeout")
+        assert [r.target for r in s.hooks.requests] == [b"/echo"]
+
+
+@pytest.mark.parametrize("sent", [PREFACE[:10], PREFACE], ids=["half-preface", "no-settings"])
+async def test_a_client_that_never_completes_its_preface_is_cut_off(sent: bytes) -> None:
+    async with relay(upstream="h2", head_timeout=1.0, start_client=False) as s:
+        await s.client.stream.send_all(sent)
+        with trio.fail_after(20):
+            await s.front_done.wait()
+        assert [getattr(e, "reason", None) for e in s.front_error] == ["head_timeout"]
+        received = b""
+        with trio.fail_after(20), contextlib.suppress(trio.BrokenResourceError):
+            while chunk := await s.client.stream.receive_some(65536):
+                received += chunk
+        reader = h2.connection.H2Connection()
+        reader.initiate_connection()
+        events = reader.receive_data(received)
+        goaways = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert [e.error_code for e in goaways] == [ERR.ENHANCE_YOUR_CALM]
+
+
+async def test_a_connection_without_streams_closes_after_the_idle_timeout_despite_pings() -> None:
+    async with relay(upstream="h2", idle_timeout=1.0) as s:
+        _, ex = await s.client.request(b"/echo", method=b"POST", body=b"one")
+        assert bytes(ex.body) == b"one"
+        with contextlib.suppress(*GONE), trio.move_on_after(20):
+            for i in range(1000):  # PINGs are no request: they keep nothing open
+                s.client.conn.ping(b"%08d" % i)
+                await s.client.flush()
+                if s.front_done.is_set():
+                    break
+                await trio.sleep(0.2)
+        assert s.front_done.is_set()  # while the PINGs went on
+        with trio.fail_after(20):
+            await s.client.closed.wait()
+        assert s.front_error == []
+        assert s.client.terminated is not None
+        assert s.client.terminated.error_code == ERR.NO_ERROR  # a graceful GOAWAY
+
+
+async def test_an_open_stream_keeps_a_connection_past_the_idle_timeout_while_bytes_move() -> None:
+    async with relay(upstream="h2", idle_timeout=1.0) as s:
+        sid = s.client.conn.get_next_available_stream_id()
+        ex = s.client.exchanges[sid] = Exchange()
+        s.client.conn.send_headers(sid, [(b":method", b"POST"), *_head(b"/echo")[1:]])
+        await s.client.flush()
+        for _ in range(15):  # 3 s of a slow upload, longer than the idle timeout
+            await s.client.send_body(sid, b"x", end=False)
+            await trio.sleep(0.2)
+        await s.client.send_body(sid, b"y", end=True)
+        with trio.fail_after(20):
+            await ex.done.wait()
+        assert bytes(ex.body) == b"x" * 15 + b"y"
+        assert not s.front_done.is_set()

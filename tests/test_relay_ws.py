@@ -441,3 +441,38 @@ async def test_a_slow_reader_holds_its_writer_back() -> None:
             assert await client.message() == b"x" * 10_000
         assert relay.counters.messages_down == 50
         nursery.cancel_scope.cancel()
+
+
+async def test_a_trickled_fragmented_message_is_bounded_in_total_by_the_idle_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with session(idle_timeout=60.0) as s:
+        start = trio.current_time()
+        closing = None
+        for i in range(100):  # a fragment every 30 s: each one is progress, the message is not
+            await s.client.send(TextMessage(data=f"part{i};", message_finished=False))
+            with trio.move_on_after(30.0):
+                closing = await s.client.expect_close(1008)
+            if closing is not None:
+                break
+        assert closing is not None
+        assert closing.reason == "message too slow"
+        assert 59.9 <= trio.current_time() - start <= 61.0
+        await s.origin.expect_close(1001)
+    assert s.hooks.seen == []  # the message never reached the hook, nor the origin
+
+
+async def test_whole_messages_every_30_seconds_keep_a_websocket_open(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with session(idle_timeout=60.0) as s:
+        for i in range(6):  # 3 minutes of messages in several fragments each, none too slow
+            await s.client.send(TextMessage(data=f"a{i}", message_finished=False))
+            await trio.sleep(20.0)
+            await s.client.send(TextMessage(data="b", message_finished=True))
+            assert await s.origin.message() == f"a{i}b"
+            await trio.sleep(10.0)
+        await s.client.send(CloseConnection(code=1000))
+        await s.origin.expect_close(1000)
+        await s.client.expect_close(1000, reply=False)
+    assert len(s.hooks.seen) == 6

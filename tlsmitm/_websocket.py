@@ -486,6 +486,11 @@ class Endpoint:
         """Whether this hop is over: both Close frames exchanged, failed, or its transport gone."""
         return self.transport_gone or self.failed or (self.close_sent and self.close_received)
 
+    @property
+    def message_open(self) -> bool:
+        """Whether part of a message has arrived and its final fragment has not (RFC 6455 §5.4)."""
+        return self._parts is not None
+
     def receive(self, data: bytes | None) -> list[Received]:
         """Feed bytes from the peer (``None`` at the end of the transport); what they completed.
 

@@ -41,7 +41,9 @@ advertised, so browsers open WebSockets over HTTP/1.1, where they are inspected.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 import h2.config
@@ -78,6 +80,7 @@ from .h1 import BlockAnswer, StsCallback
 from .h2_rules import (
     FloodGuard,
     H2Limits,
+    HeadWatch,
     forwardable,
     h2_request_headers,
     h2_response_headers,
@@ -342,7 +345,11 @@ class H2Front:
         misdirected: judges each request's ``:authority``: ``None`` when it may use this
             connection, else why not (answered with 421, RFC 9113 §9.1.2).
         limits: the connection's bounds and flood limits.
-        idle_timeout: seconds without a byte either way before the connection is closed.
+        idle_timeout: seconds without a byte either way while streams are open, or without a
+            stream at all (GOAWAY NO_ERROR), before the connection is closed.
+        head_timeout: seconds for the preface and first SETTINGS, and for each header block
+            from its first byte to END_HEADERS (total, however it trickles in), before the
+            connection is closed with GOAWAY ENHANCE_YOUR_CALM.
         should_stop: checked for each new stream; ``True`` starts a graceful close (GOAWAY).
         initial_client_data: bytes of the client already read (its connection preface).
         clock: the time source for the flood counters.
@@ -360,6 +367,7 @@ class H2Front:
         misdirected: Misdirected,
         limits: H2Limits | None = None,
         idle_timeout: float = 300.0,
+        head_timeout: float = 10.0,
         should_stop: Callable[[], bool] = lambda: False,
         initial_client_data: bytes = b"",
         clock: Callable[[], float] = trio.current_time,
@@ -377,6 +385,7 @@ class H2Front:
         self.misdirected = misdirected
         self.limits = limits or H2Limits()
         self.idle_timeout = idle_timeout
+        self.head_timeout = head_timeout
         self.should_stop = should_stop
         self.clock = clock
         self.counters = Counters()
@@ -388,6 +397,8 @@ class H2Front:
         self._going_away = False
         self._idle = trio.CancelScope()
         self._reading = trio.CancelScope()
+        self._heads = HeadWatch(since=None)
+        self._head_scope = trio.CancelScope()
         limits_ = self.limits
         self._guard = FloodGuard(
             window=limits_.flood_window,
@@ -416,7 +427,18 @@ class H2Front:
         return sum(s.inbox.fc_pending for s in self._streams.values())
 
     def _touch(self) -> None:
+        """Progress: with streams open, any byte either way; without, only a new stream (PINGs,
+        SETTINGS or a trickle of frames do not keep an idle connection open)."""
+        if self._streams:
+            self._rearm()
+
+    def _rearm(self) -> None:
         self._idle.deadline = trio.current_time() + self.idle_timeout
+
+    def _heads_fed(self, data: bytes) -> None:
+        self._heads.feed(data, trio.current_time())
+        since = self._heads.since
+        self._head_scope.deadline = math.inf if since is None else since + self.head_timeout
 
     def begin_shutdown(self) -> None:
         """Graceful close (RFC 9113 §6.8): GOAWAY with the last stream accepted; the streams
@@ -447,14 +469,19 @@ class H2Front:
             raise
 
     async def _run(self) -> None:
+        self._heads.since = trio.current_time()  # the preface and SETTINGS are due from now
+        self._heads_fed(b"")
         with self._idle:
-            self._touch()
+            self._rearm()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._wire.writer)
                 nursery.start_soon(self.upstream.run)
                 await self._wire.flush()  # our preface: SETTINGS and WINDOW_UPDATE
                 with self._reading:
-                    await self._read(nursery)
+                    with self._head_scope:
+                        await self._read(nursery)
+                    if self._head_scope.cancelled_caught:
+                        await self._head_too_slow()
                 if not self._going_away:  # the client left: nobody to answer any more
                     for stream in self._streams.values():
                         stream.scope.cancel()
@@ -462,6 +489,25 @@ class H2Front:
                     await self._streams_done.park()
                 await self._wire.flush()
                 nursery.cancel_scope.cancel()
+        if self._idle.cancelled_caught and not self._streams:
+            # Idle without a stream: a graceful GOAWAY (RFC 9113 §6.8), then the close.
+            self.conn.close_connection(_ERR.NO_ERROR)
+            with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError):
+                await self._wire.flush()
+
+    async def _head_too_slow(self) -> None:
+        """A head stayed incomplete for ``head_timeout``: GOAWAY ENHANCE_YOUR_CALM, close.
+
+        A half-received header block leaves the HPACK state unusable (RFC 9113 §4.3), so the
+        whole connection goes, not a stream; a preface that never completes has no stream.
+        """
+        log.info(
+            "client %s: HTTP/2 head not complete within %s s", self.flow.client, self.head_timeout
+        )
+        self.conn.close_connection(_ERR.ENHANCE_YOUR_CALM, b"request head too slow")
+        await self._close_after(
+            f"HTTP/2 head not complete within {self.head_timeout} s", reason="head_timeout"
+        )
 
     async def _read(self, nursery: trio.Nursery) -> None:
         data = self._initial
@@ -469,6 +515,7 @@ class H2Front:
             if data:
                 self.counters.bytes_up += len(data)
                 self._touch()
+                self._heads_fed(data)
                 try:
                     events = self.conn.receive_data(data)
                 except h2.exceptions.ProtocolError as exc:
@@ -554,6 +601,7 @@ class H2Front:
             return
         stream = _FrontStream(event.stream_id, list(event.headers), event.stream_ended is not None)
         self._streams[event.stream_id] = stream
+        self._rearm()
         nursery.start_soon(self._serve, stream)
 
     async def _serve(self, stream: _FrontStream) -> None:
@@ -580,6 +628,8 @@ class H2Front:
             else:
                 self._wire.reset(stream.id, _ERR.CANCEL)
             self._streams_done.unpark_all()
+            if not self._streams:
+                self._rearm()  # idle from now, unless a new stream opens
             if self._going_away and not self._streams:
                 self._reading.cancel()
 
@@ -918,6 +968,7 @@ async def run_h2(job: RelayJob) -> RelayOutcome:
             answer_block=job.answer_block,
             misdirected=same_authority_only(flow.host, flow.port),
             idle_timeout=job.idle_timeout,
+            head_timeout=job.head_timeout,
             should_stop=job.should_stop,
             initial_client_data=job.to_upstream,
             scan=job.scan,

@@ -15,6 +15,7 @@ __all__ = [
     "HOP_BY_HOP",
     "FloodGuard",
     "H2Limits",
+    "HeadWatch",
     "forwardable",
     "h1_request_headers",
     "h2_request_headers",
@@ -106,6 +107,79 @@ class FloodGuard:
         seen = self._counts.get(kind, 0) + 1
         self._counts[kind] = seen
         return seen > self.limits[kind]
+
+
+_PREFACE_SIZE = 24  # RFC 9113 §3.4: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_FRAME_HEADER = 9  # RFC 9113 §4.1
+_HEADERS, _CONTINUATION = 0x1, 0x9  # RFC 9113 §6.2, §6.10
+_END_HEADERS = 0x4
+
+
+@dataclass(slots=True)
+class HeadWatch:
+    """Says since when a client's *head* has been incomplete, from the raw bytes it sends.
+
+    An HTTP/2 head is the connection preface with the first SETTINGS frame (RFC 9113 §3.4),
+    then each header block: a HEADERS frame and its CONTINUATION frames up to END_HEADERS
+    (RFC 9113 §4.3, §6.10). ``since`` is when the incomplete head began (the connection's
+    start for the preface, the first byte of the HEADERS frame for a block), ``None`` while
+    none is open; the driver holds each head to a total deadline from there, however slowly
+    its bytes trickle in. Pure: the caller passes ``now``; frames are only delimited, never
+    decoded (``h2`` does that and enforces the protocol).
+    """
+
+    since: float | None
+    _preface_left: int = _PREFACE_SIZE
+    _greeting: bool = True  # the first frame after the preface is the client's SETTINGS
+    _in_block: bool = False
+    _header: bytearray = field(default_factory=bytearray)
+    _frame_start: float = 0.0
+    _payload_left: int = 0
+    _head_frame: bool = False
+    _ends_head: bool = False
+
+    def feed(self, data: bytes, now: float) -> None:
+        """Account for ``data``, the next bytes from the client, received at ``now``."""
+        view = memoryview(data)
+        while view:
+            if self._preface_left:
+                taken = min(self._preface_left, len(view))
+                self._preface_left -= taken
+            elif self._payload_left:
+                taken = min(self._payload_left, len(view))
+                self._payload_left -= taken
+                if not self._payload_left:
+                    self._frame_done()
+            else:
+                if not self._header:
+                    self._frame_start = now
+                taken = min(_FRAME_HEADER - len(self._header), len(view))
+                self._header += view[:taken]
+                if len(self._header) == _FRAME_HEADER:
+                    self._frame_begins()
+            view = view[taken:]
+
+    def _frame_begins(self) -> None:
+        header, self._header = self._header, bytearray()
+        self._payload_left = int.from_bytes(header[:3], "big")
+        kind, flags = header[3], header[4]
+        self._head_frame = self._greeting or self._in_block or kind == _HEADERS
+        self._ends_head = self._greeting or (
+            kind in (_HEADERS, _CONTINUATION) and bool(flags & _END_HEADERS)
+        )
+        if self._head_frame and self.since is None:
+            self.since = self._frame_start
+        if not self._payload_left:
+            self._frame_done()
+
+    def _frame_done(self) -> None:
+        if not self._head_frame:
+            return
+        if self._ends_head:
+            self.since = None
+            self._greeting = self._in_block = False
+        else:
+            self._in_block = True
 
 
 # -- header translation (pure) ---------------------------------------------------------------

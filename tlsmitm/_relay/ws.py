@@ -26,7 +26,10 @@ Control frames (RFC 6455 §5.5):
 Once the first Close is sent or received, both handshakes get ``close_timeout`` seconds to
 finish; whatever has not by then is answered (a received Close still gets its Close back) and
 the relay ends. No bytes either way for ``idle_timeout``, or the interceptor shutting down,
-closes both hops with 1001. The caller closes the streams afterwards.
+closes both hops with 1001. A fragmented message (RFC 6455 §5.4) is held until its last fragment,
+so it gets ``idle_timeout`` in *total* from its first byte, however slowly its fragments
+trickle in: then its sender's hop is closed with 1008 and the other with 1001. The caller closes
+the streams afterwards.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ log = logging.getLogger("tlsmitm.websocket")
 
 _RECEIVE_SIZE = 64 * 1024
 _GOING_AWAY = 1001  # RFC 6455 §7.4.1
+_POLICY_VIOLATION = 1008  # RFC 6455 §7.4.1
 _INTERNAL_ERROR = 1011  # RFC 6455 §7.4.1 (and the IANA registry: either endpoint)
 
 HookVerdict = WebSocketMessage | DropMessage | WebSocketClose | None
@@ -101,6 +105,7 @@ class _Hop:
     leftover: bytes
     from_client: bool  # messages read on this hop travel client -> server
     lock: trio.Lock = field(default_factory=trio.Lock)
+    message_since: float | None = None  # when the message being reassembled began
 
 
 class WebSocketRelay:
@@ -199,6 +204,10 @@ class WebSocketRelay:
             for item in source.endpoint.receive(data or None):
                 await self._handle(source, sink, item)
             data = b""
+            if not source.endpoint.message_open:
+                source.message_since = None
+            elif source.message_since is None:
+                source.message_since = self._last_activity
             self._check_finished()
 
     async def _handle(self, source: _Hop, sink: _Hop, item: Received) -> None:
@@ -317,9 +326,23 @@ class WebSocketRelay:
         await self._close_both(_GOING_AWAY, "proxy shutting down")
 
     async def _watch_idle(self) -> None:
+        """``idle_timeout`` without a byte either way, or for one message from its first
+        fragment to its last, however its bytes trickle in (the message is held in memory)."""
         while not self._closing:
+            now = trio.current_time()
             deadline = self._last_activity + self._idle_timeout
-            if trio.current_time() >= deadline:
+            for hop, other in ((self._client, self._upstream), (self._upstream, self._client)):
+                if hop.message_since is None:
+                    continue
+                message_deadline = hop.message_since + self._idle_timeout
+                if now >= message_deadline:
+                    # RFC 6455 §7.4.1: 1008, a message that violates the proxy's policy.
+                    self._start_closing(_POLICY_VIOLATION)
+                    await self._send(hop, _close_frame(_POLICY_VIOLATION, "message too slow"))
+                    await self._send(other, _close_frame(_GOING_AWAY, f"{hop.name} too slow"))
+                    return
+                deadline = min(deadline, message_deadline)
+            if now >= deadline:
                 await self._close_both(_GOING_AWAY, "idle timeout")
                 return
             await trio.sleep_until(deadline)
