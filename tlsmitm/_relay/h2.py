@@ -99,6 +99,7 @@ log = logging.getLogger("tlsmitm.h2")
 
 _RECEIVE_SIZE = 64 * 1024
 _ERR = h2.errors.ErrorCodes
+_TRANSPORT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class _Wire:
@@ -491,8 +492,9 @@ class H2Front:
                 nursery.cancel_scope.cancel()
         if self._idle.cancelled_caught and not self._streams:
             # Idle without a stream: a graceful GOAWAY (RFC 9113 §6.8), then the close.
-            self.conn.close_connection(_ERR.NO_ERROR)
-            with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError):
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # (already closed)
+                self.conn.close_connection(_ERR.NO_ERROR)
+            with trio.move_on_after(1.0), contextlib.suppress(*_TRANSPORT_GONE):
                 await self._wire.flush()
 
     async def _head_too_slow(self) -> None:
