@@ -24,7 +24,7 @@ from hyperframe.frame import ContinuationFrame, HeadersFrame
 from origin import EICAR, OriginStats, serve_http
 
 from tlsmitm._errors import ClientError, TlsMitmError
-from tlsmitm._relay.exchange import H1Front, H1Upstream
+from tlsmitm._relay.exchange import H1Front, H1Upstream, leaf_exception
 from tlsmitm._relay.h2 import H2Front, H2Upstream
 from tlsmitm._relay.h2_rules import (
     FloodGuard,
@@ -985,3 +985,49 @@ async def test_an_open_stream_keeps_a_connection_past_the_idle_timeout_while_byt
             await ex.done.wait()
         assert bytes(ex.body) == b"x" * 15 + b"y"
         assert not s.front_done.is_set()
+
+
+async def test_an_http1_client_trickling_its_head_to_an_h2_origin_is_cut_off() -> None:
+    opened: list[trio.SocketStream] = []
+    hooks = RecordingHooks()
+    async with trio.open_nursery() as nursery:
+        client_sock, front_sock = _pair(opened)
+        up_sock, origin_sock = _pair(opened)
+        nursery.start_soon(H2Peer(origin_sock, client=False, handler=origin_handler).run)
+        front = H1Front(
+            client=front_sock,
+            upstream=H2Upstream(up_sock),
+            flow=FLOW,
+            hooks=hooks,
+            on_sts=None,
+            answer_block=answer_block,
+            head_timeout=1.0,
+        )
+        errors: list[BaseException] = []
+        done = trio.Event()
+
+        async def run_front() -> None:
+            try:
+                await front.run()
+            except Exception as exc:  # (a group from the front's nursery, as run_h2 sees it)
+                errors.append(leaf_exception(exc))
+            finally:
+                done.set()
+                await trio.aclose_forcefully(front_sock)
+
+        nursery.start_soon(run_front)
+        head = b"GET / HTTP/1.1\r\nhost: %s\r\nx-pad: %s\r\n\r\n" % (HOST.encode(), b"p" * 400)
+        started = trio.current_time()
+        with contextlib.suppress(*GONE):
+            for byte in head:  # one byte every 20 ms: each byte is progress, the head is not
+                await client_sock.send_all(bytes([byte]))
+                if done.is_set():
+                    break
+                await trio.sleep(0.02)
+        with trio.fail_after(20):
+            await done.wait()
+        assert trio.current_time() - started >= 1.0
+        assert [getattr(e, "reason", None) for e in errors] == ["head_timeout"]
+        assert hooks.requests == []
+        nursery.cancel_scope.cancel()
+    await _close_all(opened)

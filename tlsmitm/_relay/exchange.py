@@ -6,6 +6,7 @@ of an HTTP/2 origin). The HTTP/2 halves are in :mod:`.h2`.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -681,7 +682,8 @@ class _H11ResponseSink:
 class H1Front:
     """Serves an HTTP/1.1 client (h11) through an HTTP/2 ``upstream``, one request at a time.
 
-    Arguments as for :class:`H2Front`; ``Upgrade`` requests are relayed as plain requests (an
+    Arguments as for :class:`H2Front` (``head_timeout``: seconds from a request head's first
+    byte to its end, in total); ``Upgrade`` requests are relayed as plain requests (an
     HTTP/2 origin cannot switch protocols, RFC 9113 §8.6), so the flow offers only
     ``http/1.1`` upstream when it wants WebSocket upgrades relayed.
     """
@@ -696,6 +698,7 @@ class H1Front:
         on_sts: StsCallback | None,
         answer_block: BlockAnswer,
         idle_timeout: float = 300.0,
+        head_timeout: float = 10.0,
         should_stop: Callable[[], bool] = lambda: False,
         initial_client_data: bytes = b"",
         scan: ScanSettings | None = None,
@@ -705,6 +708,8 @@ class H1Front:
         self.on_scan = on_scan
         self.client = client
         self.upstream = upstream
+        self.head_timeout = head_timeout
+        self._head_scope: trio.CancelScope | None = None
         self._upstream_gone = False
         upstream.on_gone = self._on_upstream_gone
         self.flow = flow
@@ -736,7 +741,29 @@ class H1Front:
                 return event
             data = bytes(await self.client.receive_some(_RECEIVE_SIZE))
             self._touch()
+            head = self._head_scope
+            if data and head is not None and head.deadline == math.inf:
+                head.deadline = trio.current_time() + self.head_timeout  # its first byte
             self._parser.receive_data(data)
+
+    async def _next_head(self) -> Any:
+        """The next request head: within ``head_timeout`` of its first byte, however it
+        trickles in (bytes pipelined after the last request count from now).
+
+        Raises:
+            ClientError: ``reason`` ``head_timeout``, as on the HTTP/1.1 relay.
+        """
+        self._head_scope = scope = trio.CancelScope()
+        if self._parser.trailing_data[0]:
+            scope.deadline = trio.current_time() + self.head_timeout
+        with scope:
+            event = await self._next()
+        self._head_scope = None
+        if scope.cancelled_caught:
+            raise ClientError(
+                f"request head not complete within {self.head_timeout} s", reason="head_timeout"
+            )
+        return event
 
     async def _send(self, event: Any) -> None:
         data = self._parser.send(event)
@@ -755,7 +782,7 @@ class H1Front:
 
     async def _loop(self) -> None:
         while True:
-            event = await self._next()
+            event = await self._next_head()
             if isinstance(event, h11.ConnectionClosed):
                 return
             if not isinstance(event, h11.Request):

@@ -985,6 +985,7 @@ async def run_h2(job: RelayJob) -> RelayOutcome:
             on_sts=job.on_sts,
             answer_block=job.answer_block,
             idle_timeout=job.idle_timeout,
+            head_timeout=job.head_timeout,
             should_stop=job.should_stop,
             initial_client_data=job.to_upstream,
             scan=job.scan,
