@@ -13,10 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import h2.errors
+import hpack
 import httpx
 import pytest
 import trio
 from h2peers import H2Peer, pattern, serve_h2_tls
+from hyperframe.frame import HeadersFrame
 from origin import server_ssl_context
 from pki import Hierarchy, good_hierarchy
 from serve_process import curl
@@ -33,6 +36,7 @@ from test_relay import (
     start_proxy,
 )
 
+from tlsmitm._relay import InterceptorConfig
 from tlsmitm._responder import ErrorResponder
 
 pytestmark = pytest.mark.e2e
@@ -326,3 +330,26 @@ async def test_sts_learned_over_h2_or_without_alpn_stops_a_later_override(
     )
     assert b"/override" not in page[0][2]  # a known HSTS host: a block page, no override
     assert bad.stats.requests == []
+
+
+async def test_a_stalled_h2_header_block_through_serve_gets_goaway_after_head_timeout(
+    nursery: trio.Nursery, tmp_path: Path, hierarchy: Hierarchy
+) -> None:
+    port = await start_h2_origin(nursery, tmp_path, hierarchy)
+    config = InterceptorConfig(resolve={HOST: "127.0.0.1"}, head_timeout=1.0)
+    setup = await start_proxy(nursery, tmp_path, hierarchy, config=config)
+    client, tls = await _h2_client(setup, port)
+    nursery.start_soon(client.run)
+    authority = f"{HOST}:{port}".encode()
+    _, first = await client.request(b"/", authority=authority)
+    assert first.status == 200  # a normal request first, on the same connection
+    frame = HeadersFrame(client.conn.get_next_available_stream_id())
+    frame.data = hpack.Encoder().encode([(b":method", b"GET"), (b":path", b"/")])[:3]
+    await client.send_raw(frame.serialize())  # no END_HEADERS, and nothing more
+    with trio.fail_after(8):  # the configured 1 s, not the 10 s default, with a wide margin
+        await client.closed.wait()
+    assert client.terminated is not None
+    assert client.terminated.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    await trio.aclose_forcefully(tls)
+    await settle(setup)
+    assert [r.reason for r in setup.records] == ["head_timeout"]
