@@ -8,6 +8,7 @@ Clients and origins are written with ``h2`` directly (``tests/h2peers.py``) or h
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -21,7 +22,10 @@ import pytest
 import trio
 from h2peers import Exchange, H2Peer, origin_handler, pattern
 from hyperframe.frame import ContinuationFrame, HeadersFrame
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from origin import EICAR, OriginStats, serve_http
+from strategies import h2_streams
 
 from tlsmitm._errors import ClientError, TlsMitmError
 from tlsmitm._relay.exchange import H1Front, H1Upstream, leaf_exception
@@ -1031,3 +1035,18 @@ async def test_an_http1_client_trickling_its_head_to_an_h2_origin_is_cut_off() -
         assert hooks.requests == []
         nursery.cancel_scope.cancel()
     await _close_all(opened)
+
+
+@given(stream=h2_streams, cuts=st.lists(st.integers(0, 600), max_size=12))
+@settings(max_examples=200, deadline=None)
+def test_head_watch_does_not_depend_on_how_the_bytes_are_split(
+    stream: bytes, cuts: list[int]
+) -> None:
+    whole = HeadWatch(since=0.0)
+    whole.feed(stream, now=0.0)
+    split = HeadWatch(since=0.0)
+    edges = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    for now, (start, end) in enumerate(itertools.pairwise(edges)):
+        split.feed(stream[start:end], now=float(now))
+    assert (split.since is None) == (whole.since is None)
+    assert split.since is None or 0.0 <= split.since <= len(edges)
