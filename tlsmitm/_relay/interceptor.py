@@ -93,10 +93,13 @@ class InterceptorConfig:
     Attributes:
         head_timeout: seconds for a client to send a whole request head (total, not per byte:
             a head trickled one byte at a time is cut off too), on the proxy port and for each
-            request inside a tunnel.
+            request inside a tunnel; over HTTP/2 the preface with the first SETTINGS and each
+            header block (GOAWAY ENHANCE_YOUR_CALM).
         connect_timeout: seconds to open the upstream TCP connection.
         handshake_timeout: seconds for each TLS handshake (upstream and client).
-        idle_timeout: seconds without a byte in either direction before a connection is closed.
+        idle_timeout: seconds without a byte in either direction before a connection is closed
+            (an HTTP/2 connection: without an open stream; a fragmented WebSocket message:
+            from its first byte to its last fragment, in total).
         max_connections: connections handled at once; a client beyond that gets ``503`` at
             once (after idle keep-alive connections and idle tunnels were shed, oldest first).
         max_connections_per_client: connections one client address may hold at once (0: no
