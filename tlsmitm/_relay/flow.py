@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -76,7 +77,9 @@ _access = logging.getLogger("tlsmitm.access")
 _HANDSHAKE_FAILURE_ALERT = b"\x15\x03\x03\x00\x02\x02\x28"
 
 
-_ech_logged = [-1e9]  # trio.current_time() of the last INFO line about ECH (one a minute)
+# trio.current_time() of each interceptor's last INFO line about ECH (one a minute). Kept per
+# interceptor: trio's clock has a random offset per run, so times from two runs do not compare.
+_ech_logged: weakref.WeakKeyDictionary[Interceptor, float] = weakref.WeakKeyDictionary()
 
 
 def _note_ech(ix: Interceptor, conn: FlowRecord, hello: ClientHello, name: str) -> None:
@@ -95,8 +98,9 @@ def _note_ech(ix: Interceptor, conn: FlowRecord, hello: ClientHello, name: str) 
     ix.stats.ech_offered += 1
     now = trio.current_time()
     level = logging.DEBUG
-    if now - _ech_logged[0] >= 60:
-        _ech_logged[0] = now
+    last = _ech_logged.get(ix)
+    if last is None or now - last >= 60:
+        _ech_logged[ix] = now
         level = logging.INFO
     log.log(
         level,
