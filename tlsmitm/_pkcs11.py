@@ -472,17 +472,10 @@ class _TokenSession:
             self._session.close()
 
 
-class TokenKey(ec.EllipticCurvePrivateKey):
-    """An ECDSA private key held in a PKCS#11 token; signatures are made by the token.
+class _TokenHeldKey:
+    """What every token-held key shares: where it lives, closing, and refusing export."""
 
-    Build one with :func:`open_token_key`. Thread-safe. The key material cannot be exported:
-    :meth:`private_bytes`, :meth:`private_numbers` and :meth:`exchange` raise ``TypeError``.
-    """
-
-    def __init__(self, token: _TokenSession) -> None:
-        assert isinstance(token.public_key, ec.EllipticCurvePublicKey)
-        self._token = token
-        self._public = token.public_key
+    _token: _TokenSession
 
     @property
     def uri(self) -> Pkcs11Uri:
@@ -493,6 +486,34 @@ class TokenKey(ec.EllipticCurvePrivateKey):
     def module(self) -> Path:
         """The module (shared library) serving the token."""
         return self._token.module
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        raise TypeError("the private key stays in the PKCS#11 token")
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a token key cannot be pickled")
+
+    def close(self) -> None:
+        """Log out and close the session (the key cannot sign afterwards)."""
+        self._token.close()
+
+
+class TokenKey(_TokenHeldKey, ec.EllipticCurvePrivateKey):
+    """An ECDSA private key held in a PKCS#11 token; signatures are made by the token.
+
+    Build one with :func:`open_token_key`. Thread-safe. The key material cannot be exported:
+    :meth:`private_bytes`, :meth:`private_numbers` and :meth:`exchange` raise ``TypeError``.
+    """
+
+    def __init__(self, token: _TokenSession) -> None:
+        assert isinstance(token.public_key, ec.EllipticCurvePublicKey)
+        self._token = token
+        self._public = token.public_key
 
     @property
     def curve(self) -> ec.EllipticCurve:
@@ -535,32 +556,17 @@ class TokenKey(ec.EllipticCurvePrivateKey):
     def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
         raise TypeError("the private key stays in the PKCS#11 token")
 
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        raise TypeError("the private key stays in the PKCS#11 token")
-
     def __copy__(self) -> TokenKey:
         return self
 
     def __deepcopy__(self, memo: dict[int, object]) -> TokenKey:
         return self
 
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("a token key cannot be pickled")
-
-    def close(self) -> None:
-        """Log out and close the session (the key cannot sign afterwards)."""
-        self._token.close()
-
     def __repr__(self) -> str:
         return f"<TokenKey {self.uri} curve={self.curve.name}>"
 
 
-class TokenRsaKey(rsa.RSAPrivateKey):
+class TokenRsaKey(_TokenHeldKey, rsa.RSAPrivateKey):
     """An RSA private key (2048 bits or more) held in a PKCS#11 token; PKCS #1 v1.5 signatures
     are made by the token (``CKM_SHA256_RSA_PKCS``, ``CKM_SHA384_RSA_PKCS``).
 
@@ -571,16 +577,6 @@ class TokenRsaKey(rsa.RSAPrivateKey):
         assert isinstance(token.public_key, rsa.RSAPublicKey)
         self._token = token
         self._public = token.public_key
-
-    @property
-    def uri(self) -> Pkcs11Uri:
-        """The URI the key was opened with."""
-        return self._token.uri
-
-    @property
-    def module(self) -> Path:
-        """The module (shared library) serving the token."""
-        return self._token.module
 
     @property
     def key_size(self) -> int:
@@ -611,26 +607,11 @@ class TokenRsaKey(rsa.RSAPrivateKey):
     def private_numbers(self) -> rsa.RSAPrivateNumbers:
         raise TypeError("the private key stays in the PKCS#11 token")
 
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        raise TypeError("the private key stays in the PKCS#11 token")
-
     def __copy__(self) -> TokenRsaKey:
         return self
 
     def __deepcopy__(self, memo: dict[int, object]) -> TokenRsaKey:
         return self
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("a token key cannot be pickled")
-
-    def close(self) -> None:
-        """Log out and close the session (the key cannot sign afterwards)."""
-        self._token.close()
 
     def __repr__(self) -> str:
         return f"<TokenRsaKey {self.uri} bits={self.key_size}>"
