@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h11
 import pytest
@@ -229,7 +230,7 @@ async def curl(
     return Fetched(status=int(status), location=location.strip(), body=body)
 
 
-async def fetch(proxy: Proxy, origin: Origin, path: str, tmp: Path, **kw: bytes) -> Fetched:
+async def fetch(proxy: Proxy, origin: Origin, path: str, tmp: Path, **kw: Any) -> Fetched:
     return await curl(proxy, f"https://{HOST}:{origin.port}{path}", tmp, **kw)
 
 
@@ -645,3 +646,25 @@ async def test_over_http2_too(nursery: trio.Nursery, tmp_path: Path, icap: Icap)
     assert (fine.status, fine.body) == (200, b"stored")
     assert origin.uploads == [CLEAN]
     assert proxy.interceptor.stats.scan_blocked == 2
+
+
+@pytest.mark.parametrize("protocol", ["--http1.1", "--http2"])
+async def test_a_blocked_connection_keeps_its_block_reason_after_the_client_leaves(
+    nursery: trio.Nursery, tmp_path: Path, clamd: Clamd, protocol: str
+) -> None:
+    """The connection's end (curl closing, on either protocol) never overwrites the block."""
+    origin, roots = await start_origin(nursery, tmp_path)
+    proxy = await start_proxy(
+        nursery, tmp_path, roots, ["--scan", scan_url("clamd-unix", clamd, None)]
+    )
+    for path in ("/bomb", "/eicar", "/clean"):
+        fetched = await fetch(proxy, origin, path, tmp_path, extra=(protocol,))
+        assert fetched.status == (200 if path == "/clean" else 303)
+    with trio.fail_after(20):
+        while len([r for r in proxy.records if r.host == HOST]) < 3:
+            await trio.sleep(0.02)
+    assert [(r.decision, r.reason) for r in proxy.records if r.host == HOST] == [
+        ("block", "scan_failed"),
+        ("block", "scan_infected"),
+        ("intercept", "verified"),
+    ]

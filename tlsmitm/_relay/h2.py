@@ -475,7 +475,7 @@ class H2Front:
         with self._idle:
             self._rearm()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._wire.writer)
+                nursery.start_soon(self._unless_lost, self._wire.writer)
                 nursery.start_soon(self.upstream.run)
                 await self._wire.flush()  # our preface: SETTINGS and WINDOW_UPDATE
                 with self._reading:
@@ -488,7 +488,7 @@ class H2Front:
                         stream.scope.cancel()
                 while self._streams:
                     await self._streams_done.park()
-                await self._wire.flush()
+                await self._unless_lost(self._wire.flush)
                 nursery.cancel_scope.cancel()
         if self._idle.cancelled_caught and not self._streams:
             # Idle without a stream: a graceful GOAWAY (RFC 9113 §6.8), then the close.
@@ -537,9 +537,19 @@ class H2Front:
                 self._wire.kick()
             if self._going_away and not self._streams:
                 return
-            data = bytes(await self.client.receive_some(_RECEIVE_SIZE))
+            data = await self._unless_lost(lambda: self.client.receive_some(_RECEIVE_SIZE))
             if not data:
                 return
+
+    async def _unless_lost(self, io: Callable[[], Awaitable[bytes | bytearray | None]]) -> bytes:
+        """Client I/O; a connection closed or reset with no stream in flight ended normally
+        (``b""``): only a loss in the middle of an exchange is ``connection_lost``."""
+        try:
+            return bytes(await io() or b"")
+        except ClientError as exc:
+            if exc.reason != "connection_lost" or self._streams:
+                raise
+            return b""
 
     async def _close_after(self, message: str, *, reason: str = "bad_http2") -> None:
         """Flush the GOAWAY h2 queued, then raise :class:`ClientError`."""

@@ -553,17 +553,16 @@ class Interceptor:
                     await transparent(self, stream, client, destination, conn)
         except* TlsMitmError as group:
             first = first_error(group)
-            conn.reason = getattr(first, "reason", "error")
-            self.stats.count_error(conn.reason)
+            if conn.end_with(getattr(first, "reason", "error")):
+                self.stats.count_error(conn.reason)
             log.debug("connection %s ended: %s", conn.client, first)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
             conn.reason = conn.reason if conn.decision is not Decision.ERROR else "connection_lost"
             log.debug("connection %s lost: %s", conn.client, first_error(group))
         except* (trio.TooSlowError, h11.ProtocolError) as group:
-            conn.reason = (
-                "timeout" if isinstance(first_error(group), trio.TooSlowError) else ("bad_http")
-            )
-            self.stats.count_error(conn.reason)
+            timeout = isinstance(first_error(group), trio.TooSlowError)
+            if conn.end_with("timeout" if timeout else "bad_http"):
+                self.stats.count_error(conn.reason)
         except* Exception as group:
             # The error boundary: one line per cause, never the client's bytes as a traceback.
             conn.reason = "internal_error"

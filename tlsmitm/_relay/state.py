@@ -102,6 +102,25 @@ class FlowRecord:
         """Set the decision-log decision and reason."""
         self.decision, self.reason = decision, reason
 
+    def end_with(self, reason: str) -> bool:
+        """The connection ended with the error ``reason``; ``True`` when that is its record's
+        reason (and so an error to count).
+
+        Two ends keep the reason the connection had: a block (``scan_infected``,
+        ``scan_failed``...: the client leaving afterwards changes nothing about why it was
+        blocked), and a ``connection_lost`` of an HTTP relay waiting for the client's next
+        request (``idle_since`` set): the client closing or resetting its connection between
+        complete exchanges ended it normally. A loss in the middle of an exchange is
+        ``connection_lost``.
+        """
+        if self.decision is Decision.BLOCK:
+            return False
+        between_exchanges = self.state is FlowState.RELAYING and self.idle_since is not None
+        if reason == "connection_lost" and between_exchanges:
+            return False
+        self.reason = reason
+        return True
+
     def relayed_by(self, relay: RelayKind, splice_reason: SpliceReason | None = None) -> None:
         """Note which relay carries the decrypted bytes (and why, for a splice)."""
         self.enter(FlowState.SPLICING if relay is RelayKind.SPLICE else FlowState.RELAYING)
