@@ -144,7 +144,7 @@ def test_only_an_error_end_of_an_unblocked_exchange_replaces_the_reason() -> Non
     record.enter(FlowState.DECIDING)
     record.enter(FlowState.UPSTREAM)
     record.enter(FlowState.HANDSHAKING)
-    record.relayed_by(RelayKind.HTTP1)
+    record.relayed_by(RelayKind.H1)
     record.idle_since = 1.0  # waiting for the next request
     assert not record.end_with("connection_lost")
     assert record.reason == "verified"
