@@ -212,6 +212,50 @@ class _Snapshot:
     nodes: tuple[NodeIntermediate, ...] = ()
 
 
+def _intermediate_signer(
+    certificate: x509.Certificate, key: PrivateKey, chain: Sequence[x509.Certificate] = ()
+) -> _Signer:
+    """The TRUSTED signer of an intermediate: sent after a leaf, followed by ``chain`` (the
+    certificates up to, not including, the root)."""
+    return _Signer(
+        kind=IssuerKind.TRUSTED,
+        certificate=certificate,
+        key=key,
+        chain=(certificate, *chain),
+        fingerprint=_fingerprint(certificate),
+    )
+
+
+def _error_signer(certificate: x509.Certificate, key: PrivateKey) -> _Signer:
+    """The ERROR signer (the error CA): nothing is sent after its leaves."""
+    return _Signer(
+        kind=IssuerKind.ERROR,
+        certificate=certificate,
+        key=key,
+        chain=(),
+        fingerprint=_fingerprint(certificate),
+    )
+
+
+def _first_snapshot(
+    *,
+    root: x509.Certificate,
+    intermediate: _Signer,
+    error: _Signer,
+    crl: x509.CertificateRevocationList | None,
+) -> _Snapshot:
+    """Generation 1 of a new CA: nothing retired yet; CRL number 1 with a CRL, else 0."""
+    return _Snapshot(
+        root=root,
+        intermediate=intermediate,
+        generation=1,
+        error=error,
+        retired=(),
+        crl=crl,
+        crl_number=0 if crl is None else 1,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # keys, names and certificates
 
@@ -1023,6 +1067,19 @@ def _exclusive(ca_dir: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _new_ca_dir(state_dir: Path, ca_dir: Path) -> Iterator[None]:
+    """Create ``ca_dir`` (and ``state_dir`` if missing) private, and hold it exclusively while
+    the new CA is written; refuses a CA that another process was quicker to create."""
+    if not state_dir.exists():
+        _make_private_dir(state_dir)
+    _make_private_dir(ca_dir)
+    _check_state_dir(state_dir, ca_dir)
+    with _exclusive(ca_dir):
+        _refuse_existing(ca_dir)  # another process may have been quicker
+        yield
+
+
+@contextlib.contextmanager
 def _shared(ca_dir: Path) -> Iterator[None]:
     """Wait for any writer of ``ca_dir`` to finish, and keep writers out while reading.
 
@@ -1186,13 +1243,7 @@ class CertificateAuthority:
         ca_dir = state_dir / CA_SUBDIR
         _refuse_existing(ca_dir)  # before touching anything, even a directory's mode
         token_key = open_token_key(intermediate_key, token) if intermediate_key else None
-        with _io_errors(f"cannot create the CA in {ca_dir}"), contextlib.ExitStack() as stack:
-            if not state_dir.exists():
-                _make_private_dir(state_dir)
-            _make_private_dir(ca_dir)
-            _check_state_dir(state_dir, ca_dir)
-            stack.enter_context(_exclusive(ca_dir))
-            _refuse_existing(ca_dir)  # another process may have been quicker
+        with _io_errors(f"cannot create the CA in {ca_dir}"), _new_ca_dir(state_dir, ca_dir):
             metadata, snapshot, root_key = cls._generate(
                 key_type=key_type,
                 excluded=excluded,
@@ -1279,26 +1330,11 @@ class CertificateAuthority:
         )
         installation_id = hashlib.sha256(_spki(intermediate)).hexdigest()[:16]
         error, error_key = _new_error_ca(key_type, organization, installation_id, now)
-        snapshot = _Snapshot(
+        snapshot = _first_snapshot(
             root=root,
-            intermediate=_Signer(
-                kind=IssuerKind.TRUSTED,
-                certificate=intermediate,
-                key=signing_key,
-                chain=(intermediate, *chain),
-                fingerprint=_fingerprint(intermediate),
-            ),
-            generation=1,
-            error=_Signer(
-                kind=IssuerKind.ERROR,
-                certificate=error,
-                key=error_key,
-                chain=(),
-                fingerprint=_fingerprint(error),
-            ),
-            retired=(),
+            intermediate=_intermediate_signer(intermediate, signing_key, chain),
+            error=_error_signer(error, error_key),
             crl=None,
-            crl_number=0,
         )
         excluded, permitted = _name_constraints_of((intermediate, *chain, root))
         metadata: dict[str, Any] = {
@@ -1314,13 +1350,7 @@ class CertificateAuthority:
         }
         cls._fill_metadata(metadata, snapshot)
         pem = serialization.Encoding.PEM
-        with _io_errors(f"cannot create the CA in {ca_dir}"), contextlib.ExitStack() as stack:
-            if not state_dir.exists():
-                _make_private_dir(state_dir)
-            _make_private_dir(ca_dir)
-            _check_state_dir(state_dir, ca_dir)
-            stack.enter_context(_exclusive(ca_dir))
-            _refuse_existing(ca_dir)
+        with _io_errors(f"cannot create the CA in {ca_dir}"), _new_ca_dir(state_dir, ca_dir):
             cert_file, key_file = _intermediate_files(1)
             _write_atomic(ca_dir, ROOT_CERT_FILE, root.public_bytes(pem))
             _write_atomic(ca_dir, cert_file, intermediate.public_bytes(pem))
@@ -1806,13 +1836,7 @@ class CertificateAuthority:
                 nodes=snapshot.nodes,
             )
             del root_key
-            signer = _Signer(
-                kind=IssuerKind.TRUSTED,
-                certificate=certificate,
-                key=key,
-                chain=(certificate,),
-                fingerprint=_fingerprint(certificate),
-            )
+            signer = _intermediate_signer(certificate, key)
             cert_file, key_file = _intermediate_files(generation)
             new_files = {
                 cert_file: certificate.public_bytes(serialization.Encoding.PEM),
@@ -2069,26 +2093,11 @@ class CertificateAuthority:
         )
         error, error_key = _new_error_ca(key_type, organization, installation_id, now)
         crl = _sign_crl(root=root, root_key=root_key, retired=(), number=1, now=now)
-        snapshot = _Snapshot(
+        snapshot = _first_snapshot(
             root=root,
-            intermediate=_Signer(
-                kind=IssuerKind.TRUSTED,
-                certificate=intermediate,
-                key=intermediate_key,
-                chain=(intermediate,),
-                fingerprint=_fingerprint(intermediate),
-            ),
-            generation=1,
-            error=_Signer(
-                kind=IssuerKind.ERROR,
-                certificate=error,
-                key=error_key,
-                chain=(),
-                fingerprint=_fingerprint(error),
-            ),
-            retired=(),
+            intermediate=_intermediate_signer(intermediate, intermediate_key),
+            error=_error_signer(error, error_key),
             crl=crl,
-            crl_number=1,
         )
         metadata: dict[str, Any] = {
             "format": FORMAT_VERSION,
@@ -2337,20 +2346,8 @@ class CertificateAuthority:
                     revoked=_parse_iso(revoked) if revoked is not None else None,
                 )
             )
-        signer = _Signer(
-            kind=IssuerKind.TRUSTED,
-            certificate=intermediate,
-            key=intermediate_key,
-            chain=(intermediate, *chain),
-            fingerprint=_fingerprint(intermediate),
-        )
-        error_signer = _Signer(
-            kind=IssuerKind.ERROR,
-            certificate=error,
-            key=error_key,
-            chain=(),
-            fingerprint=_fingerprint(error),
-        )
+        signer = _intermediate_signer(intermediate, intermediate_key, chain)
+        error_signer = _error_signer(error, error_key)
         if imported:
             return _Snapshot(
                 root=root,
