@@ -456,6 +456,59 @@ class TappedBody:
         return chunk
 
 
+class ClientSide(Protocol):
+    """What :func:`hook_request` and :func:`relay_request` read of a client side
+    (:class:`H1Front`, :class:`~tlsmitm._relay.h2.H2Front`)."""
+
+    flow: FlowInfo
+    hooks: Hooks
+    on_sts: StsCallback | None
+    answer_block: BlockAnswer
+    scan: ScanSettings | None
+    on_scan: ScanCallback
+    upstream: Upstream
+
+
+async def hook_request(front: ClientSide, sink: RawSink, request: Request) -> Request | None:
+    """Shows a client's ``request`` to ``on_request``: the request to relay (the hook's
+    replacement, if any), or ``None`` when the hook blocked it (the block answered on ``sink``).
+    """
+    outcome = await front.hooks.on_request(front.flow, request)
+    if isinstance(outcome, Block):
+        await send_block(sink, outcome, request, front.answer_block)
+        return None
+    return request if outcome is None else outcome
+
+
+async def relay_request(
+    front: ClientSide, sink: RawSink, request: Request, body: BodySource | None
+) -> bool:
+    """Relays ``request`` (its ``body`` shown to the body hooks) through ``front.upstream``, and
+    the response through a :class:`HookedSink` writing to ``sink``.
+
+    Returns:
+        ``True`` when the body was held for the request scanners first
+        (:func:`exchange_scanned_request`), else ``False``.
+    """
+    hooked = HookedSink(
+        sink,
+        flow=front.flow,
+        hooks=front.hooks,
+        request=request,
+        on_sts=front.on_sts,
+        answer_block=front.answer_block,
+        scan=front.scan,
+        on_scan=front.on_scan,
+    )
+    if body is not None:
+        body = TappedBody(body, BodyTap(front.hooks, front.flow), request)
+        if front.scan is not None and front.scan.scan_requests:
+            await exchange_scanned_request(front.upstream, request, body, hooked)
+            return True
+    await front.upstream.exchange(request, body, hooked)
+    return False
+
+
 # -- the origin side: HTTP/1.1 -------------------------------------------------------------------
 
 
@@ -808,12 +861,10 @@ class H1Front:
     async def _one(self, request: Request) -> bool:
         """One exchange; ``False`` when the connection must end after it."""
         sink = _H11ResponseSink(self)
-        outcome = await self.hooks.on_request(self.flow, request)
-        if isinstance(outcome, Block):
-            await send_block(sink, outcome, request, self.answer_block)
+        hooked_request = await hook_request(self, sink, request)
+        if hooked_request is None:
             return False
-        if outcome is not None:
-            request = outcome
+        request = hooked_request
         first = self._parser.next_event()  # no I/O: does the request have a body?
         body: BodySource | None
         if isinstance(first, h11.EndOfMessage):
@@ -824,23 +875,9 @@ class H1Front:
                 body = _PrefixedBody(bytes(first.data), body)
             elif first is not h11.NEED_DATA:
                 raise ClientError("client closed during the request", reason="client_gone")
-        hooked = HookedSink(
-            sink,
-            flow=self.flow,
-            hooks=self.hooks,
-            request=request,
-            on_sts=self.on_sts,
-            answer_block=self.answer_block,
-            scan=self.scan,
-            on_scan=self.on_scan,
-        )
-        if body is not None:
-            body = TappedBody(body, BodyTap(self.hooks, self.flow), request)
         try:
-            if body is not None and self.scan is not None and self.scan.scan_requests:
-                await exchange_scanned_request(self.upstream, request, body, hooked)
+            if await relay_request(self, sink, request, body):  # the body was scanned first
                 return self._parser.their_state is h11.DONE
-            await self.upstream.exchange(request, body, hooked)
         except Exception as exc:
             leaf = leaf_exception(exc)
             if isinstance(leaf, Blocked):

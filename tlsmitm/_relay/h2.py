@@ -64,17 +64,15 @@ from .exchange import (
     Counters,
     H1Front,
     H1Upstream,
-    HookedSink,
     Inbox,
     Refused,
     ResponseSink,
     StreamGone,
-    TappedBody,
     Upstream,
     UpstreamReset,
-    exchange_scanned_request,
+    hook_request,
     leaf_exception,
-    send_block,
+    relay_request,
 )
 from .h1 import BlockAnswer, StsCallback
 from .h2_rules import (
@@ -88,7 +86,7 @@ from .h2_rules import (
     response_from_h2,
     same_authority_only,
 )
-from .hooks import Block, BodyTap, FlowInfo, Headers, Hooks, Request
+from .hooks import FlowInfo, Headers, Hooks, Request
 from .plan import RelayKind
 from .relays import RELAYS, RelayJob, RelayOutcome
 from .scanning import ScanCallback, log_decision
@@ -698,31 +696,11 @@ class H2Front:
             log.info("421 on %s: %s", self.flow.host, why)
             await self._answer_status(sink, 421, b"misdirected request\n")
             return
-        outcome = await self.hooks.on_request(self.flow, request)
-        if isinstance(outcome, Block):
-            await send_block(sink, outcome, request, self.answer_block)
+        hooked_request = await hook_request(self, sink, request)
+        if hooked_request is None:
             return
-        if outcome is not None:
-            request = outcome
-        body: BodySource | None = None
-        if not stream.body_ended:
-            body = _H2RequestBody(self._wire, stream)
-        hooked = HookedSink(
-            sink,
-            flow=self.flow,
-            hooks=self.hooks,
-            request=request,
-            on_sts=self.on_sts,
-            answer_block=self.answer_block,
-            scan=self.scan,
-            on_scan=self.on_scan,
-        )
-        if body is not None:
-            body = TappedBody(body, BodyTap(self.hooks, self.flow), request)
-            if self.scan is not None and self.scan.scan_requests:
-                await exchange_scanned_request(self.upstream, request, body, hooked)
-                return
-        await self.upstream.exchange(request, body, hooked)
+        body = None if stream.body_ended else _H2RequestBody(self._wire, stream)
+        await relay_request(self, sink, hooked_request, body)
 
 
 # -- the origin side: HTTP/2 -------------------------------------------------------------------
