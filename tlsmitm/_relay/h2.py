@@ -239,7 +239,7 @@ def _open_connection(limits: H2Limits, *, client_side: bool) -> h2.connection.H2
 
 
 class _FrontStream:
-    __slots__ = ("body_ended", "headers", "id", "inbox", "request", "scope")
+    __slots__ = ("body_ended", "headers", "id", "inbox", "request", "scope", "sink")
 
     def __init__(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         self.request: Request | None = None  # once parsed (for the access log)
@@ -248,6 +248,7 @@ class _FrontStream:
         self.body_ended = ended
         self.inbox = Inbox()
         self.scope = trio.CancelScope()
+        self.sink: _H2ResponseSink | None = None
 
 
 class _H2RequestBody:
@@ -394,6 +395,7 @@ class H2Front:
         self._streams: dict[int, _FrontStream] = {}
         self._streams_done = trio.lowlevel.ParkingLot()
         self._going_away = False
+        self._cut = False  # a response was cut off by the client's connection breaking
         self._idle = trio.CancelScope()
         self._reading = trio.CancelScope()
         self._heads = HeadWatch(since=None)
@@ -540,12 +542,13 @@ class H2Front:
                 return
 
     async def _unless_lost(self, io: Callable[[], Awaitable[bytes | bytearray | None]]) -> bytes:
-        """Client I/O; a connection closed or reset with no stream in flight ended normally
-        (``b""``): only a loss in the middle of an exchange is ``connection_lost``."""
+        """Client I/O; a connection closed or reset once every response was sent ended
+        normally (``b""``): only a loss in the middle of an exchange is ``connection_lost``."""
         try:
             return bytes(await io() or b"")
         except ClientError as exc:
-            if exc.reason != "connection_lost" or self._streams:
+            answered = (s.sink is not None and s.sink.ended for s in self._streams.values())
+            if exc.reason != "connection_lost" or self._cut or not all(answered):
                 raise
             return b""
 
@@ -615,7 +618,7 @@ class H2Front:
         nursery.start_soon(self._serve, stream)
 
     async def _serve(self, stream: _FrontStream) -> None:
-        sink = _H2ResponseSink(self._wire, stream.id, self.counters)
+        stream.sink = sink = _H2ResponseSink(self._wire, stream.id, self.counters)
         started = trio.current_time()
         try:
             with stream.scope:
@@ -648,6 +651,8 @@ class H2Front:
     ) -> None:
         if isinstance(leaf, StreamGone | Blocked):
             return
+        if isinstance(leaf, ClientError) and leaf.reason == "connection_lost":
+            self._cut = True  # (the client's connection broke; the reader learns it next)
         if isinstance(leaf, Refused):
             self._wire.reset(stream.id, _ERR.REFUSED_STREAM)
         elif isinstance(leaf, UpstreamReset) and not sink.head_sent:
