@@ -51,22 +51,14 @@ async def exchange_scanned_request(
     async with open_inspection(
         relay.scan, context, content_encoding(request.headers)
     ) as inspection:
-        complete = False
-        while True:
-            if first is h11.NEED_DATA:
-                first = await relay._next_event(relay._down, relay.client, "client")
-            if isinstance(first, h11.Data):
-                await inspection.feed(bytes(first.data))
-                if inspection.settled:
-                    break
-            elif isinstance(first, h11.EndOfMessage):
-                complete = True
-                break
-            else:
-                raise ClientError("client closed during the request body", reason="client_gone")
-            first = h11.NEED_DATA
-        decision = await _decide(relay, inspection, complete)
-        await _answer_unless_delivered(relay, decision, request)
+        complete, first = await _hold(
+            relay,
+            inspection,
+            request,
+            first,
+            (relay._down, relay.client, "client"),
+            ClientError("client closed during the request body", reason="client_gone"),
+        )
         out = bytearray(relay._up.send(event) or b"")
         async for chunk in inspection.spool.chunks():
             await relay._bodies.request(request, chunk, end=False)
@@ -88,6 +80,43 @@ async def exchange_scanned_request(
         if relay._down.their_state is not h11.DONE:
             nursery.cancel_scope.cancel()
     return result[0]
+
+
+async def _hold(
+    relay: HttpRelay,
+    inspection: BodyInspection,
+    request: Request,
+    event: Any,
+    source: tuple[h11.Connection, trio.abc.Stream, str],
+    closed: Exception,
+) -> tuple[bool, Any]:
+    """Feed a body's events (``event`` first, then those read from ``source``) to the
+    scanners until they settle or the body ends; then answer a block or a replacement (which
+    ends the relay) or return for a delivery.
+
+    Returns:
+        whether the body is complete, and the last event (the ``EndOfMessage`` if complete).
+
+    Raises:
+        Exception: ``closed``, when the peer closes before the body ends.
+    """
+    complete = False
+    while True:
+        if event is h11.NEED_DATA:
+            event = await relay._next_event(*source)
+        if isinstance(event, h11.Data):
+            await inspection.feed(bytes(event.data))
+            if inspection.settled:
+                break
+        elif isinstance(event, h11.EndOfMessage):
+            complete = True
+            break
+        else:
+            raise closed
+        event = h11.NEED_DATA
+    decision = await _decide(relay, inspection, complete)
+    await _answer_unless_delivered(relay, decision, request)
+    return complete, event
 
 
 async def _decide(relay: HttpRelay, inspection: BodyInspection, complete: bool) -> ScanDecision:
@@ -151,22 +180,14 @@ async def scanned_response(
     async with open_inspection(
         relay.scan, context, content_encoding(response.headers)
     ) as inspection:
-        complete = False
-        while True:
-            if event is h11.NEED_DATA:
-                event = await relay._next_event(relay._up, relay.upstream, "upstream")
-            if isinstance(event, h11.Data):
-                await inspection.feed(bytes(event.data))
-                if inspection.settled:
-                    break
-            elif isinstance(event, h11.EndOfMessage):
-                complete = True
-                break
-            else:
-                raise UpstreamError("origin closed during the response", reason="upstream_gone")
-            event = h11.NEED_DATA
-        decision = await _decide(relay, inspection, complete)
-        await _answer_unless_delivered(relay, decision, request)
+        complete, event = await _hold(
+            relay,
+            inspection,
+            request,
+            event,
+            (relay._up, relay.upstream, "upstream"),
+            UpstreamError("origin closed during the response", reason="upstream_gone"),
+        )
         spool = inspection.spool
         small = b""
         if complete and 0 < spool.size <= relay.hooks.body_limit:
