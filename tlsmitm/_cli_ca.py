@@ -127,11 +127,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     export.add_argument("--der", action="store_true", help="DER instead of PEM")
     export.add_argument("--crl", action="store_true", help="the CRL (DER) instead of the root")
-    export.add_argument(
-        "--root-key",
-        type=_root_key_location,
-        metavar="PATH|PKCS11-URI",
-        help="with --crl: the root key to re-sign a CRL that is due, when it was moved offline",
+    _add_root_key(
+        export, "with --crl: the root key to re-sign a CRL that is due, when it was moved offline"
     )
     export.set_defaults(func=_export)
 
@@ -149,12 +146,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Replace the online intermediate; the old one is revoked in the CRL. Needs "
         "the root key once. Restart running proxies afterwards.",
     )
-    rotate.add_argument(
-        "--root-key",
-        type=_root_key_location,
-        metavar="PATH|PKCS11-URI",
-        help="the root key, when it was moved offline (a file, or a PKCS#11 URI of it in a token)",
-    )
+    _add_root_key(rotate)
     rotate.add_argument(
         "--compromised",
         action="store_true",
@@ -190,12 +182,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="PKCS11-URI",
         help="certify this token key (the node's own token) instead of generating a key",
     )
-    issue.add_argument(
-        "--root-key",
-        type=_root_key_location,
-        metavar="PATH|PKCS11-URI",
-        help="the root key, when it was moved offline (a file, or a PKCS#11 URI of it in a token)",
-    )
+    _add_root_key(issue)
     issue.set_defaults(func=_issue_node)
 
     revoke = actions.add_parser(
@@ -207,13 +194,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "export --crl).",
     )
     revoke.add_argument("node", metavar="NODE")
-    revoke.add_argument(
-        "--root-key",
-        type=_root_key_location,
-        metavar="PATH|PKCS11-URI",
-        help="the root key, when it was moved offline (a file, or a PKCS#11 URI of it in a token)",
-    )
+    _add_root_key(revoke)
     revoke.set_defaults(func=_revoke_node)
+
+
+def _add_root_key(
+    parser: argparse.ArgumentParser,
+    help: str = "the root key, when it was moved offline (a file, or a PKCS#11 URI of it in a "
+    "token)",
+) -> None:
+    """``--root-key PATH|PKCS11-URI``: where the root key is when it was moved offline."""
+    parser.add_argument("--root-key", type=_root_key_location, metavar="PATH|PKCS11-URI", help=help)
 
 
 def _root_key_location(text: str) -> Path | str:
