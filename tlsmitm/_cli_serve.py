@@ -18,7 +18,7 @@ import sys
 from datetime import timedelta
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 from cryptography import x509
@@ -29,6 +29,8 @@ from ._metrics import MULTIPROC_ENV
 from ._websocket import DEFAULT_MAX_MESSAGE
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._access import AccessPolicy
     from ._scan import ScanSettings
 
@@ -36,6 +38,8 @@ __all__ = ["parse_bypass", "parse_listen", "parse_resolve", "register"]
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_SHUTDOWN_GRACE = 5.0
+
+_Number = TypeVar("_Number", int, float)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -311,11 +315,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def _number(text: str, convert: Callable[[str], _Number], what: str) -> _Number:
+    """``text`` read by ``convert``; not readable: an argparse error saying it is not ``what``."""
     try:
-        value = int(text)
+        return convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+
+
+def _non_negative_int(text: str) -> int:
+    value = _number(text, int, "a whole number")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
     return value
@@ -455,20 +464,14 @@ def _network(text: str) -> IPv4Network | IPv6Network:
 
 
 def _positive_bytes(text: str) -> int:
-    try:
-        size = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r}") from None
+    size = _number(text, int, "a number of bytes")
     if size < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 byte: {text!r}")
     return size
 
 
 def _non_negative_seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    seconds = _number(text, float, "a number of seconds")
     if not 0 <= seconds < float("inf"):
         raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {text!r}")
     return seconds
