@@ -56,7 +56,8 @@ __all__ = [
 _RECEIVE_SIZE = 64 * 1024
 _MAX_INCOMPLETE_EVENT = 64 * 1024
 MAX_INFORMATIONAL = 16  # 1xx heads per response before the stream counts as hostile
-_COALESCE = 256 * 1024  # bytes of received DATA passed on in one piece at most
+_COALESCE = 128 * 1024  # received DATA passed on in one piece at most: half the default
+# stream window, so the first half is acknowledged (WINDOW_UPDATE) while the rest arrives
 
 
 # -- small plumbing ----------------------------------------------------------------------------
@@ -106,7 +107,7 @@ class Inbox:
 
     async def get(self) -> tuple[Any, ...]:
         """The next item; consecutive ``("data", bytes, size)`` items already received come
-        as one (up to 256 KiB), so a burst of small DATA frames costs one write onwards."""
+        as one (up to about 128 KiB), so a burst of small DATA frames costs one write onwards."""
         while not self._items:
             await self._lot.park()
         item = self._items.popleft()

@@ -51,6 +51,9 @@ class H2Limits:
     Attributes:
         max_concurrent_streams: SETTINGS_MAX_CONCURRENT_STREAMS we advertise (RFC 9113 §6.5.2).
         stream_window: our initial stream window: what the proxy buffers per stream at most.
+            A sender can have no more than this in flight, so a stream moves at most one
+            window per acknowledgement round trip (through the scheduler of both ends under
+            load); 512 KiB let a bulk body keep pace with HTTP/1.1 where 256 KiB did not.
         connection_window: our connection window: what it buffers per connection at most.
         max_header_list_size: decoded header-list bytes accepted (HPACK bombs, RFC 9113 §6.5.2).
         stall_timeout: seconds a peer may keep a window at zero, or not drain its socket,
@@ -64,8 +67,8 @@ class H2Limits:
     """
 
     max_concurrent_streams: int = 100
-    stream_window: int = 256 * 1024
-    connection_window: int = 1024 * 1024
+    stream_window: int = 512 * 1024
+    connection_window: int = 2 * 1024 * 1024
     max_header_list_size: int = 64 * 1024
     stall_timeout: float = 60.0
     flood_window: float = 10.0
