@@ -394,6 +394,41 @@ async def test_ech_is_reported_and_answered_for_the_public_name(
     assert setup.records[-1].reason == "ech_inner"
 
 
+def test_the_ech_log_line_is_limited_per_interceptor_not_across_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each trio run has its own clock: one interceptor's minute must not silence another's."""
+    from datetime import UTC, datetime
+
+    from tlsmitm._clienthello import parse_client_hello
+    from tlsmitm._relay import InterceptorStats
+    from tlsmitm._relay.flow import _note_ech
+    from tlsmitm._relay.state import FlowRecord
+
+    hello = parse_client_hello(raw_hello("public.example.test", ech=True))
+
+    class _Interceptor:  # what _note_ech reads of an Interceptor
+        def __init__(self) -> None:
+            self.stats = InterceptorStats()
+
+    caplog.set_level(logging.DEBUG, logger="tlsmitm")
+
+    def one_run(ix: _Interceptor, times: int) -> list[int]:
+        async def main() -> None:
+            for _ in range(times):
+                conn = FlowRecord(client="127.0.0.1:1", started=datetime.now(UTC))
+                _note_ech(ix, conn, hello, "real.example.test")  # type: ignore[arg-type]
+
+        caplog.clear()
+        trio.run(main, clock=trio.testing.MockClock())  # each run's clock starts at 0
+        return [r.levelno for r in caplog.records if "Encrypted Client Hello" in r.getMessage()]
+
+    first, second = _Interceptor(), _Interceptor()
+    assert one_run(first, 2) == [logging.INFO, logging.DEBUG]  # one INFO line a minute
+    assert one_run(second, 1) == [logging.INFO]  # another interceptor, another run: its own line
+    assert second.stats.ech_offered == 1
+
+
 # -- fault 4: override grants bound to the client -----------------------------------------------
 
 
