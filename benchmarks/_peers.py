@@ -57,11 +57,20 @@ PEERS = (
 )
 REPO = Path(__file__).resolve().parent.parent
 PEERS_DIR = Path(__file__).resolve().parent / ".peers"
-MITMPROXY_PYTHONS = (
-    "/root/.pyenv/versions/3.12.1/bin/python",
-    "python3.13",
-    "python3.12",
-)
+MITMPROXY_PYTHONS = ("python3.14", "python3.13", "python3.12")
+
+
+def _mitmproxy_pythons() -> list[str]:
+    """Interpreters new enough for mitmproxy: ``$TLSMITM_BENCH_PYTHON``, then pyenv's (newest
+    first), then the ones on ``PATH`` -- found, so that no machine's own path is written here.
+    (pyenv's shims are skipped: they fail for a version that is installed but not selected.)"""
+    found = [os.environ.get("TLSMITM_BENCH_PYTHON", "")]
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    found += sorted((str(p) for p in pyenv.glob("3.1[2-9]*/bin/python")), reverse=True)
+    found += [shutil.which(name) or "" for name in MITMPROXY_PYTHONS]
+    return [p for p in found if p and "/shims/" not in p and Path(p).is_file()]
+
+
 MITMPROXY_SPEC = "mitmproxy==12.2.3"  # the version of the reference figures in issue 9
 # Interpreter options put in front of ``-m tlsmitm`` (``benchmarks._profile`` adds cProfile).
 _PYTHON_PREFIX: list[str] = []
@@ -320,9 +329,7 @@ def mitmproxy_venv() -> Path:
     mitmdump = venv / "bin" / "mitmdump"
     if mitmdump.exists():
         return venv
-    python = next(
-        (p for p in (shutil.which(c) or c for c in MITMPROXY_PYTHONS) if Path(p).is_file()), None
-    )
+    python = next(iter(_mitmproxy_pythons()), None)
     if python is None:
         raise Unavailable("mitmproxy needs Python >= 3.12, and none was found")
     PEERS_DIR.mkdir(exist_ok=True)
