@@ -570,19 +570,26 @@ class _Measurer:
         )
 
 
+def _start_all(
+    measurers: Sequence[_Measurer], running: dict[str, Running], what: str, key: str
+) -> None:
+    """Start every peer for ``what`` into ``running``; a peer that fails is recorded, not run."""
+    for measurer in measurers:
+        label = measurer.record.label
+        _log(f"[{label}] starting for {what}")
+        try:
+            running[label] = measurer.start_for_bulk()
+        except Exception as exc:  # (Unavailable, or the warm-up request failing)
+            measurer.record.status = "partial" if measurer.record.metrics else "missing"
+            measurer.record.failures[key] = f"{type(exc).__name__}: {exc}"
+            _log(f"[{label}] {key}: {exc}")
+
+
 def _h2_in_turns(plan: Plan, measurers: Sequence[_Measurer]) -> None:
     """HTTP/2 request rates (peers taking turns), tlsmitm's HTTP/2 bulk, then idle memory."""
     running: dict[str, Running] = {}
     try:
-        for measurer in measurers:
-            label = measurer.record.label
-            _log(f"[{label}] starting for HTTP/2")
-            try:
-                running[label] = measurer.start_for_bulk()
-            except Exception as exc:  # (Unavailable, or the warm-up request failing)
-                measurer.record.status = "partial" if measurer.record.metrics else "missing"
-                measurer.record.failures["h2"] = f"{type(exc).__name__}: {exc}"
-                _log(f"[{label}] h2: {exc}")
+        _start_all(measurers, running, "HTTP/2", "h2")
         turns: list[tuple[str, Callable[[_Measurer, Running, int], None]]] = [
             (
                 f"h2.c{c}x{s}",
@@ -727,15 +734,7 @@ def _bulk_in_turns(plan: Plan, measurers: Sequence[_Measurer]) -> None:
     """Bulk transfers, all peers running, taking turns round by round (A, B, A, B...)."""
     running: dict[str, Running] = {}
     try:
-        for measurer in measurers:
-            label = measurer.record.label
-            _log(f"[{label}] starting for bulk transfers")
-            try:
-                running[label] = measurer.start_for_bulk()
-            except Exception as exc:  # (Unavailable, or the warm-up request failing)
-                measurer.record.status = "partial" if measurer.record.metrics else "missing"
-                measurer.record.failures["bulk"] = f"{type(exc).__name__}: {exc}"
-                _log(f"[{label}] bulk: {exc}")
+        _start_all(measurers, running, "bulk transfers", "bulk")
         for repeat in range(plan.repeats):
             for measurer in measurers:
                 label = measurer.record.label
