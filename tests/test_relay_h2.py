@@ -18,6 +18,7 @@ import h2.exceptions
 import h2.settings
 import h11
 import hpack
+import hyperframe.frame
 import pytest
 import trio
 from h2peers import Exchange, H2Peer, origin_handler, pattern
@@ -29,7 +30,7 @@ from strategies import h2_streams
 
 from tlsmitm._errors import ClientError, TlsMitmError
 from tlsmitm._relay.exchange import H1Front, H1Upstream, leaf_exception
-from tlsmitm._relay.h2 import H2Front, H2Upstream
+from tlsmitm._relay.h2 import _QUIET, H2Front, H2Upstream, _open_connection
 from tlsmitm._relay.h2_rules import (
     FloodGuard,
     H2Limits,
@@ -288,6 +289,36 @@ async def test_same_authority_only() -> None:
     assert await check(b"other.example.test") is not None
     assert await check(b"") is not None
     assert await check(b"[::1]:443") is not None
+
+
+def test_received_frames_are_h2s_frames_without_the_payload_dump(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """h2 formats ``repr(frame)`` for every received frame; the relay's connections receive
+    frames whose repr is constant (no hex dump of the payload), and handle them as before."""
+
+    def no_dump(data: object) -> str:
+        raise AssertionError("a received frame's payload was formatted")
+
+    monkeypatch.setattr(hyperframe.frame, "_raw_data_repr", no_dump)
+    client = _open_connection(H2Limits(), client_side=True)
+    server = _open_connection(H2Limits(), client_side=False)
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    client.send_headers(
+        1, [(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", HOST)]
+    )
+    server.receive_data(client.data_to_send())
+    server.send_headers(1, [(":status", "200")])
+    server.send_data(1, b"x" * 60_000)
+    server.send_data(1, b"y", end_stream=True)
+    events = client.receive_data(server.data_to_send())
+    received = [e for e in events if isinstance(e, h2.events.DataReceived)]
+    assert b"".join(e.data for e in received) == b"x" * 60_000 + b"y"
+    assert any(isinstance(e, h2.events.StreamEnded) for e in events)
+    assert all(isinstance(e, h2.events.DataReceived) for e in received)
+    assert repr(_QUIET[hyperframe.frame.DataFrame](1)) == "<DataFrame>"
 
 
 def test_limits_are_validated() -> None:
