@@ -22,13 +22,14 @@ import hyperframe.frame
 import pytest
 import trio
 from h2peers import Exchange, H2Peer, origin_handler, pattern
-from hyperframe.frame import ContinuationFrame, HeadersFrame
+from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from origin import EICAR, OriginStats, serve_http
 from strategies import h2_streams
 
 from tlsmitm._errors import ClientError, TlsMitmError
+from tlsmitm._relay import h2 as relay_h2
 from tlsmitm._relay.exchange import H1Front, H1Upstream, leaf_exception
 from tlsmitm._relay.h2 import _QUIET, H2Front, H2Upstream, _open_connection
 from tlsmitm._relay.h2_rules import (
@@ -1081,3 +1082,64 @@ def test_head_watch_does_not_depend_on_how_the_bytes_are_split(
         split.feed(stream[start:end], now=float(now))
     assert (split.since is None) == (whole.since is None)
     assert split.since is None or 0.0 <= split.since <= len(edges)
+
+
+def _stream_ids(data: bytes) -> list[int]:
+    """The stream ids of the frames in ``data``, in order."""
+    ids = []
+    view = memoryview(data)
+    while view:
+        frame, length = Frame.parse_frame_header(view[:9])
+        ids.append(frame.stream_id)
+        view = view[9 + length :]
+    return ids
+
+
+class _Recorder(trio.abc.Stream):
+    """A stream that records each write (one ``send_all`` is one TLS write in the relay)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        return
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        return
+
+
+async def test_small_frames_of_many_streams_leave_in_one_write_and_a_backlog_waits() -> None:
+    conn = relay_h2._open_connection(H2Limits(), client_side=True)
+    recorder = _Recorder()
+    wire = relay_h2._Wire(conn, recorder, stall=5.0)
+    await wire.flush()  # the preface
+    recorder.writes.clear()
+    headers = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a.test")]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wire.writer)
+        await trio.testing.wait_all_tasks_blocked()
+        sent = []
+        for index in range(10):
+            stream_id = conn.get_next_available_stream_id()
+            block = [*headers, (b":path", b"/%d" % index)]
+            conn.send_headers(stream_id, block, end_stream=True)
+            sent.append(stream_id)
+            await wire.queued(relay_h2._size(block))
+        assert recorder.writes == []  # left to the writer task
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(recorder.writes) == 1  # ten streams' HEADERS, one write
+        assert _stream_ids(recorder.writes[0]) == sent
+        # A backlog over the limit is written before ``queued`` returns (backpressure).
+        stream_id = conn.get_next_available_stream_id()
+        conn.send_headers(stream_id, [*headers, (b":path", b"/big")], end_stream=False)
+        conn.send_data(stream_id, b"x" * 16_000)
+        await wire.queued(relay_h2._UNFLUSHED_LIMIT + 1)
+        assert len(recorder.writes) == 2
+        nursery.cancel_scope.cancel()

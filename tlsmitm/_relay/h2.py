@@ -98,12 +98,23 @@ log = logging.getLogger("tlsmitm.h2")
 
 _RECEIVE_SIZE = 256 * 1024  # bytes per socket read: a window's worth of frames per h2 pass
 _MAX_FRAME_SIZE = 64 * 1024  # SETTINGS_MAX_FRAME_SIZE we advertise (h2's default: 16 KiB)
+# Frame bytes a sender may leave queued for the writer task before it waits for the socket
+# itself: small frames of many streams go out in one TLS write, and a peer that does not read
+# holds at most this much (plus the windows) in the proxy.
+_UNFLUSHED_LIMIT = 64 * 1024
 _ERR = h2.errors.ErrorCodes
 _TRANSPORT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class _Wire:
-    """One ``h2`` connection over one stream: flushing, and waiting for send windows."""
+    """One ``h2`` connection over one stream: flushing, and waiting for send windows.
+
+    Frames reach the socket in one of two ways: :meth:`flush` writes what ``h2`` has queued
+    and returns once it is on the socket; :meth:`queued` leaves small frames to the
+    :meth:`writer` task, which writes everything the streams queued meanwhile in one TLS write
+    (a hundred streams answering at once cost one write, not a hundred), and falls back to
+    :meth:`flush` once more than ``_UNFLUSHED_LIMIT`` bytes wait (backpressure).
+    """
 
     def __init__(self, conn: h2.connection.H2Connection, stream: trio.abc.Stream, stall: float):
         self.conn = conn
@@ -114,12 +125,14 @@ class _Wire:
         self._windows = trio.lowlevel.ParkingLot()
         self.raw = bytearray()  # frames written outside h2's state (graceful GOAWAY)
         self.sent = 0
+        self._unflushed = 0  # bytes queued through :meth:`queued` since the last write
         self.on_io: Callable[[], None] = lambda: None
 
     async def flush(self) -> None:
         """Write what ``h2`` has queued; returns once it is on the socket."""
         async with self._lock:
             data = self.conn.data_to_send()
+            self._unflushed = 0
             if self.raw:
                 data, self.raw = bytes(self.raw) + data, bytearray()
             if data:
@@ -131,6 +144,15 @@ class _Wire:
     def kick(self) -> None:
         """Have the writer task flush soon (for code that cannot wait)."""
         self._dirty.set()
+
+    async def queued(self, size: int) -> None:
+        """``size`` bytes of frames were queued in ``h2``: the writer task sends them with what
+        else is queued by then; past ``_UNFLUSHED_LIMIT`` bytes, flush now and wait for it."""
+        self._unflushed += size
+        if self._unflushed > _UNFLUSHED_LIMIT:
+            await self.flush()
+        else:
+            self.kick()
 
     async def writer(self) -> None:
         while True:
@@ -175,7 +197,7 @@ class _Wire:
             except h2.exceptions.ProtocolError as exc:  # closed or reset meanwhile
                 raise StreamGone from exc
             view = view[size:]
-            await self.flush()
+            await self.queued(size)
 
     def ack(self, stream_id: int, size: int) -> None:
         """Give ``size`` flow-controlled bytes back to the peer (it may send more)."""
@@ -192,6 +214,14 @@ class _Wire:
             except h2.exceptions.ProtocolError:  # pragma: no cover - closed meanwhile
                 return
             self.kick()
+
+
+_FRAME_HEADER_SIZE = 9  # RFC 9113 §4.1
+
+
+def _size(headers: list[tuple[bytes, bytes]]) -> int:
+    """At least what a header block costs queued (HPACK only makes it smaller)."""
+    return _FRAME_HEADER_SIZE + sum(len(name) + len(value) for name, value in headers)
 
 
 def _h2_config(*, client_side: bool) -> h2.config.H2Configuration:
@@ -350,37 +380,39 @@ class _H2ResponseSink:
         self.ended = False
         self.status = 0
 
-    def _send_headers(self, headers: list[tuple[bytes, bytes]], *, end: bool) -> None:
+    def _send_headers(self, headers: list[tuple[bytes, bytes]], *, end: bool) -> int:
         try:
             self.wire.conn.send_headers(self.stream_id, headers, end_stream=end)
         except h2.exceptions.ProtocolError as exc:  # closed, reset, or the connection ended
             raise StreamGone from exc
+        return _size(headers)
 
     async def informational(self, status: int, headers: Headers) -> None:
         if status != 101:  # RFC 9113 §8.6: no 101 in HTTP/2
-            self._send_headers(h2_response_headers(status, headers), end=False)
-            await self.wire.flush()
+            size = self._send_headers(h2_response_headers(status, headers), end=False)
+            await self.wire.queued(size)
 
     async def head(self, status: int, reason: bytes, headers: Headers) -> None:
-        self._send_headers(h2_response_headers(status, headers), end=False)
+        size = self._send_headers(h2_response_headers(status, headers), end=False)
         self.head_sent = True
         self.status = status
-        await self.wire.flush()
+        await self.wire.queued(size)
 
     async def data(self, chunk: bytes) -> None:
         await self.wire.send_data(self.stream_id, chunk)
         self.counters.bytes_down += len(chunk)
 
     async def end(self, trailers: Headers) -> None:
+        size = _FRAME_HEADER_SIZE
         if trailers:
-            self._send_headers(forwardable(trailers), end=True)
+            size = self._send_headers(forwardable(trailers), end=True)
         else:
             try:
                 self.wire.conn.end_stream(self.stream_id)
             except h2.exceptions.ProtocolError as exc:
                 raise StreamGone from exc
         self.ended = True
-        await self.wire.flush()
+        await self.wire.queued(size)
 
 
 Misdirected = Callable[[bytes], Awaitable[str | None]]
@@ -897,7 +929,7 @@ class H2Upstream:
         stream_id = self.conn.get_next_available_stream_id()
         self._inboxes[stream_id] = Inbox()
         self.conn.send_headers(stream_id, headers, end_stream=end)
-        await self._wire.flush()
+        await self._wire.queued(_size(headers))
         return stream_id
 
     async def exchange(self, request: Request, body: BodySource | None, sink: ResponseSink) -> None:
@@ -925,14 +957,17 @@ class H2Upstream:
         while (chunk := await body.read()) is not None:
             await self._wire.send_data(stream_id, chunk)
             self.counters.bytes_up += len(chunk)
+        size = _FRAME_HEADER_SIZE
         try:
             if body.trailers:
-                self.conn.send_headers(stream_id, forwardable(body.trailers), end_stream=True)
+                trailers = forwardable(body.trailers)
+                self.conn.send_headers(stream_id, trailers, end_stream=True)
+                size = _size(trailers)
             else:
                 self.conn.end_stream(stream_id)
         except h2.exceptions.StreamClosedError:
             return  # the origin already answered and closed
-        await self._wire.flush()
+        await self._wire.queued(size)
 
     async def _receive(self, stream_id: int, sink: ResponseSink) -> None:
         inbox = self._inboxes[stream_id]
