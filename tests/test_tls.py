@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
 import ssl
@@ -19,6 +20,7 @@ from cryptography.x509 import ocsp
 from OpenSSL import SSL, crypto
 from pki import Hierarchy, cached_key, good_hierarchy, make_leaf, make_root
 
+from tlsmitm import _tls as tls_module
 from tlsmitm._clienthello import NEED_MORE, ClientHello, parse_client_hello
 from tlsmitm._errors import ClientError, ConfigurationError, TlsMitmError, UpstreamError
 from tlsmitm._names import InvalidHostName
@@ -48,6 +50,16 @@ LEAF_KEY = crypto.PKey.from_cryptography_key(HIER.leaf.key)
 SERVER_CTX = server_context([HIER.intermediate.cert])
 UPSTREAM_CTX = upstream_context()
 TLS13_SUITES = {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"}
+
+
+@pytest.fixture(params=["scratch", "by_record"])
+def decrypt_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a receiving test on both ways of decrypting: SSL_read into the shared scratch
+    buffer (pyOpenSSL's binding), and ``Connection.recv`` (the fallback without it)."""
+    assert tls_module._SSL_READ is not None  # the pinned pyOpenSSL has the fast path
+    if request.param == "by_record":
+        monkeypatch.setattr(tls_module, "_SSL_READ", None)
+    return str(request.param)
 
 
 def tls12_server_context(**kw: object) -> SSL.Context:
@@ -178,6 +190,7 @@ class BreaksOnReceive(NoHalfClose):
 # trio's generic stream conformance suite
 
 
+@pytest.mark.usefixtures("decrypt_path")
 @pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
 async def test_check_half_closeable_stream(version: str) -> None:
     context = tls12_server_context() if version == "TLSv1.2" else SERVER_CTX
@@ -474,6 +487,7 @@ async def _server_writes_raw(server: TLSStream, plaintext: bytes) -> bytes:
     return server.connection.bio_read(65536)
 
 
+@pytest.mark.usefixtures("decrypt_path")
 async def test_end_of_transport_at_a_record_boundary_is_a_clean_end() -> None:
     client, server = await connected_pair()
     await server.send_all(b"first")  # also delivers the delayed TLS 1.3 tickets
@@ -491,6 +505,7 @@ async def test_end_of_transport_at_a_record_boundary_is_a_clean_end() -> None:
     await client.aclose()
 
 
+@pytest.mark.usefixtures("decrypt_path")
 async def test_end_of_transport_inside_a_record_is_truncation() -> None:
     client, server = await connected_pair()
     await server.send_all(b"first")
@@ -505,6 +520,7 @@ async def test_end_of_transport_inside_a_record_is_truncation() -> None:
         await client.receive_some()
 
 
+@pytest.mark.usefixtures("decrypt_path")
 async def test_truncation_after_a_refill_of_many_records() -> None:
     """A refill is fed to OpenSSL piece by piece; the framing check still sees the cut record."""
     client, server = await connected_pair()
@@ -527,6 +543,7 @@ async def test_truncation_after_a_refill_of_many_records() -> None:
     assert info.value.reason == "tls_truncated"
 
 
+@pytest.mark.usefixtures("decrypt_path")
 async def test_one_refill_serves_many_records() -> None:
     """Ciphertext already in the transport is read at once, not one record per transport read."""
     a, b = trio.testing.memory_stream_pair()
@@ -544,6 +561,7 @@ async def test_one_refill_serves_many_records() -> None:
     assert client.is_idle()
 
 
+@pytest.mark.usefixtures("decrypt_path")
 async def test_corrupt_record_is_a_tls_error() -> None:
     client, server = await connected_pair()
     await server.send_all(b"first")
@@ -557,6 +575,7 @@ async def test_corrupt_record_is_a_tls_error() -> None:
     assert info.value.alert_sent == "bad_record_mac"
 
 
+@pytest.mark.usefixtures("decrypt_path")
 async def test_close_notify_then_data_is_ordered() -> None:
     client, server = await connected_pair()
     await server.send_all(b"a")
@@ -566,6 +585,47 @@ async def test_close_notify_then_data_is_ordered() -> None:
     while chunk := await client.receive_some():
         received += chunk
     assert received == b"ab"
+
+
+@pytest.mark.usefixtures("decrypt_path")
+@pytest.mark.parametrize("max_bytes", [1, 1000, 16384, 65536, 300_000, None])
+async def test_bulk_plaintext_arrives_intact_whatever_the_read_size(max_bytes: int | None) -> None:
+    """8 MiB in writes of odd sizes, read in pieces of at most ``max_bytes`` (more than the
+    256 KiB scratch buffer too): every byte, in order, and no read longer than asked."""
+    client, server = await connected_pair(max_refill_bytes=256 * 1024)
+    payload = os.urandom(8 * 1024 * 1024 + 12345 if (max_bytes or 1000) >= 1000 else 50_000)
+    received = bytearray()
+    sizes: list[int] = []
+
+    async def send() -> None:
+        view = memoryview(payload)
+        for start in range(0, len(view), 99_991):
+            await server.send_all(view[start : start + 99_991])
+        await server.send_eof()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        while chunk := await client.receive_some(max_bytes):
+            assert isinstance(chunk, bytes)
+            sizes.append(len(chunk))
+            received += chunk
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    assert max(sizes) <= (max_bytes or 256 * 1024)
+    assert max(sizes) <= 256 * 1024  # the scratch buffer (or 16 records) bounds one read
+
+
+async def test_streams_sharing_the_scratch_buffer_keep_their_own_bytes() -> None:
+    """Two connections decrypting in turn through the one scratch buffer of the thread."""
+    pairs = [await connected_pair() for _ in range(2)]
+    payloads = [os.urandom(200_000), os.urandom(150_000)]
+    for (_, server), payload in zip(pairs, payloads, strict=True):
+        await server.send_all(payload)
+    received = [bytearray(), bytearray()]
+    while any(len(r) < len(p) for r, p in zip(received, payloads, strict=True)):
+        for (client, _), payload, into in zip(pairs, payloads, received, strict=True):
+            if len(into) < len(payload):
+                into += await client.receive_some(40_000)
+    assert [bytes(r) for r in received] == payloads
 
 
 # --------------------------------------------------------------------------------------------
@@ -1016,6 +1076,7 @@ def test_server_context_is_tls12_minimum_without_compression_or_renegotiation() 
 # Backpressure, concurrency, closing
 
 
+@pytest.mark.usefixtures("decrypt_path")
 async def test_refills_and_writes_are_bounded() -> None:
     a, b = trio.testing.memory_stream_pair()
     recorder = Recorder(a)

@@ -24,7 +24,9 @@ as OpenSSL requires. Because only one refill is ever outstanding and a refill is
 encrypting large writes in batches of 256 KiB sent before the next is encrypted, is the
 backpressure. A refill is fed to OpenSSL in
 32 KiB pieces as it decrypts them (no await in between), so one transport read and one trip
-through the scheduler serve several records while the incoming BIO stays small.
+through the scheduler serve several records while the incoming BIO stays small. The records of
+one receive are decrypted by ``SSL_read`` straight into one scratch buffer per thread and copied
+out once (see :meth:`TLSStream._decrypt_into_scratch`).
 
 Two OpenSSL habits are corrected here:
 
@@ -52,12 +54,13 @@ from __future__ import annotations
 import enum
 import operator
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext, suppress
 from pathlib import Path
 from types import TracebackType
-from typing import Final, NoReturn, TypeAlias, TypeVar
+from typing import Any, Final, NoReturn, TypeAlias, TypeVar
 
 import trio
 from cryptography import x509
@@ -100,6 +103,36 @@ _DRAIN_SIZE: Final = 2 * _SEND_SLICE  # most ciphertext taken from the outgoing 
 # about 170 KiB; fed in 32 KiB pieces it holds about 43 KiB, and the refill itself is freed.
 _FEED_SLICE: Final = 32 * 1024
 _NOTHING: Final = memoryview(b"")  # shared: an empty read-only view
+# Plaintext is decrypted by SSL_read straight into a scratch buffer shared by every stream of a
+# thread (filled and emptied with no await in between), through the cffi binding pyOpenSSL itself
+# uses, then copied out once per receive: no buffer, copy and Python call per 16 KiB record. The
+# binding is pyOpenSSL's private API: without it, Connection.recv is used (one record per call).
+_SCRATCH_SIZE: Final = 256 * 1024
+try:
+    from OpenSSL._util import ffi as _FFI
+    from OpenSSL._util import lib as _LIB
+
+    _SSL_READ: Any = _LIB.SSL_read
+    _RAISE_SSL_ERROR: Any = SSL.Connection._raise_ssl_error
+except (ImportError, AttributeError):  # pragma: no cover - a pyOpenSSL without them
+    _FFI, _SSL_READ, _RAISE_SSL_ERROR = None, None, None
+
+
+class _Scratch(threading.local):
+    buffer: Any = None
+
+
+_scratch = _Scratch()
+
+
+def _scratch_buffer() -> Any:
+    """This thread's decryption buffer (allocated on first use, never shrinks or grows)."""
+    buffer = _scratch.buffer
+    if buffer is None:
+        buffer = _scratch.buffer = _FFI.new("char[]", _SCRATCH_SIZE)
+    return buffer
+
+
 _MAX_PLAINTEXT_RECORD: Final = 2**14  # RFC 8446 §5.1; one SSL_read returns at most one record
 _RECORD_HEADER: Final = 5  # RFC 8446 §5.1
 
@@ -936,7 +969,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return b""
         try:
             # (A "want read" here goes to _retry, which feeds the refill or reads more.)
-            data = self.connection.recv(min(max_bytes, _MAX_PLAINTEXT_RECORD))
+            if _SSL_READ is not None:
+                return self._decrypt_into_scratch(max_bytes)
+            return self._decrypt_by_record(max_bytes)
         except SSL.ZeroReturnError:  # close_notify
             self._received_close = True
             return b""
@@ -955,6 +990,54 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 self._info.alert_sent = None
             self._received_close = True
             return b""
+
+    def _more_after_data(self, exc: SSL.Error) -> bool:
+        """Some plaintext is in hand and OpenSSL raised ``exc``: decrypt more (``True``), or
+        stop and return what is in hand, keeping what ``exc`` means for the next call."""
+        if isinstance(exc, SSL.WantReadError):
+            if self._unfed:  # more of the refill to decrypt
+                self._feed()
+                return True
+        elif isinstance(exc, SSL.ZeroReturnError):
+            self._received_close = True
+        elif not isinstance(exc, SSL.SysCallError):  # (the end of the transport: sorted out
+            self._deferred = exc  # by the next call) -- an error is reported after this data
+        return False
+
+    def _decrypt_into_scratch(self, max_bytes: int) -> bytes:
+        """Decrypt up to ``max_bytes`` straight into this thread's scratch buffer, one copy out.
+
+        ``SSL_read`` is called through pyOpenSSL's own binding, and its failures are raised by
+        pyOpenSSL's own mapping, exactly as ``Connection.recv`` does it, minus a buffer
+        allocation and a copy per record and the join of the records.
+        """
+        connection = self.connection
+        ssl = getattr(connection, "_ssl", None)
+        if ssl is None:  # pragma: no cover - a pyOpenSSL that renamed it
+            return self._decrypt_by_record(max_bytes)
+        buffer = _scratch_buffer()
+        limit = min(max_bytes, _SCRATCH_SIZE)
+        total = 0
+        while total < limit:
+            result = _SSL_READ(ssl, buffer + total, limit - total)
+            if result > 0:
+                total += result
+                continue
+            if not total:  # nothing in hand: the caller handles it (want read, end, error)
+                _RAISE_SSL_ERROR(connection, ssl, result)
+                raise SSL.Error("SSL_read failed without an error")  # (never: SSL_get_error(3))
+            try:
+                _RAISE_SSL_ERROR(connection, ssl, result)
+            except SSL.Error as exc:
+                if self._more_after_data(exc):
+                    continue
+            break
+        data: bytes = _FFI.buffer(buffer, total)[:]
+        return data
+
+    def _decrypt_by_record(self, max_bytes: int) -> bytes:
+        """:meth:`_decrypt_into_scratch` through pyOpenSSL's public API: one record per call."""
+        data = self.connection.recv(min(max_bytes, _MAX_PLAINTEXT_RECORD))
         if len(data) >= max_bytes:
             return data
         # OpenSSL returns one record per call; take what else is already decrypted-able.
@@ -964,18 +1047,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
             try:
                 # One record per call; never a buffer bigger than a record needs.
                 more = self.connection.recv(min(max_bytes - total, _MAX_PLAINTEXT_RECORD))
-            except SSL.WantReadError:
-                if self._unfed:  # more of the refill to decrypt
-                    self._feed()
-                    continue
-                break
-            except SSL.ZeroReturnError:
-                self._received_close = True
-                break
-            except SSL.SysCallError:
-                break  # the end of the transport: the next call sorts out what kind
             except SSL.Error as exc:
-                self._deferred = exc  # reported by the next call, after this data
+                if self._more_after_data(exc):
+                    continue
                 break
             chunks.append(more)
             total += len(more)
