@@ -150,3 +150,66 @@ async def test_keep_alive_exchanges_with_and_without_hooks(hooks: str | None) ->
     assert relay.counters.requests == 3
     if counting is not None:
         assert (counting.requests, counting.responses) == (3, 3)
+
+
+async def test_a_head_that_trickles_in_times_out_from_its_first_byte(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The head deadline counts from the head's first byte, not from when the relay first had
+    to wait for the rest of it."""
+    client, relay_client = trio.testing.memory_stream_pair()
+    relay_upstream, _origin = trio.testing.memory_stream_pair()
+    relay = _relay(relay_client, relay_upstream)
+    relay.head_timeout = 3.0
+
+    async def trickle() -> None:
+        for piece in (b"GET /x HTTP/1.1\r\n", b"Host: example.org\r\n", b"A: b\r\n"):
+            await client.send_all(piece)
+            await trio.sleep(1.0)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trickle)
+            started = trio.current_time()
+            with pytest.raises(ClientError) as info:
+                await run_relay(relay)
+            assert trio.current_time() - started == pytest.approx(3.0)
+            nursery.cancel_scope.cancel()
+    assert info.value.reason == "head_timeout"
+
+
+async def test_a_complete_head_leaves_the_idle_deadline_in_charge(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After whole heads (which never arm the head deadline), an idle keep-alive connection
+    lasts ``idle_timeout``, longer than ``head_timeout``, and ends cleanly."""
+    client, relay_client = trio.testing.memory_stream_pair()
+    relay_upstream, origin = trio.testing.memory_stream_pair()
+    relay = _relay(relay_client, relay_upstream)
+    relay.head_timeout = 3.0
+    ended: list[float] = []
+
+    async def run() -> None:
+        assert await run_relay(relay) is None  # a clean end between requests
+        ended.append(trio.current_time())
+
+    async def serve() -> None:
+        for _ in range(2):
+            await _read_head(origin)
+            await origin.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            nursery.start_soon(serve)
+            for _ in range(2):
+                await client.send_all(REQUEST)
+                received = b""
+                while not received.endswith(b"ok"):
+                    received += await client.receive_some()
+                await trio.sleep(2 * relay.head_timeout)  # idle between requests: not a head
+            last = trio.current_time() - 2 * relay.head_timeout
+            while not ended:
+                await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+    assert IDLE <= ended[0] - last <= IDLE + relay._deadline_slack + 0.01

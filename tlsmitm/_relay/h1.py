@@ -162,6 +162,7 @@ class HttpRelay:
         self._up = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_INCOMPLETE_EVENT)
         self._idle_scope = trio.CancelScope()
         self._head_deadline: float | None = None
+        self._head_armed = False  # the idle scope's deadline is the head deadline (_arm_head)
         self._pipelined = 0  # requests in a row whose head was here before the previous ended
         self._awaiting_request = True
         self._last_status = 0
@@ -187,17 +188,19 @@ class HttpRelay:
             event = _parsed_event(conn, side)
             if event is not h11.NEED_DATA:
                 return event
+            if self._head_deadline is not None and not self._head_armed:
+                _arm_head(self)  # a request head began and is not complete: bound its wait
             await self._receive_into(conn, stream, side)
 
     async def _receive_into(self, conn: h11.Connection, stream: trio.abc.Stream, side: str) -> None:
         data = bytes(await stream.receive_some(_RECEIVE_SIZE))
-        if side == "client" and self._awaiting_request and data and self._head_deadline is None:
-            _head_began(self)
-        self._touch()
         if side == "client":
+            if self._awaiting_request and data and self._head_deadline is None:
+                _head_began(self)
             self.counters.bytes_up += len(data)
         else:
             self.counters.bytes_down += len(data)
+        self._touch()
         conn.receive_data(data)
 
     async def _send(self, conn: h11.Connection, stream: trio.abc.Stream, event: Any) -> None:
@@ -580,8 +583,10 @@ def _move_deadline(relay: HttpRelay) -> None:
     """
     deadline = trio.current_time() + relay.idle_timeout
     scope, head = relay._idle_scope, relay._head_deadline
-    if head is not None and head < deadline + relay._deadline_slack:
-        scope.deadline = min(deadline, head)
+    if relay._head_armed and head is not None and head < deadline + relay._deadline_slack:
+        target = min(deadline, head)
+        if scope.deadline != target:  # (trio's deadline setter is not free)
+            scope.deadline = target
         return
     if not deadline <= scope.deadline <= deadline + relay._deadline_slack:
         scope.deadline = deadline + relay._deadline_slack
@@ -591,6 +596,7 @@ def _await_request(relay: HttpRelay, awaiting: bool) -> None:
     """The relay starts (or stops) waiting for the client's next request head."""
     relay._awaiting_request = awaiting
     relay._head_deadline = None
+    relay._head_armed = False
     if relay.record is not None:
         relay.record.idle_since = trio.current_time() if awaiting else None
     if not awaiting:
@@ -616,10 +622,20 @@ def _raise_if_a_head_timed_out(relay: HttpRelay) -> None:
 
 
 def _head_began(relay: HttpRelay) -> None:
-    """A head must end within ``head_timeout`` of its first byte, however it trickles in."""
+    """A head must end within ``head_timeout`` of its first byte, however it trickles in.
+
+    The deadline is only noted here: a head that is complete by the time it is parsed (the
+    usual case) never needs it. The relay waits for more of a head only after
+    :func:`_arm_head`, which puts the noted deadline on the idle scope.
+    """
     relay._head_deadline = trio.current_time() + relay.head_timeout
     if relay.record is not None:
         relay.record.idle_since = None
+
+
+def _arm_head(relay: HttpRelay) -> None:
+    """The head that began is incomplete: from now on the scope fires at its deadline."""
+    relay._head_armed = True
     relay._touch()
 
 
