@@ -6,6 +6,7 @@ per I/O); these tests pin what that may and may not change, on trio's mock clock
 
 from __future__ import annotations
 
+import h11
 import pytest
 import trio
 import trio.testing
@@ -213,3 +214,20 @@ async def test_a_complete_head_leaves_the_idle_deadline_in_charge(
                 await trio.sleep(1)
             nursery.cancel_scope.cancel()
     assert IDLE <= ended[0] - last <= IDLE + relay._deadline_slack + 0.01
+
+
+def test_h11_headers_are_read_as_iterating_them_gives() -> None:
+    """The relay reads h11's header list directly (fast path); it must equal h11's own view,
+    duplicates and order kept, names lower-cased, values as sent."""
+    from tlsmitm._relay.h1 import _h11_headers
+
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(
+        b"GET / HTTP/1.1\r\nHost: a.example\r\nX-Dup: 1\r\nx-DUP: Two \r\nCookie: c=d\r\n\r\n"
+    )
+    event = conn.next_event()
+    assert isinstance(event, h11.Request)
+    expected = tuple((bytes(k), bytes(v)) for k, v in event.headers)
+    assert _h11_headers(event.headers) == expected
+    assert expected[1:3] == ((b"x-dup", b"1"), (b"x-dup", b"Two"))
+    assert _h11_headers([(b"a", b"b")]) == ((b"a", b"b"),)  # without h11's item list

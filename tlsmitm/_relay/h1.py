@@ -46,6 +46,7 @@ __all__ = ["MAX_PIPELINED", "BlockAnswer", "HttpRelay", "StsCallback", "Switched
 
 _RECEIVE_SIZE = 128 * 1024
 _MAX_INCOMPLETE_EVENT = 64 * 1024  # bound on a request/response head
+_BEFORE_HEAD = (h11.IDLE, h11.SEND_RESPONSE)  # the peer's states before it sends a head
 
 
 @dataclass(slots=True)
@@ -66,6 +67,15 @@ class _Counters:
 
 
 def _h11_headers(headers: Any) -> Headers:
+    """h11's headers as (lower-case name, value) pairs, as iterating them gives.
+
+    Read from h11's item list when it has one: iterating h11's ``Headers`` goes through
+    ``Sequence.__getitem__``, one Python call per header. (h11 keeps names and values as
+    ``bytes``.)
+    """
+    items = getattr(headers, "_full_items", None)
+    if isinstance(items, list):
+        return tuple([(name, value) for _, name, value in items])
     return tuple((bytes(k), bytes(v)) for k, v in headers)
 
 
@@ -184,6 +194,11 @@ class HttpRelay:
     # -- reading and writing -------------------------------------------------------------------
 
     async def _next_event(self, conn: h11.Connection, stream: trio.abc.Stream, side: str) -> Any:
+        if conn.their_state in _BEFORE_HEAD:
+            pending, closed = conn.trailing_data
+            if not pending and not closed:
+                # Nothing is buffered before a head: h11 could only answer NEED_DATA.
+                await self._receive_into(conn, stream, side)
         while True:
             event = _parsed_event(conn, side)
             if event is not h11.NEED_DATA:
@@ -238,14 +253,14 @@ class HttpRelay:
                 return None
             if not isinstance(event, h11.Request):
                 raise ClientError(f"unexpected {type(event).__name__}", reason="bad_http")
-            if _binds_connection(event.headers, b"authorization"):
-                self._connection_bound_auth = True
             request = Request(
                 method=bytes(event.method),
                 target=bytes(event.target),
                 headers=_h11_headers(event.headers),
                 http_version=bytes(event.http_version),
             )
+            if _binds_connection(request.headers, b"authorization"):
+                self._connection_bound_auth = True
             self.counters.requests += 1
             outcome = (
                 await self.hooks.on_request(self.flow, request) if self._hooked_requests else None
