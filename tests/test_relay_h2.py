@@ -133,6 +133,7 @@ async def relay(
     scan: ScanSettings | None = None,
     head_timeout: float = 10.0,
     idle_timeout: float = 300.0,
+    origin_settings: dict[int, int] | None = None,
 ) -> AsyncIterator[Setup]:
     hooks = hooks or RecordingHooks()
     limits = limits or H2Limits()
@@ -144,7 +145,9 @@ async def relay(
         up: H2Upstream | H1Upstream
         if upstream == "h2":
             up_sock, origin_sock = _pair(opened)
-            origin = H2Peer(origin_sock, client=False, handler=origin_handler)
+            origin = H2Peer(
+                origin_sock, client=False, handler=origin_handler, settings=origin_settings
+            )
             nursery.start_soon(origin.run)
             up = H2Upstream(up_sock, limits=limits)
         else:
@@ -380,6 +383,27 @@ async def test_a_hundred_concurrent_streams(upstream: str) -> None:
         else:  # several HTTP/1.1 connections to the origin, bounded
             assert isinstance(s.upstream, H1Upstream)
             assert 1 < s.upstream._open <= 6
+
+
+async def test_exchanges_wait_for_a_stream_within_the_origins_concurrency_limit() -> None:
+    limit = {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2}
+    async with relay(upstream="h2", origin_settings=limit) as s:
+        _, first = await s.client.request(b"/")  # (the origin's SETTINGS have arrived)
+        assert first.status == 200
+        results: list[Exchange] = []
+
+        async def one(i: int) -> None:
+            _, ex = await s.client.request(b"/big/%d" % (300_000 + i))
+            results.append(ex)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(12):
+                    nursery.start_soon(one, i)
+        assert sorted(len(ex.body) for ex in results) == [300_000 + i for i in range(12)]
+        assert all(ex.status == 200 and ex.reset is None for ex in results)
+        assert s.origin is not None
+        assert s.origin.error is None  # the origin's h2 refuses a third open stream
 
 
 @pytest.mark.parametrize("upstream", ["h2", "h1"])

@@ -170,15 +170,19 @@ class _Wire:
             StreamGone: the stream was closed or reset meanwhile.
             trio.TooSlowError: the peer kept the window closed (a zero-window stall).
         """
+        window = self._window(stream_id)
+        if window > 0:  # (the usual case: no deadline to set up)
+            return window
         with trio.fail_after(self.stall):
-            while True:
-                try:
-                    window = self.conn.local_flow_control_window(stream_id)
-                except (h2.exceptions.StreamClosedError, KeyError) as exc:
-                    raise StreamGone from exc
-                if window > 0:
-                    return window
+            while (window := self._window(stream_id)) <= 0:
                 await self._windows.park()
+        return window
+
+    def _window(self, stream_id: int) -> int:
+        try:
+            return self.conn.local_flow_control_window(stream_id)
+        except (h2.exceptions.StreamClosedError, KeyError) as exc:
+            raise StreamGone from exc
 
     async def send_data(self, stream_id: int, chunk: bytes) -> None:
         """Send ``chunk`` on ``stream_id`` as the peer's windows allow, and flush.
@@ -923,12 +927,14 @@ class H2Upstream:
         while True:
             if self._gone is not None:
                 raise Refused(self._gone)
-            if self.conn.open_outbound_streams < self.conn.remote_settings.max_concurrent_streams:
-                break
-            await self._slots.park()
-        stream_id = self.conn.get_next_available_stream_id()
-        self._inboxes[stream_id] = Inbox()
-        self.conn.send_headers(stream_id, headers, end_stream=end)
+            stream_id = self.conn.get_next_available_stream_id()
+            try:  # (h2 counts the open streams against the origin's MAX_CONCURRENT_STREAMS)
+                self.conn.send_headers(stream_id, headers, end_stream=end)
+            except h2.exceptions.TooManyStreamsError:
+                await self._slots.park()
+                continue
+            break
+        self._inboxes[stream_id] = Inbox()  # (before the reader task runs again)
         await self._wire.queued(_size(headers))
         return stream_id
 
@@ -936,15 +942,21 @@ class H2Upstream:
         stream_id = await self._open_stream(h2_request_headers(request), body is None)
         finished = False
         try:
-            async with trio.open_nursery() as nursery:
-                if body is not None:
-                    nursery.start_soon(self._send_body, stream_id, body)
+            if body is None:  # (no upload to run beside the response: no nursery either)
                 try:
                     await self._receive(stream_id, sink)
                 finally:
-                    await sink.aclose()  # (inside the nursery the sink's scan was opened in)
+                    await sink.aclose()
                 finished = True
-                nursery.cancel_scope.cancel()  # a complete response ends the upload too
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_body, stream_id, body)
+                    try:
+                        await self._receive(stream_id, sink)
+                    finally:
+                        await sink.aclose()  # (inside the nursery the sink's scan was opened in)
+                    finished = True
+                    nursery.cancel_scope.cancel()  # a complete response ends the upload too
         finally:
             inbox = self._inboxes.pop(stream_id)
             if inbox.fc_pending:
