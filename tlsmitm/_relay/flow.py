@@ -61,7 +61,7 @@ from .scanning import note_scan
 from .sniffing import first_bytes
 from .splice import splice
 from .state import FlowRecord, FlowState
-from .state_io import hsts_known, warm_policy
+from .state_io import hsts_known, prefetch_state
 from .streams import close, close_all, peer_ip
 
 if TYPE_CHECKING:
@@ -222,8 +222,9 @@ class Flow:
         ix, client = self._ix, self._client
         now = ix.clock()
         first = name if not self._transparent else tls_name
-        for host in {first, tls_name}:
-            await warm_policy(ix, client[0], host, port)  # store reads off the event loop
+        # Store reads off the event loop, in one thread hop: the learned bypasses for both
+        # names, and the HSTS entries _intercept reads for tls_name after the handshake.
+        await prefetch_state(ix, client[0], (first, tls_name), port, tls_name, now)
         decision = await ix.policy.decide(
             client_ip=client[0], host=first, port=port, destination_ip=destination_ip, now=now
         )

@@ -4,7 +4,8 @@ Every connection asks whether its host is a Known HSTS Host. When the answer is 
 preload list, or a :class:`~tlsmitm.CachedStore` entry fetched less than its ``ttl`` ago) it is
 given at once on the event loop; otherwise the store is asked from a worker thread
 (``trio.to_thread``), so an SQLite ``fsync`` or a Redis round trip never stalls the other
-connections of this worker.
+connections of this worker. :func:`prefetch_state` gathers a connection's reads (learned bypasses,
+HSTS entries) into one such thread hop, before the policy decides.
 
 Writes (``Strict-Transport-Security`` observations) are queued to :class:`StateWriter`, whose one
 task runs them in a thread, in order. The response they came with is never held back by them,
@@ -31,7 +32,7 @@ from .._names import is_ip_literal, try_normalize_host
 if TYPE_CHECKING:
     from .interceptor import Interceptor
 
-__all__ = ["StateWriter", "hsts_known", "warm_policy"]
+__all__ = ["StateWriter", "hsts_known", "prefetch_state"]
 
 log = logging.getLogger("tlsmitm.state")
 
@@ -53,24 +54,57 @@ async def hsts_known(ix: Interceptor, name: str, now: datetime) -> bool:
     return answer is not None
 
 
-async def warm_policy(ix: Interceptor, client_ip: str, host: str | None, port: int) -> None:
-    """Fetch, in a thread, the learned bypasses the policy is about to read, unless cached.
+async def prefetch_state(
+    ix: Interceptor,
+    client_ip: str,
+    hosts: Sequence[str],
+    port: int,
+    hsts_host: str | None,
+    now: datetime,
+) -> None:
+    """Fetch, in *one* thread hop, what this connection is about to read from the store.
 
-    Afterwards :meth:`~tlsmitm.InterceptPolicy.decide` finds them in the per-worker cache and
-    does no I/O on the event loop. Stores without a cache (``MemoryStore``) need nothing.
+    That is the learned bypasses :meth:`~tlsmitm.InterceptPolicy.decide` reads for each of
+    ``hosts`` and the HSTS entries :func:`hsts_known` later reads
+    for ``hsts_host``. A new name otherwise costs three hops (two policy lookups, one HSTS read),
+    each a pair of thread wake-ups; here they share one. Nothing is decided here: the readers
+    still ask the cache, and a read whose entry is stale by then (older than the cache's
+    ``ttl``) goes to the store again. The HSTS part is left out when the answer is known from
+    memory, when an STS write for the host is queued (:func:`hsts_known` waits for it first), and
+    for stores without a cache.
     """
+    reads: list[Callable[[], object]] = []
     store = ix.policy.store
     peek = getattr(store, "peek_many", None)
-    if peek is None:
+    if peek is not None:
+        for host in dict.fromkeys(hosts):
+            try:
+                lookups = ix.policy.learned_lookups(client_ip=client_ip, host=host, port=port)
+            except ValueError:
+                continue  # decide() raises the same, with the error the caller handles
+            for namespace, key in lookups:
+                if peek(namespace, [key]) is None:
+                    get_many = store.get_many  # type: ignore[attr-defined]
+                    reads.append(functools.partial(get_many, namespace, [key]))
+    if (
+        hsts_host is not None
+        and getattr(ix.hsts.store, "peek_many", None) is not None
+        and not ix.state_writer.pending_for(hsts_host)
+        and not ix.state_writer.recently_known(hsts_host, now)
+        and ix.hsts.known_host_nowait(hsts_host, now=now) is UNANSWERED
+    ):
+        reads.append(functools.partial(ix.hsts.known_host, hsts_host, now=now))
+    if not reads:
         return
-    try:
-        lookups = ix.policy.learned_lookups(client_ip=client_ip, host=host, port=port)
-    except ValueError:
-        return  # decide() raises the same, with the error the caller handles
-    for namespace, key in lookups:
-        if peek(namespace, [key]) is None:
-            get_many = store.get_many  # type: ignore[attr-defined]
-            await trio.to_thread.run_sync(get_many, namespace, [key])
+    if len(reads) == 1:
+        await trio.to_thread.run_sync(reads[0])
+        return
+
+    def read_all() -> None:
+        for read in reads:
+            read()
+
+    await trio.to_thread.run_sync(read_all)
 
 
 _Queued = tuple[Callable[[], object], str | None]  # a write, and the host of an STS write
@@ -112,6 +146,16 @@ class StateWriter:
             functools.partial(hsts.observe, host, list(values), now=now, secure_and_verified=True),
             host=name,
         )
+
+    def pending_for(self, host: str) -> bool:
+        """Whether an STS write for ``host`` or a parent domain is queued or running."""
+        if not self._pending:
+            return False
+        name = try_normalize_host(host)
+        if name is None:
+            return False
+        labels = name.split(".")
+        return any(".".join(labels[i:]) in self._pending for i in range(len(labels)))
 
     async def settled(self, host: str) -> None:
         """Wait (at most :data:`_SETTLE_SECONDS`) until no STS write for ``host`` or a parent
