@@ -1262,3 +1262,35 @@ async def test_is_idle_only_between_records_with_nothing_unread() -> None:
     await trio.aclose_forcefully(client)
     assert not client.is_idle()
     await trio.aclose_forcefully(server)
+
+
+async def test_transport_lock_is_fifo_and_hands_over_to_waiters() -> None:
+    """The inner lock of a direction: free when nobody holds it, else strictly in turn (a
+    newcomer never overtakes a waiter), and a cancelled waiter leaves the queue."""
+    lock = tls_module._TransportLock()
+    order: list[str] = []
+
+    async def take(name: str, hold: float) -> None:
+        await lock.acquire()
+        order.append(name)
+        await trio.sleep(hold)
+        lock.release()
+
+    await lock.acquire()  # free: taken at once
+    async with trio.open_nursery() as nursery:
+        for name in ("a", "b", "c"):
+            nursery.start_soon(take, name, 0.01)
+            await trio.testing.wait_all_tasks_blocked()
+        lock.release()  # handed to "a" (still held), not freed for anyone to grab
+        assert lock._held
+    assert order == ["a", "b", "c"]
+    assert not lock._held
+
+    await lock.acquire()
+    with trio.move_on_after(0.01) as scope:
+        await lock.acquire()  # held: waits, and a cancelled wait leaves the queue
+    assert scope.cancelled_caught
+    lock.release()
+    assert not lock._held
+    await lock.acquire()  # free again
+    lock.release()
