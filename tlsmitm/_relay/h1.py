@@ -351,7 +351,7 @@ class HttpRelay:
             # no second task is needed to pump a body.
             await self.upstream.send_all(head + (self._up.send(first) or b""))
             self._touch()
-            return await self._forward_response(request, trio.CancelScope())
+            return await self._forward_response(request, None)  # (no body task to stop)
         await self.upstream.send_all(head)
         self._touch()
         if isinstance(first, h11.Data):
@@ -371,7 +371,7 @@ class HttpRelay:
         return result[0]
 
     async def _forward_response(
-        self, request: Request, request_scope: trio.CancelScope
+        self, request: Request, request_scope: trio.CancelScope | None
     ) -> Switched | None:
         while True:
             event = await self._next_event(self._up, self.upstream, "upstream")
@@ -379,7 +379,8 @@ class HttpRelay:
                 await self._send(self._down, self.client, event)
                 if event.status_code == 101:
                     self._last_status = 101
-                    request_scope.cancel()
+                    if request_scope is not None:
+                        request_scope.cancel()
                     to_client, _ = self._up.trailing_data
                     to_upstream, _ = self._down.trailing_data
                     return Switched(

@@ -72,7 +72,7 @@ async def exchange_scanned_request(
         await relay.upstream.send_all(out)
         relay._touch()
     if complete:
-        return await relay._forward_response(request, trio.CancelScope())
+        return await relay._forward_response(request, None)
     result: list[Switched | None] = [None]
     async with trio.open_nursery() as nursery:  # unscanned (--scan-failure open): stream on
         nursery.start_soon(_h1._forward_request_body, relay, request)
