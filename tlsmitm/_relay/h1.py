@@ -32,6 +32,13 @@ from typing import Any
 import h11
 import trio
 
+try:  # the one piece of h11's internals the relay uses (see _unread_body_length)
+    from h11 import _readers as _h11_readers
+
+    _CONTENT_LENGTH_READER: Any = _h11_readers.ContentLengthReader
+except (ImportError, AttributeError):  # pragma: no cover - bodies then go through h11 only
+    _CONTENT_LENGTH_READER = None
+
 from .._errors import ClientError, UpstreamError
 from .._scan import ScanSettings
 from .h1_scan import exchange_scanned_request, scanned_response
@@ -569,8 +576,15 @@ class _Blocked(Exception):
 
 
 async def _forward_request_body(relay: HttpRelay, request: Request) -> None:
-    """The client's request body to the origin (and to body hooks), to its end."""
+    """The client's request body to the origin (and to body hooks), to its end.
+
+    A Content-Length body that nothing inspects (no body hook, no request scanning) is moved
+    as it is received (:func:`_relay_raw_body`); anything else goes through h11 event by event.
+    """
+    raw = not relay._request_bodies and (relay.scan is None or not relay.scan.scan_requests)
     while relay._down.their_state is h11.SEND_BODY:
+        if raw and (left := _unread_body_length(relay._down)):
+            await _relay_raw_body(relay, left)
         event = await relay._next_event(relay._down, relay.client, "client")
         if isinstance(event, h11.Data):
             if relay._request_bodies:
@@ -585,6 +599,44 @@ async def _forward_request_body(relay: HttpRelay, request: Request) -> None:
             raise ClientError("client closed during the request body", reason="client_gone")
         else:  # pragma: no cover - h11 emits nothing else in SEND_BODY
             raise ClientError(f"unexpected {type(event).__name__}", reason="bad_http")
+
+
+def _unread_body_length(conn: h11.Connection) -> int:
+    """The bytes of a Content-Length body that ``conn`` still expects and has not received.
+
+    0 when h11 holds some of them already (it hands those out first), or the body is chunked
+    (its framing must be parsed), or this h11 reads bodies some other way than today's
+    ``ContentLengthReader`` (then every body goes through h11).
+    """
+    reader = getattr(conn, "_reader", None)
+    if _CONTENT_LENGTH_READER is None or type(reader) is not _CONTENT_LENGTH_READER:
+        return 0
+    remaining = getattr(reader, "_remaining", None)
+    if not isinstance(remaining, int) or conn.trailing_data[0]:
+        return 0
+    return remaining
+
+
+async def _relay_raw_body(relay: HttpRelay, left: int) -> None:
+    """Move the last ``left`` bytes of the client's Content-Length body to the origin as they
+    are received, without h11 copying each of them three times on the way in.
+
+    Never more than the body is read (what follows it stays in the stream for h11), h11's
+    count of the body is kept exact after every piece, and each piece still goes out through
+    ``relay._up.send`` (which checks the framing and returns the piece itself). At the end of
+    the stream h11 is told, and reports the cut body as it does on the full path.
+    """
+    reader: Any = relay._down._reader
+    while left:
+        data = await relay.client.receive_some(min(left, _RECEIVE_SIZE))
+        if not data:
+            relay._down.receive_data(b"")
+            return
+        relay.counters.bytes_up += len(data)
+        relay._touch()
+        left -= len(data)
+        reader._remaining = left
+        await relay._send(relay._up, relay.upstream, h11.Data(data=bytes(data)))
 
 
 def _move_deadline(relay: HttpRelay) -> None:
