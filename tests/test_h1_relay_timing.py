@@ -231,3 +231,28 @@ def test_h11_headers_are_read_as_iterating_them_gives() -> None:
     assert _h11_headers(event.headers) == expected
     assert expected[1:3] == ((b"x-dup", b"1"), (b"x-dup", b"Two"))
     assert _h11_headers([(b"a", b"b")]) == ((b"a", b"b"),)  # without h11's item list
+
+
+async def test_a_pipelined_request_already_buffered_is_parsed_without_a_read() -> None:
+    """The relay reads before parsing only when nothing is buffered; a second request that
+    came with the first is served from the buffer (a read first would wait forever)."""
+    client, relay_client = trio.testing.memory_stream_pair()
+    relay_upstream, origin = trio.testing.memory_stream_pair()
+    relay = _relay(relay_client, relay_upstream)
+
+    async def serve() -> None:
+        for body in (b"one", b"two"):
+            await _read_head(origin)
+            await origin.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n" + body)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_relay, relay)
+            nursery.start_soon(serve)
+            await client.send_all(REQUEST + REQUEST)  # both heads in one read
+            received = b""
+            while not received.endswith(b"two"):
+                received += await client.receive_some()
+            nursery.cancel_scope.cancel()
+    assert received.count(b"HTTP/1.1 200 OK") == 2
+    assert relay.counters.requests == 2
