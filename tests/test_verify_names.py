@@ -37,6 +37,7 @@ from tlsmitm._errors import CertError
 from tlsmitm._verify import (
     TrustConfig,
     UpstreamVerifier,
+    Verdict,
     certificate_matches_host,
     names_match_host,
 )
@@ -391,3 +392,143 @@ def test_property_verdicts_follow_the_names(
     verdict = verifier.verify([leaf, h.intermediate.cert], host, now=NOW)
     assert verdict.ok is reference_match(presented, host)
     assert verdict.ok or verdict.error is CertError.NAME_MISMATCH
+
+
+# --------------------------------------------------------------------------------------------
+# verdict_for_host: a chain's success carried to another name must be what a full verification
+# of that name gives, or nothing (then the caller verifies in full)
+
+
+def seed_verdict(
+    verifier: UpstreamVerifier,
+    chain: Sequence[x509.Certificate],
+    dns: Sequence[str],
+    now: dt.datetime,
+) -> Verdict | None:
+    """A success of ``chain`` for some host its SANs name, if any verifies."""
+    for value in dns:
+        base = value.rstrip(".")
+        for host in (base, "seed." + base[2:] if base.startswith("*.") else base):
+            try:
+                verdict = verifier.verify(chain, host, now=now)
+            except ValueError:
+                continue
+            if verdict.ok:
+                return verdict
+    return None
+
+
+def assert_carried_or_nothing(
+    verifier: UpstreamVerifier, chain: Sequence[x509.Certificate], seed: Verdict, host: str,
+    now: dt.datetime,
+) -> Verdict | None:  # fmt: skip
+    carried = verifier.verdict_for_host(seed, host, now=now)
+    if carried is not None:
+        assert carried == verifier.verify(chain, host, now=now)
+    return carried
+
+
+@pytest.mark.parametrize(
+    ("dns", "addresses", "host"),
+    [pytest.param(d, a, host, id=i) for i, d, a, host, _ in VECTORS],
+)
+def test_vector_carried_verdict_is_the_full_verdict(
+    verifier: UpstreamVerifier, h: Hierarchy, dns: list[str], addresses: list[Ip], host: str
+) -> None:
+    leaf = leaf_for(h, dns, addresses)
+    chain = [leaf, h.intermediate.cert]
+    seed = seed_verdict(verifier, chain, dns, NOW)
+    if seed is None:
+        return
+    assert_carried_or_nothing(verifier, chain, seed, host, NOW)
+
+
+def test_carried_verdicts_for_the_names_of_a_wildcard_chain(
+    verifier: UpstreamVerifier, h: Hierarchy
+) -> None:
+    leaf = issue(subject_cn=None, issuer=h.intermediate, sans=["*.example.test", "Example.test"])
+    chain = [leaf.cert, h.intermediate.cert]
+    seed = verifier.verify(chain, "a.example.test", now=NOW)
+    assert seed.ok
+    for host in ("b.example.test", "WWW.example.test", "example.test", "x-1.example.test."):
+        carried = assert_carried_or_nothing(verifier, chain, seed, host, NOW)
+        assert carried is not None, host
+        assert carried.ok
+        assert carried.host == host.lower().rstrip(".")
+    # Not covered, or not for the fast path: the full verification decides.
+    for host in ("a.b.example.test", "other.test", "10.0.0.1", "a_b.example.test", "test"):
+        assert verifier.verdict_for_host(seed, host, now=NOW) is None, host
+    # A failure is never carried.
+    failed = verifier.verify(chain, "other.test", now=NOW)
+    assert verifier.verdict_for_host(failed, "b.example.test", now=NOW) is None
+
+
+def test_a_trailing_dot_san_is_not_carried_where_cryptography_refuses_it(
+    verifier: UpstreamVerifier, h: Hierarchy
+) -> None:
+    # tlsmitm's matcher drops the dot; cryptography's refuses the name: end to end a mismatch.
+    leaf = leaf_for(h, ["seed.test", "foo.test.", "*.bar.test."], [])
+    chain = [leaf, h.intermediate.cert]
+    seed = verifier.verify(chain, "seed.test", now=NOW)
+    assert seed.ok
+    for host in ("foo.test", "x.bar.test"):
+        assert not verifier.verify(chain, host, now=NOW).ok
+        assert verifier.verdict_for_host(seed, host, now=NOW) is None
+
+
+def test_a_non_ascii_san_that_lowercases_to_ascii_is_not_carried(
+    verifier: UpstreamVerifier, h: Hierarchy
+) -> None:
+    leaf = leaf_for(h, ["seed.test", "\u212aa.test", "ka.test."], [])  # KELVIN SIGN
+    chain = [leaf, h.intermediate.cert]
+    seed = verifier.verify(chain, "seed.test", now=NOW)
+    assert seed.ok
+    assert not verifier.verify(chain, "ka.test", now=NOW).ok
+    assert verifier.verdict_for_host(seed, "ka.test", now=NOW) is None
+
+
+def test_name_constraints_in_the_path_are_never_carried() -> None:
+    root = make_root("NC Root")
+    constrained = make_intermediate(
+        root, "NC Intermediate",
+        extra=[(x509.NameConstraints(
+            permitted_subtrees=None, excluded_subtrees=[x509.DNSName("elsewhere.test")]
+        ), True)],
+    )  # fmt: skip
+    verifier = UpstreamVerifier(TrustConfig(extra_roots=(root.cert,)))
+    leaf = issue(subject_cn=None, issuer=constrained, sans=["*.example.test"])
+    chain = [leaf.cert, constrained.cert]
+    seed = verifier.verify(chain, "good.example.test", now=NOW)
+    assert seed.ok, seed.detail
+    assert verifier.verdict_for_host(seed, "other.example.test", now=NOW) is None
+
+
+def test_public_root_rules_are_run_for_the_new_name(public: Hierarchy) -> None:
+    verifier = UpstreamVerifier(TrustConfig(public_roots=(public.root.cert,)))
+    leaf = issue(
+        subject_cn=None, issuer=public.intermediate, sans=["*.example.com", "*.corp"],
+        not_before=T0 - DAY, not_after=T0 + 90 * DAY,
+    ).cert  # fmt: skip
+    chain = [leaf, public.intermediate.cert]
+    seed = verifier.verify(chain, "www.example.com", now=T0)
+    assert seed.ok, seed.detail
+    assert seed.public_root
+    carried = assert_carried_or_nothing(verifier, chain, seed, "mail.example.com", T0)
+    assert carried is not None
+    # An internal name: no public CA may certify it; never carried (the full path refuses).
+    assert not verifier.verify(chain, "host.corp", now=T0).ok
+    assert verifier.verdict_for_host(seed, "host.corp", now=T0) is None
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(presented=st.lists(patterns, min_size=1, max_size=3), host=names, dot=st.booleans())
+def test_property_carried_verdicts_are_the_full_verdicts(
+    verifier: UpstreamVerifier, h: Hierarchy, presented: list[str], host: str, dot: bool
+) -> None:
+    leaf = issue(subject_cn=None, issuer=h.intermediate, sans=presented).cert
+    chain = [leaf, h.intermediate.cert]
+    seed = seed_verdict(verifier, chain, presented, NOW)
+    if seed is not None:
+        assert_carried_or_nothing(verifier, chain, seed, host + ("." if dot else ""), NOW)

@@ -43,6 +43,7 @@ import datetime as dt
 import functools
 import hashlib
 import ipaddress
+import re
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -124,6 +125,12 @@ KNOWN_INTERCEPTION_SPKI_SHA256: Final[frozenset[bytes]] = frozenset(
 
 _DEFAULT_MAX_CHAIN_DEPTH: Final = 8  # cryptography's default: intermediates, not leaf or root
 _MAX_PRESENTED: Final = 32  # certificates of a presented chain that are looked at
+# A DNS name both matchers read the same way: lower-case letters, digits and inner hyphens in
+# labels of 1 to 63 octets, 253 at most, no trailing dot. cryptography's DNSName accepts every
+# such name (it refuses "_", empty labels, hence "foo.com.", and edge hyphens).
+_PLAIN_DNS_NAME: Final = re.compile(
+    r"(?=.{1,253}\Z)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z"
+)
 _MAX_PATHS: Final = 16  # candidate paths the diagnostic builder enumerates
 _MAX_EXPANSIONS: Final = 64  # nodes the diagnostic builder expands
 _MAX_URL: Final = 2048
@@ -1251,6 +1258,63 @@ class UpstreamVerifier:
             The :class:`Verdict`; never raises for any certificate content.
         """
         return self._verify(chain, host, _utc(now), stapled_ocsp, extra_intermediates).verdict
+
+    def verdict_for_host(self, verdict: Verdict, host: str, *, now: dt.datetime) -> Verdict | None:
+        """``verdict``, a success for some host, carried over to ``host``; ``None`` if it cannot be.
+
+        A verdict for the same presented chain and stapled response at the same time differs
+        between two hosts only in the checks that read the host: the name match (cryptography's
+        and tlsmitm's, both of which must accept) and the rules for publicly trusted roots. They
+        are run here for ``host``; everything else (the path, signatures, validity, usages,
+        revocation, distrust, the own CA) depends on the certificates alone. The caller keys
+        its cache by the exact chain and stapled OCSP bytes, and bounds its age; ``now`` is
+        the time of this connection (the rules read here do not depend on it).
+
+        ``None`` (verify in full) whenever the two matchers could read ``host`` differently: an
+        IP literal, a name outside the plain letters-digits-hyphens syntax, no plain SAN entry
+        that matches it by exact or left-most-label wildcard comparison, or a CA in the path
+        with name constraints (cryptography might apply them to the requested name).
+        """
+        leaf = verdict.leaf
+        if not verdict.ok or leaf is None:
+            return None
+        parsed = _Host.parse(host)
+        name = parsed.name
+        if name is None or not _PLAIN_DNS_NAME.match(name):
+            return None
+        parent = name.partition(".")[2]
+        try:
+            names = _san_names(leaf)
+            if names is None:
+                return None
+            plain_match = False
+            for value in names[0]:
+                if not value.isascii():  # (str.lower maps some non-ASCII letters to ASCII)
+                    continue
+                presented = value.lower()
+                if presented.startswith("*."):
+                    pattern = presented[2:]
+                    if parent and pattern == parent and _PLAIN_DNS_NAME.match(pattern):
+                        plain_match = True
+                elif presented == name and _PLAIN_DNS_NAME.match(presented):
+                    plain_match = True
+            if not plain_match:
+                return None
+            for ca in verdict.chain[1:]:
+                try:
+                    ca.extensions.get_extension_for_class(x509.NameConstraints)
+                except x509.ExtensionNotFound:
+                    continue
+                return None
+            ctx = _Context(leaf, verdict.chain, parsed, _utc(now), None)
+            problems = self._name_problems(ctx)
+            if verdict.public_root and self.public_root_policy:
+                problems.extend(self._public_root_problems(ctx))
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            return None
+        if problems:
+            return None  # the full verification classifies it
+        return dataclasses.replace(verdict, host=parsed.text)
 
     async def verify_with_fetching(
         self,

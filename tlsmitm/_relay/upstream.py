@@ -22,7 +22,7 @@ from OpenSSL import SSL
 from .._errors import CertError, UpstreamError
 from .._names import is_ip_literal, normalize_host
 from .._tls import TLSStream, upstream_connection, upstream_context
-from .._verify import Verdict
+from .._verify import UpstreamVerifier, Verdict
 from .fetch import fetch_http
 from .streams import RECEIVE, Connector, close
 
@@ -61,6 +61,8 @@ class Upstreams:
         self.context = upstream_context(keylog=keylog)
         self._sessions: OrderedDict[tuple[str, int], SSL.Session] = OrderedDict()
         self._verdicts: OrderedDict[tuple[str, bytes], tuple[Verdict, datetime]] = OrderedDict()
+        # Chain digest -> a success for one of its hosts, the verifier that gave it, expiry.
+        self._chains: OrderedDict[bytes, tuple[Verdict, UpstreamVerifier, datetime]] = OrderedDict()
 
     async def connect(self, host: str, port: int) -> trio.abc.Stream:
         """Open a TCP connection to ``host:port`` (``resolve`` applied), within the timeout."""
@@ -151,6 +153,9 @@ class Upstreams:
         Browsers cache verification results too. Only successes are cached, keyed by the host,
         the exact chain presented and the stapled OCSP response, for at most
         ``verdict_cache_seconds`` and never past the expiry of any certificate in the path.
+        A success also answers for *another* host on the same chain and stapled response, under
+        the same bounds, once :meth:`~tlsmitm.UpstreamVerifier.verdict_for_host` has run the
+        name checks for that host (anything it cannot decide is verified in full).
         """
         config = self._ix.config
         now = self._ix.clock()
@@ -164,7 +169,18 @@ class Upstreams:
         if cached is not None and cached[1] > now:
             self._verdicts.move_to_end(key)
             return cached[0]
-        verdict = await self._ix.verifier.verify_with_fetching(
+        verifier = self._ix.verifier
+        # Another name on the same chain (a wildcard or multi-name certificate): the chain's
+        # verdict carries over once the name checks pass for this name (verdict_for_host).
+        # Only tlsmitm's own verifier: a subclass may judge more than the chain and the name.
+        same_chain = self._chains.get(key[1]) if type(verifier) is UpstreamVerifier else None
+        if same_chain is not None and same_chain[1] is verifier and same_chain[2] > now:
+            carried = verifier.verdict_for_host(same_chain[0], name, now=now)
+            if carried is not None:
+                self._chains.move_to_end(key[1])
+                self._remember(key, carried, same_chain[2])
+                return carried
+        verdict = await verifier.verify_with_fetching(
             chain, name, now=now, fetcher=self.fetch, stapled_ocsp=stapled_ocsp
         )
         if verdict.ok and config.verdict_cache_seconds > 0:
@@ -172,10 +188,18 @@ class Upstreams:
                 [now + timedelta(seconds=config.verdict_cache_seconds)]
                 + [c.not_valid_after_utc for c in verdict.chain]
             )
-            self._verdicts[key] = (verdict, expires)
-            while len(self._verdicts) > config.verdict_cache_size:
-                self._verdicts.popitem(last=False)
+            self._remember(key, verdict, expires)
+            self._chains[key[1]] = (verdict, verifier, expires)
+            self._chains.move_to_end(key[1])
+            while len(self._chains) > config.verdict_cache_size:
+                self._chains.popitem(last=False)
         return verdict
+
+    def _remember(self, key: tuple[str, bytes], verdict: Verdict, expires: datetime) -> None:
+        self._verdicts[key] = (verdict, expires)
+        self._verdicts.move_to_end(key)
+        while len(self._verdicts) > self._ix.config.verdict_cache_size:
+            self._verdicts.popitem(last=False)
 
     def remember_session(self, key: tuple[str, int], session: SSL.Session) -> None:
         """Keep ``session`` to resume the next connection to ``key`` (bounded, LRU)."""
