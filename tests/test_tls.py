@@ -35,6 +35,7 @@ from tlsmitm._tls import (
     _on_info,
     close_at_once,
     keylog_file_writer,
+    release_bio_buffers,
     server_connection,
     server_context,
     upstream_connection,
@@ -559,6 +560,54 @@ async def test_one_refill_serves_many_records() -> None:
     assert len(recorder.receive_sizes) == reads_before + 1
     assert recorder.receive_sizes[-1] == 128 * 1024  # the default refill
     assert client.is_idle()
+
+
+async def receive_exactly(stream: TLSStream, size: int) -> bytes:
+    received = b""
+    while len(received) < size:
+        received += await stream.receive_some()
+    return received
+
+
+def _bios(stream: TLSStream) -> tuple[object, object]:
+    return stream.connection._into_ssl, stream.connection._from_ssl  # type: ignore[attr-defined]
+
+
+async def test_an_idle_stream_gives_back_its_handshake_bio_buffers() -> None:
+    """Memory: after the handshake, the first wait for the transport swaps in new, empty memory
+    BIOs (the old ones keep the size of the handshake flights, 5-6 KiB per intercepted
+    connection); data still flows both ways, in order, afterwards."""
+    client, server = await connected_pair()
+    handshake_bios = _bios(client), _bios(server)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.send_all, b"ping")
+        assert await client.receive_some() == b"ping"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_all, b"pong")
+        assert await server.receive_some() == b"pong"
+    assert _bios(client) != handshake_bios[0]
+    assert _bios(server) != handshake_bios[1]
+    swapped = _bios(client), _bios(server)
+    payload = os.urandom(50_000)
+    for sender, receiver in ((server, client), (client, server)):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender.send_all, payload)
+            assert await receive_exactly(receiver, len(payload)) == payload
+    assert (_bios(client), _bios(server)) == swapped  # once per connection, not per read
+    assert client.is_idle()
+    assert server.is_idle()
+
+
+def test_release_bio_buffers_keeps_bios_that_hold_data() -> None:
+    holding = SSL.Connection(SERVER_CTX, None)
+    holding.bio_write(b"\x16\x03\x01")
+    assert not release_bio_buffers(holding)
+    fresh = SSL.Connection(UPSTREAM_CTX, None)
+    assert release_bio_buffers(fresh)
+    fresh.set_connect_state()
+    with pytest.raises(SSL.WantReadError):
+        fresh.do_handshake()
+    assert fresh.bio_read(65536).startswith(b"\x16\x03")  # pyOpenSSL uses the new BIOs
 
 
 @pytest.mark.usefixtures("decrypt_path")

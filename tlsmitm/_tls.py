@@ -115,7 +115,7 @@ try:
     _SSL_READ: Any = _LIB.SSL_read
     _RAISE_SSL_ERROR: Any = SSL.Connection._raise_ssl_error
 except (ImportError, AttributeError):  # pragma: no cover - a pyOpenSSL without them
-    _FFI, _SSL_READ, _RAISE_SSL_ERROR = None, None, None
+    _FFI, _LIB, _SSL_READ, _RAISE_SSL_ERROR = None, None, None, None
 
 
 class _Scratch(threading.local):
@@ -603,6 +603,41 @@ class _RecordBoundary:
         return not self._header and not self._remaining
 
 
+def release_bio_buffers(connection: SSL.Connection) -> bool:
+    """Give a memory-BIO ``connection`` two new, empty BIOs; the old ones and their buffers go.
+
+    A memory BIO keeps the largest buffer it ever held until it is freed, so a connection
+    idling after its handshake would keep the size of its handshake flights (the ClientHello
+    with its key shares, the certificate chain: 5-6 KiB per intercepted connection for its two
+    TLS sessions). ``SSL_MODE_RELEASE_BUFFERS`` covers OpenSSL's record buffers, not these.
+    Only done when both BIOs are empty, so no byte is lost or reordered.
+
+    Returns:
+        Whether they were replaced (``False``: not memory-BIO mode, a BIO holds data, or
+        pyOpenSSL's internals are not the ones this was written for).
+    """
+    into = getattr(connection, "_into_ssl", None)
+    out = getattr(connection, "_from_ssl", None)
+    ssl = getattr(connection, "_ssl", None)
+    if into is None or out is None or ssl is None or _FFI is None:
+        return False
+    if _LIB.BIO_get_mem_data(into, _FFI.NULL) or _LIB.BIO_get_mem_data(out, _FFI.NULL):
+        return False
+    fresh_into = _LIB.BIO_new(_LIB.BIO_s_mem())
+    fresh_out = _LIB.BIO_new(_LIB.BIO_s_mem())
+    if fresh_into == _FFI.NULL or fresh_out == _FFI.NULL:
+        for bio in (fresh_into, fresh_out):
+            if bio != _FFI.NULL:
+                _LIB.BIO_free(bio)
+        return False
+    # Both changed, so SSL_set_bio frees the old pair (SSL_set0_rbio/SSL_set0_wbio), and the
+    # record layers are pointed at the new ones. pyOpenSSL reads and writes through these two.
+    _LIB.SSL_set_bio(ssl, fresh_into, fresh_out)
+    connection._into_ssl = fresh_into
+    connection._from_ssl = fresh_out
+    return True
+
+
 class _TransportLock:
     """A fair FIFO lock on one direction of the transport, free in the usual uncontended case.
 
@@ -714,6 +749,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._handshake_started = False
         self._handshake_done = trio.Event()
         self._handshake_ok = False
+        # Set when the handshake ends: the next wait for the transport releases the BIOs'
+        # buffers, which the handshake flights grew (:func:`release_bio_buffers`).
+        self._release_bios = False
         self._inner_send_lock = _TransportLock()
         self._inner_recv_lock = _TransportLock()
         self._inner_recv_count = 0
@@ -908,6 +946,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 try:
                     yielded = True
                     if seen == self._inner_recv_count:  # nobody refilled while we waited
+                        if self._release_bios:
+                            # (OpenSSL took all the ciphertext and everything out was sent)
+                            self._release_bios = False
+                            release_bio_buffers(self.connection)
                         try:
                             data = await self.transport_stream.receive_some(self._max_refill)
                         except trio.BrokenResourceError as exc:
@@ -950,6 +992,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             with timeout:
                 await self._retry(self.connection.do_handshake, is_handshake=True)
             self._handshake_ok = True
+            self._release_bios = True
         except trio.TooSlowError:
             raise self._break(
                 self._error(
