@@ -22,7 +22,7 @@ import hyperframe.frame
 import pytest
 import trio
 from h2peers import Exchange, H2Peer, origin_handler, pattern
-from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame
+from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from origin import EICAR, OriginStats, serve_http
@@ -1108,15 +1108,20 @@ def test_head_watch_does_not_depend_on_how_the_bytes_are_split(
     assert split.since is None or 0.0 <= split.since <= len(edges)
 
 
-def _stream_ids(data: bytes) -> list[int]:
-    """The stream ids of the frames in ``data``, in order."""
-    ids = []
+def _frames(data: bytes) -> list[Frame]:
+    """The frames in ``data``, in order (headers only: bodies not parsed)."""
+    frames = []
     view = memoryview(data)
     while view:
         frame, length = Frame.parse_frame_header(view[:9])
-        ids.append(frame.stream_id)
+        frames.append(frame)
         view = view[9 + length :]
-    return ids
+    return frames
+
+
+def _stream_ids(data: bytes) -> list[int]:
+    """The stream ids of the frames in ``data``, in order."""
+    return [frame.stream_id for frame in _frames(data)]
 
 
 class _Recorder(trio.abc.Stream):
@@ -1166,4 +1171,37 @@ async def test_small_frames_of_many_streams_leave_in_one_write_and_a_backlog_wai
         conn.send_data(stream_id, b"x" * 16_000)
         await wire.queued(relay_h2._UNFLUSHED_LIMIT + 1)
         assert len(recorder.writes) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_writer_wakes_only_when_h2_queued_something_and_keeps_the_order() -> None:
+    conn = relay_h2._open_connection(H2Limits(), client_side=True)
+    recorder = _Recorder()
+    wire = relay_h2._Wire(conn, recorder, stall=5.0)
+    await wire.flush()  # the preface
+    recorder.writes.clear()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wire.writer)
+        await trio.testing.wait_all_tasks_blocked()
+        wire.kick_if_queued()  # nothing queued: no write
+        await wire.flush()
+        await trio.testing.wait_all_tasks_blocked()
+        assert recorder.writes == []
+        first = conn.get_next_available_stream_id()
+        head = [
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+            (b":authority", b"a"),
+            (b":path", b"/"),
+        ]
+        conn.send_headers(first, head, end_stream=True)
+        assert wire.collect()  # taken from h2 ...
+        wire.raw += GoAwayFrame(0).serialize()  # ... then a frame of our own
+        conn.ping(b"12345678")  # ... then h2 again
+        wire.kick_if_queued()
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(recorder.writes) == 1
+        frames = _frames(recorder.writes[0])
+        assert [type(f).__name__ for f in frames] == ["HeadersFrame", "GoAwayFrame", "PingFrame"]
+        assert frames[0].stream_id == first  # in the order queued
         nursery.cancel_scope.cancel()

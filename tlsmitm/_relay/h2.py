@@ -123,13 +123,17 @@ class _Wire:
         self._lock = trio.Lock()
         self._dirty = trio.Event()
         self._windows = trio.lowlevel.ParkingLot()
-        self.raw = bytearray()  # frames written outside h2's state (graceful GOAWAY)
+        # Frames to write before what h2 queues next: taken from h2 (:meth:`collect`), or
+        # written outside h2's state (graceful GOAWAY).
+        self.raw = bytearray()
         self.sent = 0
         self._unflushed = 0  # bytes queued through :meth:`queued` since the last write
         self.on_io: Callable[[], None] = lambda: None
 
     async def flush(self) -> None:
         """Write what ``h2`` has queued; returns once it is on the socket."""
+        if not self._lock.locked() and not self.collect():
+            return  # nothing to write, and no write in progress to wait for
         async with self._lock:
             data = self.conn.data_to_send()
             self._unflushed = 0
@@ -144,6 +148,18 @@ class _Wire:
     def kick(self) -> None:
         """Have the writer task flush soon (for code that cannot wait)."""
         self._dirty.set()
+
+    def collect(self) -> bool:
+        """Take what ``h2`` queued (after what was taken before); ``True`` if anything waits."""
+        data = self.conn.data_to_send()
+        if data:
+            self.raw += data
+        return bool(self.raw)
+
+    def kick_if_queued(self) -> None:
+        """:meth:`kick` if ``h2`` queued anything (an acknowledgement, a SETTINGS ACK...)."""
+        if self.collect():
+            self._dirty.set()
 
     async def queued(self, size: int) -> None:
         """``size`` bytes of frames were queued in ``h2``: the writer task sends them with what
@@ -207,7 +223,7 @@ class _Wire:
         """Give ``size`` flow-controlled bytes back to the peer (it may send more)."""
         if size:
             self.conn.acknowledge_received_data(size, stream_id)
-            self.kick()
+            self.kick_if_queued()  # (h2 sends WINDOW_UPDATE once a good part was taken)
 
     def reset(self, stream_id: int, code: int) -> None:
         """RST_STREAM ``stream_id`` if it is still open (no error when it is not)."""
@@ -624,7 +640,7 @@ class H2Front:
                         await self._close_after(f"client flooded {flood}", reason="h2_flood")
                     if isinstance(event, h2.events.ConnectionTerminated):
                         return  # RFC 9113 §6.8: the client is done with this connection
-                self._wire.kick()
+                self._wire.kick_if_queued()
             if self._going_away and not self._streams:
                 return
             data = await self._unless_lost(lambda: self.client.receive_some(_RECEIVE_SIZE))
@@ -876,7 +892,7 @@ class H2Upstream:
                 return
             for event in events:
                 self._dispatch(event)
-            self._wire.kick()
+            self._wire.kick_if_queued()
 
     def _dispatch(self, event: h2.events.Event) -> None:
         stream_id = getattr(event, "stream_id", None)
