@@ -273,7 +273,7 @@ class HttpRelay:
                 await self.hooks.on_request(self.flow, request) if self._hooked_requests else None
             )
             if isinstance(outcome, Block):
-                await self._answer_locally(outcome, request)
+                await answer_locally(self, outcome, request)
                 return None
             parsed: h11.Request | None = event
             if outcome is not None:
@@ -320,16 +320,6 @@ class HttpRelay:
             and not self._up.trailing_data[0]
             and not self._up.trailing_data[1]
         )
-
-    async def _answer_locally(self, block: Block, request: Request) -> None:
-        status, reason, headers, body = await self.answer_block(block, request.target)
-        await self._send(
-            self._down,
-            self.client,
-            h11.Response(status_code=status, reason=reason, headers=[*headers]),
-        )
-        await self._send(self._down, self.client, h11.Data(data=body))
-        await self._send(self._down, self.client, h11.EndOfMessage())
 
     async def _exchange(self, request: Request, parsed: h11.Request | None) -> Switched | None:
         """Send ``request`` upstream and relay the answer.
@@ -491,7 +481,7 @@ class HttpRelay:
         parsed it (``parsed``), without a second validation of its headers.
         """
         if isinstance(outcome, Block):
-            await self._answer_locally(outcome, request)
+            await answer_locally(self, outcome, request)
             raise _Blocked
         if outcome is None and parsed.http_version == b"1.1":
             data = self._down.send(parsed)
@@ -539,6 +529,18 @@ class HttpRelay:
             await self.client.send_all(out)
             self._touch()
             out.clear()
+
+
+async def answer_locally(relay: HttpRelay, block: Block, request: Request) -> None:
+    """Answer ``request`` with the error origin's response for ``block`` (nothing upstream)."""
+    status, reason, headers, body = await relay.answer_block(block, request.target)
+    await relay._send(
+        relay._down,
+        relay.client,
+        h11.Response(status_code=status, reason=reason, headers=[*headers]),
+    )
+    await relay._send(relay._down, relay.client, h11.Data(data=body))
+    await relay._send(relay._down, relay.client, h11.EndOfMessage())
 
 
 def _parsed_event(conn: h11.Connection, side: str) -> Any:

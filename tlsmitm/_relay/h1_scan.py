@@ -143,7 +143,7 @@ async def _answer_unless_delivered(
 ) -> None:
     """A block or a replacement is answered here and ends the relay; a delivery returns."""
     if decision.action == "block":
-        await relay._answer_locally(block_for(decision), request)
+        await _h1.answer_locally(relay, block_for(decision), request)
         raise _h1._Blocked
     if decision.action == "replace":
         replaced = decision.replacement
