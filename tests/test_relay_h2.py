@@ -21,6 +21,7 @@ import hpack
 import hyperframe.frame
 import pytest
 import trio
+import trio.testing
 from h2peers import Exchange, H2Peer, origin_handler, pattern
 from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame
 from hypothesis import given, settings
@@ -31,7 +32,7 @@ from strategies import h2_streams
 from tlsmitm._errors import ClientError, TlsMitmError
 from tlsmitm._relay import h2 as relay_h2
 from tlsmitm._relay.exchange import H1Front, H1Upstream, leaf_exception
-from tlsmitm._relay.h2 import _QUIET, H2Front, H2Upstream, _open_connection
+from tlsmitm._relay.h2 import _QUIET, H2Front, H2Upstream, _open_connection, _Wire
 from tlsmitm._relay.h2_rules import (
     FloodGuard,
     H2Limits,
@@ -323,6 +324,28 @@ def test_received_frames_are_h2s_frames_without_the_payload_dump(
     assert any(isinstance(e, h2.events.StreamEnded) for e in events)
     assert all(isinstance(e, h2.events.DataReceived) for e in received)
     assert repr(_QUIET[hyperframe.frame.DataFrame](1)) == "<DataFrame>"
+
+
+def test_an_acknowledgement_wakes_the_writer_only_when_h2_queued_a_window_update() -> None:
+    client = _open_connection(H2Limits(), client_side=True)
+    server = _open_connection(H2Limits(), client_side=False)
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    client.send_headers(
+        1, [(":method", "PUT"), (":scheme", "https"), (":path", "/"), (":authority", HOST)]
+    )
+    for _ in range(6):
+        client.send_data(1, b"x" * 65_536)
+    server.receive_data(client.data_to_send())
+    server.data_to_send()  # (its SETTINGS ACK)
+    wire = _Wire(server, trio.testing.memory_stream_pair()[0], stall=1.0)
+    wire.ack(1, 1_000)  # far below half the window: h2 sends nothing yet
+    assert not wire.raw
+    assert not wire._dirty.is_set()
+    wire.ack(1, 300_000)  # past half the 512 KiB stream window: WINDOW_UPDATE
+    assert wire._dirty.is_set()
+    assert wire.raw[3] == 0x8  # a WINDOW_UPDATE frame, taken from h2 for the writer
+    assert not server.data_to_send()
 
 
 def test_limits_are_validated() -> None:

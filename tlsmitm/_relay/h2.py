@@ -212,8 +212,12 @@ class _Wire:
             size = min(len(view), await self.send_window(stream_id))
             frame = self.conn.max_outbound_frame_size
             try:
-                for start in range(0, size, frame):
-                    self.conn.send_data(stream_id, bytes(view[start : min(start + frame, size)]))
+                if size == len(chunk) <= frame:  # the whole chunk in one frame: no copy
+                    self.conn.send_data(stream_id, chunk)
+                else:
+                    for start in range(0, size, frame):
+                        piece = view[start : min(start + frame, size)]
+                        self.conn.send_data(stream_id, bytes(piece))
             except h2.exceptions.ProtocolError as exc:  # closed or reset meanwhile
                 raise StreamGone from exc
             view = view[size:]
