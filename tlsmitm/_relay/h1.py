@@ -509,7 +509,7 @@ class HttpRelay:
             event = _parsed_event(self._up, "upstream")
             if event is h11.NEED_DATA:
                 await self._flush(out)
-                await self._receive_into(self._up, self.upstream, "upstream")
+                await _receive_response_body(self)
                 continue
             if not isinstance(event, h11.Data | h11.EndOfMessage):
                 raise UpstreamError("origin closed during the response", reason="upstream_gone")
@@ -586,7 +586,7 @@ async def _forward_request_body(relay: HttpRelay, request: Request) -> None:
     raw = not relay._request_bodies and (relay.scan is None or not relay.scan.scan_requests)
     while relay._down.their_state is h11.SEND_BODY:
         if raw and (left := _unread_body_length(relay._down)):
-            await _relay_raw_body(relay, left)
+            await _relay_raw_body(relay, left, upload=True)
         event = await relay._next_event(relay._down, relay.client, "client")
         if isinstance(event, h11.Data):
             if relay._request_bodies:
@@ -619,26 +619,44 @@ def _unread_body_length(conn: h11.Connection) -> int:
     return remaining
 
 
-async def _relay_raw_body(relay: HttpRelay, left: int) -> None:
-    """Move the last ``left`` bytes of the client's Content-Length body to the origin as they
-    are received, without h11 copying each of them three times on the way in.
+async def _receive_response_body(relay: HttpRelay) -> None:
+    """More of the origin's response: the rest of a Content-Length body that nothing inspects
+    (no response body hook, no scanning) goes straight to the client; anything else into h11."""
+    raw = relay.scan is None and not relay._response_bodies
+    if raw and (left := _unread_body_length(relay._up)):
+        await _relay_raw_body(relay, left, upload=False)
+        return
+    await relay._receive_into(relay._up, relay.upstream, "upstream")
+
+
+async def _relay_raw_body(relay: HttpRelay, left: int, *, upload: bool) -> None:
+    """Move the last ``left`` bytes of a Content-Length body (the client's request body when
+    ``upload``, else the origin's response body) as they are received, without h11 copying
+    each of them three times on the way in and once more on the way out.
 
     Never more than the body is read (what follows it stays in the stream for h11), h11's
     count of the body is kept exact after every piece, and each piece still goes out through
-    ``relay._up.send`` (which checks the framing and returns the piece itself). At the end of
-    the stream h11 is told, and reports the cut body as it does on the full path.
+    h11's ``send`` (which checks the framing and returns the piece itself). At the end of the
+    stream h11 is told, and reports the cut body as it does on the full path.
     """
-    reader: Any = relay._down._reader
+    if upload:
+        source, parser, sink, writer = relay.client, relay._down, relay.upstream, relay._up
+    else:
+        source, parser, sink, writer = relay.upstream, relay._up, relay.client, relay._down
+    reader: Any = parser._reader
     while left:
-        data = await relay.client.receive_some(min(left, _RECEIVE_SIZE))
+        data = await source.receive_some(min(left, _RECEIVE_SIZE))
         if not data:
-            relay._down.receive_data(b"")
+            parser.receive_data(b"")
             return
-        relay.counters.bytes_up += len(data)
+        if upload:
+            relay.counters.bytes_up += len(data)
+        else:
+            relay.counters.bytes_down += len(data)
         relay._touch()
         left -= len(data)
         reader._remaining = left
-        await relay._send(relay._up, relay.upstream, h11.Data(data=bytes(data)))
+        await relay._send(writer, sink, h11.Data(data=bytes(data)))
 
 
 def _move_deadline(relay: HttpRelay) -> None:
