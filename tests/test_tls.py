@@ -56,10 +56,13 @@ TLS13_SUITES = {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA2
 @pytest.fixture(params=["scratch", "by_record"])
 def decrypt_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a receiving test on both ways of decrypting: SSL_read into the shared scratch
-    buffer (pyOpenSSL's binding), and ``Connection.recv`` (the fallback without it)."""
+    buffer (pyOpenSSL's binding), and ``Connection.recv`` (the fallback without it); the
+    fallback also drains outgoing ciphertext without asking the BIO how much it holds."""
     assert tls_module._SSL_READ is not None  # the pinned pyOpenSSL has the fast path
+    assert tls_module._BIO_HELD is not None
     if request.param == "by_record":
         monkeypatch.setattr(tls_module, "_SSL_READ", None)
+        monkeypatch.setattr(tls_module, "_BIO_HELD", None)
     return str(request.param)
 
 
@@ -1343,3 +1346,23 @@ async def test_transport_lock_is_fifo_and_hands_over_to_waiters() -> None:
     assert not lock._held
     await lock.acquire()  # free again
     lock.release()
+
+
+@pytest.mark.usefixtures("decrypt_path")
+async def test_draining_gives_what_openssl_queued_and_nothing_else() -> None:
+    """The outgoing BIO is drained whole, and an empty one gives b"" (with or without asking
+    it how much it holds first), also after its buffers were released and replaced."""
+    client, server = await connected_pair()
+    await server.send_all(b"first")  # (delivers the delayed TLS 1.3 tickets too)
+    assert await client.receive_some() == b"first"
+    for _ in range(2):
+        assert server._drain_outgoing() == b""
+        server.connection.send(b"queued")
+        record = server._drain_outgoing()
+        assert record
+        assert server._drain_outgoing() == b""
+        await server.transport_stream.send_all(record)
+        assert await client.receive_some() == b"queued"
+        assert tls_module.release_bio_buffers(server.connection)
+    await client.aclose()
+    await server.aclose()

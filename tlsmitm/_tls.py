@@ -114,8 +114,11 @@ try:
 
     _SSL_READ: Any = _LIB.SSL_read
     _RAISE_SSL_ERROR: Any = SSL.Connection._raise_ssl_error
+    # How many bytes a memory BIO holds: the outgoing BIO is asked before a bio_read, which
+    # raises (a Python exception through pyOpenSSL) when it is empty, as after most receives.
+    _BIO_HELD: Any = _LIB.BIO_get_mem_data
 except (ImportError, AttributeError):  # pragma: no cover - a pyOpenSSL without them
-    _FFI, _LIB, _SSL_READ, _RAISE_SSL_ERROR = None, None, None, None
+    _FFI, _LIB, _SSL_READ, _RAISE_SSL_ERROR, _BIO_HELD = None, None, None, None, None
 
 
 class _Scratch(threading.local):
@@ -869,6 +872,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     def _drain_outgoing(self) -> bytes:
         chunks, self._encrypted = self._encrypted or [], None
+        if not chunks and _BIO_HELD is not None:
+            # (read each time: release_bio_buffers may have replaced the BIO)
+            out = getattr(self.connection, "_from_ssl", None)
+            if out is not None and not _BIO_HELD(out, _FFI.NULL):
+                return b""  # nothing queued: no bio_read and its WantReadError
         while True:
             try:
                 chunk = self.connection.bio_read(_DRAIN_SIZE)
