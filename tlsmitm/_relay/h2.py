@@ -943,7 +943,10 @@ class H2Upstream:
             self._slots.unpark_all()
 
     async def _open_stream(self, headers: list[tuple[bytes, bytes]], end: bool) -> int:
-        await self._ready.wait()
+        if self._ready.is_set():  # (the preface is out: a checkpoint only if cancelled, as
+            await trio.lowlevel.checkpoint_if_cancelled()  # a stream reset on arrival is)
+        else:
+            await self._ready.wait()
         while True:
             if self._gone is not None:
                 raise Refused(self._gone)
