@@ -133,6 +133,18 @@ def _rows(result: RunResult) -> list[_Row]:
                 unit="MB/s",
                 digits=0,
             ),
+            _Row(
+                title="  server CPU per MiB",
+                key=f"h2.bulk.{direction}.cpu_ms_per_mib",
+                unit="ms",
+                digits=2,
+            ),
+            _Row(
+                title="  h2 client CPU per MiB",
+                key=f"h2.bulk.{direction}.client_cpu_ms_per_mib",
+                unit="ms",
+                digits=2,
+            ),
             _Row(title="  peak RSS", key=f"h2.bulk.{direction}.peak_rss_mib", unit="MiB", digits=0),
         ]
     h2_held = result.plan.h2_held_count
