@@ -73,6 +73,9 @@ def rss_bytes(pids: list[int]) -> int:
     return total
 
 
+FD_TARGET = 65_536  # descriptors wanted for the held connections (and their peers)
+
+
 def fd_hard_limit() -> int:
     """This process's hard limit on open descriptors (children inherit it)."""
     return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -81,11 +84,21 @@ def fd_hard_limit() -> int:
 def raise_fd_limit() -> int:
     """Raise the soft descriptor limit to the hard one; returns the new soft limit.
 
-    Meant as a ``preexec_fn`` too: children started after it inherit the raised limit.
+    The hard limit itself is raised to :data:`FD_TARGET` first where the process may (root, or
+    ``CAP_SYS_RESOURCE``): the full run holds 10,000 intercepted connections, two descriptors
+    each, and a common hard limit of 20,000 would stop it at 9,968. Meant as a ``preexec_fn``
+    too: children started after it inherit the raised limit.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20
+    if hard < FD_TARGET:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (FD_TARGET, FD_TARGET))
+        except (ValueError, OSError):  # not allowed: keep the hard limit there is
+            pass
+        else:
+            return FD_TARGET
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
