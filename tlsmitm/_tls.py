@@ -117,8 +117,11 @@ try:
     # How many bytes a memory BIO holds: the outgoing BIO is asked before a bio_read, which
     # raises (a Python exception through pyOpenSSL) when it is empty, as after most receives.
     _BIO_HELD: Any = _LIB.BIO_get_mem_data
+    _WANT_READ: Any = _LIB.SSL_ERROR_WANT_READ
+    _LIB.SSL_get_error  # noqa: B018 - (fails here, not in a receive, if it is missing)
 except (ImportError, AttributeError):  # pragma: no cover - a pyOpenSSL without them
     _FFI, _LIB, _SSL_READ, _RAISE_SSL_ERROR, _BIO_HELD = None, None, None, None, None
+    _WANT_READ = None
 
 
 class _Scratch(threading.local):
@@ -1101,6 +1104,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if not total:  # nothing in hand: the caller handles it (want read, end, error)
                 _RAISE_SSL_ERROR(connection, ssl, result)
                 raise SSL.Error("SSL_read failed without an error")  # (never: SSL_get_error(3))
+            if _LIB.SSL_get_error(ssl, result) == _WANT_READ:
+                # Data in hand and the records are used up (the usual end of a receive):
+                # _more_after_data's want-read case, without pyOpenSSL raising it first.
+                if self._unfed:
+                    self._feed()
+                    continue
+                break
             try:
                 _RAISE_SSL_ERROR(connection, ssl, result)
             except SSL.Error as exc:
