@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import socket
 import ssl
@@ -17,6 +18,8 @@ import trio
 import trio.testing
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
+from hypothesis import given
+from hypothesis import strategies as st
 from OpenSSL import SSL, crypto
 from pki import Hierarchy, cached_key, good_hierarchy, make_leaf, make_root
 
@@ -33,6 +36,7 @@ from tlsmitm._tls import (
     UpstreamTLSError,
     _ConnectionState,
     _on_info,
+    _RecordBoundary,
     close_at_once,
     keylog_file_writer,
     release_bio_buffers,
@@ -678,6 +682,26 @@ async def test_streams_sharing_the_scratch_buffer_keep_their_own_bytes() -> None
             if len(into) < len(payload):
                 into += await client.receive_some(40_000)
     assert [bytes(r) for r in received] == payloads
+
+
+@given(
+    lengths=st.lists(st.integers(0, 20_000), max_size=8),
+    tail=st.integers(0, 20_004),
+    cuts=st.lists(st.integers(0, 200_000), max_size=12),
+)
+def test_record_boundary_tracking_matches_a_byte_by_byte_reading(
+    lengths: list[int], tail: int, cuts: list[int]
+) -> None:
+    """Records (headers with random lengths) cut into random pieces: the framing check says
+    "at a boundary" exactly where the stream holds whole records only."""
+    stream = b"".join(b"\x17\x03\x03" + n.to_bytes(2, "big") + bytes(n) for n in lengths)
+    partial = b"\x17\x03\x03\xff\x00" + bytes(65280)
+    stream += partial[:tail]  # then maybe part of one more record
+    boundary = _RecordBoundary()
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    for start, stop in itertools.pairwise(points):
+        boundary.feed(memoryview(stream)[start:stop] if start % 2 else stream[start:stop])
+    assert boundary.at_boundary is (tail == 0)
 
 
 # --------------------------------------------------------------------------------------------

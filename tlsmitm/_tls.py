@@ -590,19 +590,26 @@ class _RecordBoundary:
         self._remaining = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        position, end = 0, len(data)
-        while position < end:
-            if self._remaining:
-                step = min(self._remaining, end - position)
-                self._remaining -= step
-                position += step
-                continue
-            piece = data[position : position + _RECORD_HEADER - len(self._header)]
-            self._header += bytes(piece)
-            position += len(piece)
-            if len(self._header) == _RECORD_HEADER:
-                self._remaining = int.from_bytes(self._header[3:5], "big")
-                self._header = b""
+        end = len(data)
+        header = self._header
+        if header:  # a header cut across two feeds: complete it first
+            taken = bytes(data[: _RECORD_HEADER - len(header)])
+            header += taken
+            if len(header) < _RECORD_HEADER:
+                self._header = header
+                return
+            self._header = b""
+            position = len(taken) + int.from_bytes(header[3:5], "big")
+        else:
+            position = self._remaining  # the rest of the record under way
+        # Whole headers in ``data``: jump from one to the next (two indexings, no slices).
+        while position + _RECORD_HEADER <= end:
+            position += _RECORD_HEADER + (data[position + 3] << 8 | data[position + 4])
+        if position >= end:
+            self._remaining = position - end
+        else:  # a header starts here and ends in the next feed
+            self._remaining = 0
+            self._header = bytes(data[position:end])
 
     @property
     def at_boundary(self) -> bool:
