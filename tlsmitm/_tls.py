@@ -124,6 +124,14 @@ except (ImportError, AttributeError):  # pragma: no cover - a pyOpenSSL without 
     _WANT_READ = None
 
 
+class _WantsRead:
+    """What :meth:`TLSStream._read` returns for OpenSSL's "want read" (cheaper than pyOpenSSL
+    raising ``WantReadError``, which :meth:`TLSStream._retry` treats the same)."""
+
+
+_WANTS_READ: Final = _WantsRead()
+
+
 class _Scratch(threading.local):
     buffer: Any = None
 
@@ -921,6 +929,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
             want_read = False
             try:
                 result = fn(*args)
+                if result is _WANTS_READ:  # (a receive's "want read", not raised: see _read)
+                    result, want_read = None, not ignore_want_read
             except SSL.WantReadError:
                 want_read = not ignore_want_read
             except SSL.Error as exc:
@@ -1046,7 +1056,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     # -- receiving -------------------------------------------------------------------------
 
-    def _read(self, max_bytes: int) -> bytes:
+    def _read(self, max_bytes: int) -> bytes | _WantsRead:
         if self._deferred is not None:
             exc, self._deferred = self._deferred, None
             raise exc
@@ -1089,7 +1099,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._deferred = exc  # by the next call) -- an error is reported after this data
         return False
 
-    def _decrypt_into_scratch(self, max_bytes: int) -> bytes:
+    def _decrypt_into_scratch(self, max_bytes: int) -> bytes | _WantsRead:
         """Decrypt up to ``max_bytes`` straight into this thread's scratch buffer, one copy out.
 
         ``SSL_read`` is called through pyOpenSSL's own binding, and its failures are raised by
@@ -1108,10 +1118,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if result > 0:
                 total += result
                 continue
+            # pyOpenSSL's mapping also raises what its verify/ALPN/OCSP callbacks recorded:
+            # only handshakes run those (renegotiation is off), never a plain "want read".
+            want_read = _LIB.SSL_get_error(ssl, result) == _WANT_READ
             if not total:  # nothing in hand: the caller handles it (want read, end, error)
+                if want_read:  # (the usual start of a receive: returned, not raised)
+                    return _WANTS_READ
                 _RAISE_SSL_ERROR(connection, ssl, result)
                 raise SSL.Error("SSL_read failed without an error")  # (never: SSL_get_error(3))
-            if _LIB.SSL_get_error(ssl, result) == _WANT_READ:
+            if want_read:
                 # Data in hand and the records are used up (the usual end of a receive):
                 # _more_after_data's want-read case, without pyOpenSSL raising it first.
                 if self._unfed:
@@ -1168,7 +1183,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._check_status()
             await self._ensure_handshake()
             received = await self._retry(self._read, max_bytes)
-            assert received is not None
+            assert isinstance(received, bytes)
             return received
 
     # -- sending ---------------------------------------------------------------------------
