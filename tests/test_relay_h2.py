@@ -37,6 +37,7 @@ from tlsmitm._relay.h2_rules import (
     FloodGuard,
     H2Limits,
     HeadWatch,
+    forwardable,
     h1_request_headers,
     h2_request_headers,
     request_from_h2,
@@ -210,6 +211,42 @@ async def relay(
 
 
 # -- pure parts -------------------------------------------------------------------------------
+
+
+def _forwardable_reference(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The rule spelled out: the names every Connection field lists, then one filter."""
+    listed = {
+        option.strip().lower()
+        for key, value in headers
+        if key.lower() == b"connection"
+        for option in value.split(b",")
+        if option.strip()
+    }
+    hop = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+    hop |= {b"te", b"proxy-authenticate", b"proxy-authorization", b"http2-settings", b"host"}
+    return [
+        (key.lower(), value)
+        for key, value in headers
+        if not key.startswith(b":") and key.lower() not in hop and key.lower() not in listed
+    ]
+
+
+_NAMES = st.sampled_from(
+    [b"Connection", b"connection", b"X-A", b"x-a", b"x-b", b"Keep-Alive", b"TE", b":path", b"Host"]
+)
+_VALUES = st.sampled_from([b"x-a", b"X-B, close", b" , x-a ,", b"", b"keep-alive", b"v"])
+
+
+@given(st.lists(st.tuples(_NAMES, _VALUES), max_size=8))
+def test_forwardable_drops_hop_by_hop_and_connection_listed_fields(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    assert forwardable(headers) == _forwardable_reference(headers)
+
+
+def test_forwardable_drops_a_field_listed_by_a_later_connection_field() -> None:
+    headers = [(b"X-Gone", b"1"), (b"x-kept", b"2"), (b"Connection", b"x-gone, Keep-Alive")]
+    assert forwardable(headers) == [(b"x-kept", b"2")]
 
 
 def test_request_from_h2_puts_authority_first_as_host() -> None:

@@ -231,26 +231,27 @@ def first_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | 
     return None
 
 
-def _connection_options(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """The header names a ``Connection`` field lists (RFC 9110 §7.6.1): hop-by-hop too."""
-    return frozenset(
-        option.strip().lower()
-        for key, value in headers
-        if key.lower() == b"connection"
-        for option in value.split(b",")
-        if option.strip()
-    )
+def _connection_options(value: bytes) -> set[bytes]:
+    """The header names one ``Connection`` field lists (RFC 9110 §7.6.1): hop-by-hop too."""
+    return {option.strip().lower() for option in value.split(b",") if option.strip()}
 
 
 def forwardable(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """``headers`` lower-cased, without hop-by-hop and connection-specific fields."""
-    listed = _connection_options(headers)
+    """``headers`` lower-cased, without hop-by-hop and connection-specific fields.
+
+    One pass: the names a ``Connection`` field lists are taken out afterwards (it may come
+    after them), only when there is such a field.
+    """
+    listed: set[bytes] = set()
     out: list[tuple[bytes, bytes]] = []
     for key, value in headers:
         name = key.lower()
-        if name.startswith(b":") or name in HOP_BY_HOP or name in listed:
-            continue
-        out.append((name, value))
+        if name == b"connection":
+            listed |= _connection_options(value)
+        elif not name.startswith(b":") and name not in HOP_BY_HOP:
+            out.append((name, value))
+    if listed:
+        out = [(name, value) for name, value in out if name not in listed]
     return out
 
 
