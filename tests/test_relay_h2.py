@@ -333,6 +333,40 @@ async def test_same_authority_only() -> None:
     assert await check(b"[::1]:443") is not None
 
 
+async def test_same_authority_only_remembers_approvals_by_their_exact_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tlsmitm._relay import h2_rules
+
+    judged: list[bytes | str] = []
+    real = h2_rules.try_normalize_host
+
+    def counting(name: bytes | str) -> object:
+        judged.append(name)
+        return real(name)
+
+    monkeypatch.setattr(h2_rules, "try_normalize_host", counting)
+    check = same_authority_only(HOST, 443)
+    assert await check(b"www.example.test") is None
+    assert await check(b"www.example.test") is None  # remembered: not parsed again
+    assert judged == [b"www.example.test"]
+    # Another authority is judged on its own, however alike, and never remembered as approved.
+    for other in (b"www.example.test:8443", b"www.example.tes", b"xwww.example.test"):
+        assert await check(other) is not None
+        assert await check(other) is not None
+    assert len(judged) == 7
+    # Bounded: past a few spellings, approvals are still right, just judged each time.
+    spellings = [
+        b"WWW.example.test",
+        b"www.EXAMPLE.test",
+        b"www.example.TEST",
+        b"Www.example.test.",
+    ]
+    for spelling in spellings * 2:
+        assert await check(spelling) is None
+    assert await check(b"other.example.test") is not None
+
+
 def test_received_frames_are_h2s_frames_without_the_payload_dump(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

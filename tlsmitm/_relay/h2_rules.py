@@ -335,14 +335,26 @@ def same_authority_only(host: str, port: int) -> Callable[[bytes], Awaitable[str
     and its own connection, where it is decided on its own.
     """
 
+    # The exact ``:authority`` values already found to be this connection's own (a browser
+    # sends the same bytes on every stream): the answer depends on nothing else, so those
+    # skip the parsing and normalising. Bounded; other values are judged every time.
+    approved: set[bytes] = set()
+
     async def misdirected(authority: bytes) -> str | None:
+        if authority in approved:
+            return None
         name, port_of = _split_authority(authority)
         normal = try_normalize_host(name) if name else None
         if normal != host or (port_of if port_of is not None else 443) != port:
             return f"{authority.decode('ascii', 'replace')} is not this connection's origin"
+        if len(approved) < _APPROVED_AUTHORITIES:
+            approved.add(authority)
         return None
 
     return misdirected
+
+
+_APPROVED_AUTHORITIES = 4  # spellings of a connection's own authority remembered per connection
 
 
 def _split_authority(authority: bytes) -> tuple[bytes, int | None]:
