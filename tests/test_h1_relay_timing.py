@@ -256,3 +256,34 @@ async def test_a_pipelined_request_already_buffered_is_parsed_without_a_read() -
             nursery.cancel_scope.cancel()
     assert received.count(b"HTTP/1.1 200 OK") == 2
     assert relay.counters.requests == 2
+
+
+async def test_the_access_log_hears_each_exchange_with_its_duration(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``on_exchange`` (the access log) gets the request, the status and how long the exchange
+    took from its head to the response (the clock is only read for it when it is set)."""
+    client, relay_client = trio.testing.memory_stream_pair()
+    relay_upstream, origin = trio.testing.memory_stream_pair()
+    relay = _relay(relay_client, relay_upstream)
+    heard: list[tuple[bytes, int, float]] = []
+    relay.on_exchange = lambda request, status, elapsed: heard.append(
+        (request.target, status, elapsed)
+    )
+
+    async def serve() -> None:
+        await _read_head(origin)
+        await trio.sleep(2.0)
+        await origin.send_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_relay, relay)
+            nursery.start_soon(serve)
+            await client.send_all(REQUEST)
+            received = b""
+            while not received.endswith(b"no"):
+                received += await client.receive_some()
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    assert heard == [(b"/x", 404, pytest.approx(2.0))]

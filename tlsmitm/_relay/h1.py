@@ -216,13 +216,14 @@ class HttpRelay:
 
     async def _receive_into(self, conn: h11.Connection, stream: trio.abc.Stream, side: str) -> None:
         data = bytes(await stream.receive_some(_RECEIVE_SIZE))
+        now = trio.current_time()  # (one clock read for both deadlines)
         if side == "client":
             if self._awaiting_request and data and self._head_deadline is None:
-                _head_began(self)
+                _head_began(self, now)
             self.counters.bytes_up += len(data)
         else:
             self.counters.bytes_down += len(data)
-        self._touch()
+        _move_deadline(self, now)
         conn.receive_data(data)
 
     async def _send(self, conn: h11.Connection, stream: trio.abc.Stream, event: Any) -> None:
@@ -232,7 +233,7 @@ class HttpRelay:
             self._touch()
 
     def _touch(self) -> None:
-        _move_deadline(self)
+        _move_deadline(self, trio.current_time())
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -278,7 +279,7 @@ class HttpRelay:
             parsed: h11.Request | None = event
             if outcome is not None:
                 request, parsed = outcome, None
-            exchange_started = trio.current_time()
+            exchange_started = trio.current_time() if self.on_exchange is not None else 0.0
             self._last_status = 0
             try:
                 switched = await self._exchange(request, parsed)
@@ -659,7 +660,7 @@ async def _relay_raw_body(relay: HttpRelay, left: int, *, upload: bool) -> None:
         await relay._send(writer, sink, h11.Data(data=bytes(data)))
 
 
-def _move_deadline(relay: HttpRelay) -> None:
+def _move_deadline(relay: HttpRelay, now: float) -> None:
     """Progress was made: push the relay's idle deadline (a head deadline stays put).
 
     One cancel scope per relay whose deadline moves with every byte: a peer that stops sending,
@@ -669,7 +670,7 @@ def _move_deadline(relay: HttpRelay) -> None:
     _deadline_slack of activity, not once per I/O): an idle peer is dropped between idle_timeout
     and idle_timeout + slack after its last byte, never earlier. A head deadline is exact.
     """
-    deadline = trio.current_time() + relay.idle_timeout
+    deadline = now + relay.idle_timeout
     scope, head = relay._idle_scope, relay._head_deadline
     if relay._head_armed and head is not None and head < deadline + relay._deadline_slack:
         target = min(deadline, head)
@@ -699,7 +700,7 @@ def _await_request(relay: HttpRelay, awaiting: bool) -> None:
         raise ClientError(
             f"more than {MAX_PIPELINED} pipelined requests in a row", reason="pipelined_limit"
         )
-    _head_began(relay)
+    _head_began(relay, trio.current_time())
 
 
 def _raise_if_a_head_timed_out(relay: HttpRelay) -> None:
@@ -709,14 +710,14 @@ def _raise_if_a_head_timed_out(relay: HttpRelay) -> None:
         )
 
 
-def _head_began(relay: HttpRelay) -> None:
+def _head_began(relay: HttpRelay, now: float) -> None:
     """A head must end within ``head_timeout`` of its first byte, however it trickles in.
 
     The deadline is only noted here: a head that is complete by the time it is parsed (the
     usual case) never needs it. The relay waits for more of a head only after
     :func:`_arm_head`, which puts the noted deadline on the idle scope.
     """
-    relay._head_deadline = trio.current_time() + relay.head_timeout
+    relay._head_deadline = now + relay.head_timeout
     if relay.record is not None:
         relay.record.idle_since = None
 
