@@ -12,6 +12,8 @@ import itertools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+import h2.config
+import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -1266,6 +1268,33 @@ async def test_small_frames_of_many_streams_leave_in_one_write_and_a_backlog_wai
         await wire.queued(relay_h2._UNFLUSHED_LIMIT + 1)
         assert len(recorder.writes) == 2
         nursery.cancel_scope.cancel()
+
+
+async def test_a_full_frame_of_body_is_written_before_send_data_returns_and_in_order() -> None:
+    conn = relay_h2._open_connection(H2Limits(), client_side=True)
+    recorder = _Recorder()
+    wire = relay_h2._Wire(conn, recorder, stall=5.0)
+    peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    peer.initiate_connection()
+    codes = h2.settings.SettingCodes
+    peer.update_settings({codes.INITIAL_WINDOW_SIZE: 2**20, codes.MAX_FRAME_SIZE: 2**20})
+    peer.increment_flow_control_window(2**20)
+    conn.receive_data(peer.data_to_send())
+    await wire.flush()  # the preface (and SETTINGS ACKs)
+    recorder.writes.clear()
+    stream_id = conn.get_next_available_stream_id()
+    conn.send_headers(
+        stream_id,
+        [(b":method", b"PUT"), (b":scheme", b"https"), (b":authority", b"a"), (b":path", b"/")],
+    )
+    wire.collect()  # the head, taken from h2 first (as an acknowledgement would)
+    body = bytes(range(256)) * 256  # 64 KiB: the limit, written at once
+    await wire.send_data(stream_id, body)
+    assert len(recorder.writes) == 1  # (no writer task runs: written by send_data itself)
+    frames = _frames(recorder.writes[0])
+    assert type(frames[0]).__name__ == "HeadersFrame"  # what was taken before comes first
+    assert [type(f).__name__ for f in frames[1:]] == ["DataFrame"]  # the whole chunk
+    assert recorder.writes[0].endswith(body)
 
 
 async def test_the_writer_wakes_only_when_h2_queued_something_and_keeps_the_order() -> None:

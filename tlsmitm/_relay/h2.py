@@ -114,7 +114,7 @@ class _Wire:
     and returns once it is on the socket; :meth:`queued` leaves small frames to the
     :meth:`writer` task, which writes everything the streams queued meanwhile in one TLS write
     (a hundred streams answering at once cost one write, not a hundred), and falls back to
-    :meth:`flush` once more than ``_UNFLUSHED_LIMIT`` bytes wait (backpressure).
+    :meth:`flush` once ``_UNFLUSHED_LIMIT`` bytes or more wait (backpressure).
     """
 
     def __init__(self, conn: h2.connection.H2Connection, stream: trio.abc.Stream, stall: float):
@@ -133,18 +133,35 @@ class _Wire:
 
     async def flush(self) -> None:
         """Write what ``h2`` has queued; returns once it is on the socket."""
-        if not self._lock.locked() and not self.collect():
+        if self._lock.locked():  # a write in progress: ours follows it
+            async with self._lock:
+                await self._write(self._take())
+            return
+        data = self._take()
+        if not data:
             return  # nothing to write, and no write in progress to wait for
-        async with self._lock:
-            data = self.conn.data_to_send()
-            self._unflushed = 0
-            if self.raw:
-                data, self.raw = bytes(self.raw) + data, bytearray()
-            if data:
-                with trio.fail_after(self.stall):
-                    await self.stream.send_all(data)
-                self.sent += len(data)
-                self.on_io()
+        # Taken and locked with no checkpoint between: h2's bytes go out as they are (through
+        # ``raw`` a bulk body would be copied twice more).
+        self._lock.acquire_nowait()
+        try:
+            await self._write(data)
+        finally:
+            self._lock.release()
+
+    def _take(self) -> bytes:
+        """Everything waiting, in order: what was taken before (``raw``), then h2's queue."""
+        data = self.conn.data_to_send()
+        self._unflushed = 0
+        if self.raw:
+            data, self.raw = bytes(self.raw) + data, bytearray()
+        return data
+
+    async def _write(self, data: bytes) -> None:
+        if data:
+            with trio.fail_after(self.stall):
+                await self.stream.send_all(data)
+            self.sent += len(data)
+            self.on_io()
 
     def kick(self) -> None:
         """Have the writer task flush soon (for code that cannot wait)."""
@@ -164,9 +181,9 @@ class _Wire:
 
     async def queued(self, size: int) -> None:
         """``size`` bytes of frames were queued in ``h2``: the writer task sends them with what
-        else is queued by then; past ``_UNFLUSHED_LIMIT`` bytes, flush now and wait for it."""
+        else is queued by then; from ``_UNFLUSHED_LIMIT`` bytes on, flush now and wait for it."""
         self._unflushed += size
-        if self._unflushed > _UNFLUSHED_LIMIT:
+        if self._unflushed >= _UNFLUSHED_LIMIT:
             await self.flush()
         else:
             self.kick()
