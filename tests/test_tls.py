@@ -670,6 +670,42 @@ async def test_bulk_plaintext_arrives_intact_whatever_the_read_size(max_bytes: i
     assert max(sizes) <= 256 * 1024  # the scratch buffer (or 16 records) bounds one read
 
 
+@pytest.mark.parametrize("whole_slices", [True, False])
+async def test_large_writes_are_encrypted_a_slice_per_call_and_arrive_intact(
+    whole_slices: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TLSStream turns pyOpenSSL's partial-write mode off (one SSL_write per 64 KiB slice, not
+    per record); without the binding it stays on. Either way every byte arrives, in order."""
+    if not whole_slices:
+        monkeypatch.setattr(tls_module, "_CLEAR_MODE", None)
+    client, server = await connected_pair()
+    calls = 0
+    real_send = server.connection.send
+
+    def counting_send(data: bytes | memoryview, flags: int = 0) -> int:
+        nonlocal calls
+        calls += 1
+        return real_send(data, flags)
+
+    monkeypatch.setattr(server.connection, "send", counting_send)
+    payloads = [os.urandom(n) for n in (1_000_003, 65_536, 1, 300_000)]
+    received = bytearray()
+
+    async def send() -> None:
+        for payload in payloads:
+            await server.send_all(payload)
+        await server.send_eof()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        while chunk := await client.receive_some():
+            received += chunk
+    assert hashlib.sha256(received).digest() == hashlib.sha256(b"".join(payloads)).digest()
+    records = sum(-(-len(p) // 16384) for p in payloads)
+    slices = sum(-(-len(p) // 65536) for p in payloads)
+    assert calls == (slices if whole_slices else records)
+
+
 async def test_streams_sharing_the_scratch_buffer_keep_their_own_bytes() -> None:
     """Two connections decrypting in turn through the one scratch buffer of the thread."""
     pairs = [await connected_pair() for _ in range(2)]

@@ -132,6 +132,13 @@ class _WantsRead:
 _WANTS_READ: Final = _WantsRead()
 
 
+try:  # (pyOpenSSL's private binding again; without it, writes stay one record per call)
+    _CLEAR_MODE: Any = _LIB.SSL_clear_mode
+    _PARTIAL_WRITE: Any = _LIB.SSL_MODE_ENABLE_PARTIAL_WRITE
+except AttributeError:  # pragma: no cover - a pyOpenSSL without them
+    _CLEAR_MODE, _PARTIAL_WRITE = None, None
+
+
 class _Scratch(threading.local):
     buffer: Any = None
 
@@ -778,6 +785,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._inner_recv_count = 0
         self._outer_send = _ConflictDetector("another task is sending on this TLSStream")
         self._outer_recv = _ConflictDetector("another task is receiving on this TLSStream")
+        # pyOpenSSL sets SSL_MODE_ENABLE_PARTIAL_WRITE, with which SSL_write returns after each
+        # 16 KiB record. Writes to a memory BIO never block, so a write without it encrypts a
+        # whole slice in one call (four records, one trip through pyOpenSSL instead of four); a
+        # "want read" before the end is retried with the same bytes, as OpenSSL requires.
+        ssl = getattr(connection, "_ssl", None)
+        if _CLEAR_MODE is not None and ssl is not None:
+            _CLEAR_MODE(ssl, _PARTIAL_WRITE)
         if initial_data:
             connection.bio_write(initial_data)
             self._records.feed(initial_data)
@@ -1189,7 +1203,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
     # -- sending ---------------------------------------------------------------------------
 
     def _write(self, pending: _PendingWrite) -> None:
-        # SSL_MODE_ENABLE_PARTIAL_WRITE (set by pyOpenSSL) returns after each record.
+        # One call per slice (see __init__), or per record where pyOpenSSL's partial-write mode
+        # stayed on.
         connection, view = self.connection, pending.view
         while pending.offset < len(view):
             pending.offset += connection.send(view[pending.offset : pending.offset + _SEND_SLICE])
