@@ -1,17 +1,19 @@
-"""The HTTP/2 relay's compact SETTINGS bookkeeping behaves exactly like h2's own."""
+"""The HTTP/2 relay's compact SETTINGS and HPACK bookkeeping behaves exactly like h2's own."""
 
 from __future__ import annotations
 
 import collections
 
+import h2.connection
 import h2.events
 import h2.settings
+import hpack.exceptions
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tlsmitm._relay.h2 import _open_connection
 from tlsmitm._relay.h2_rules import H2Limits
-from tlsmitm._relay.h2_settings import CompactSettings
+from tlsmitm._relay.h2_settings import CompactSettings, compact_header_tables
 
 CODES = h2.settings.SettingCodes
 # (a setting h2 knows, with values valid for it; and one it does not know)
@@ -99,5 +101,45 @@ def test_the_relays_h2_connections_hold_no_settings_deque() -> None:
             assert isinstance(settings, CompactSettings)
             stored = settings._settings.values()
             assert not any(isinstance(values, collections.deque) for values in stored)
+        for table in (conn.encoder.header_table, conn.decoder.header_table):
+            assert not isinstance(table.dynamic_entries, collections.deque)
     assert client.remote_settings.max_concurrent_streams == H2Limits().max_concurrent_streams
     assert server.remote_settings.enable_push == 0
+
+
+HEADER = st.tuples(
+    st.sampled_from([b"x-a", b"x-b", b"cookie", b"user-agent", b"x-long-" + b"n" * 40]),
+    st.binary(max_size=300),
+)
+STEP = st.one_of(
+    st.lists(HEADER, min_size=1, max_size=8),
+    st.integers(0, 4096),  # a new table size (eviction, and 0 empties it)
+)
+
+
+@given(steps=st.lists(STEP, max_size=30))
+def test_compact_hpack_tables_encode_and_decode_as_hpacks(steps: list[object]) -> None:
+    stock = h2.connection.H2Connection()
+    compact = h2.connection.H2Connection()
+    compact_header_tables(compact)
+    for step in steps:
+        if isinstance(step, int):
+            for conn in (stock, compact):
+                conn.encoder.header_table_size = step  # (the next block tells the decoder)
+            continue
+        assert isinstance(step, list)
+        blocks = [conn.encoder.encode(step) for conn in (stock, compact)]
+        assert blocks[0] == blocks[1]
+        outcomes: list[object] = []
+        for conn in (stock, compact):
+            try:
+                outcomes.append(conn.decoder.decode(blocks[0], raw=True))
+            except hpack.exceptions.HPACKError as exc:  # (hpack's own, alike for both)
+                outcomes.append(type(exc))
+        assert outcomes[0] == outcomes[1]
+        assert list(compact.encoder.header_table.dynamic_entries) == list(
+            stock.encoder.header_table.dynamic_entries
+        )
+        assert list(compact.decoder.header_table.dynamic_entries) == list(
+            stock.decoder.header_table.dynamic_entries
+        )

@@ -1,18 +1,21 @@
-"""h2's SETTINGS bookkeeping in a few hundred bytes instead of 20 KiB per connection.
+"""h2's SETTINGS and HPACK bookkeeping in small lists instead of 23 KiB of deques per connection.
 
 h2's :class:`h2.settings.Settings` keeps each setting's values (the current one, then any not
 yet acknowledged) in a ``collections.deque``: 760 bytes each, whatever it holds. An intercepted
 HTTP/2 connection has two h2 connections (client side and origin side), each with local and
 remote settings of five to seven entries: about 20 KiB of deques per idle connection, more than
 its HPACK tables. :class:`CompactSettings` keeps the same values, in the same order, with the
-same semantics, in small lists.
+same semantics, in small lists. HPACK's dynamic tables (one per direction and h2 connection,
+four per intercepted connection) are deques too: :func:`compact_header_tables` gives them a
+list with the ``appendleft`` they use (the table holds a few dozen entries at most).
 """
 
 from __future__ import annotations
 
+import h2.connection
 import h2.settings
 
-__all__ = ["CompactSettings"]
+__all__ = ["CompactSettings", "compact_header_tables"]
 
 
 class _Values(list[int | None]):
@@ -40,3 +43,18 @@ class CompactSettings(h2.settings.Settings):
         values = self._settings[key]
         if not isinstance(values, _Values):
             self._settings[key] = _Values(values)  # type: ignore[assignment]
+
+
+class _Entries(list[tuple[bytes, bytes]]):
+    """An HPACK dynamic table's entries, newest first: what hpack uses of ``deque``, in a list."""
+
+    __slots__ = ()
+
+    def appendleft(self, entry: tuple[bytes, bytes]) -> None:
+        self.insert(0, entry)
+
+
+def compact_header_tables(conn: h2.connection.H2Connection) -> None:
+    """Give ``conn``'s two HPACK tables (encoder and decoder) a list for their entries."""
+    for table in (conn.encoder.header_table, conn.decoder.header_table):
+        table.dynamic_entries = _Entries(table.dynamic_entries)  # type: ignore[assignment]
