@@ -655,6 +655,31 @@ async def test_a_client_reset_cancels_the_origin_stream() -> None:
         assert ok.status == 200
 
 
+async def test_a_client_reset_during_its_upload_ends_only_that_stream() -> None:
+    async with relay(upstream="h2") as s:
+        sid = s.client.conn.get_next_available_stream_id()
+        s.client.exchanges[sid] = Exchange()
+        head = [(b":method", b"POST"), *_head(b"/echo")[1:]]
+        s.client.conn.send_headers(sid, head, end_stream=False)
+        s.client.conn.send_data(sid, b"part of the body")  # the upload is under way ...
+        await s.client.flush()
+        assert s.origin is not None
+        with trio.fail_after(10):
+            while not any(bytes(ex.body) for ex in s.origin.exchanges.values()):
+                await trio.sleep(0.01)
+        s.client.conn.reset_stream(sid, ERR.CANCEL)  # ... when the client gives up on it
+        await s.client.flush()
+        origin_side = next(iter(s.origin.exchanges.values()))
+        with trio.fail_after(10):
+            while origin_side.reset is None:
+                await trio.sleep(0.01)
+        assert origin_side.reset == ERR.CANCEL  # the origin's stream is reset too
+        _, ok = await s.client.request(b"/")
+        assert ok.status == 200
+        assert s.front_error == []
+        assert not s.front_done.is_set()
+
+
 @pytest.mark.parametrize("upstream", ["h2", "h1"])
 async def test_a_client_that_stops_reading_stalls_the_origin_not_the_proxy_memory(
     upstream: str,

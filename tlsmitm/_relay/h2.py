@@ -1009,7 +1009,16 @@ class H2Upstream:
             self._slots.unpark_all()
 
     async def _send_body(self, stream_id: int, body: BodySource) -> None:
-        while (chunk := await body.read()) is not None:
+        while True:
+            try:
+                chunk = await body.read()
+            except StreamGone:
+                # The client reset its stream: that stream's scope is cancelled as well, and
+                # ends the exchange (whose cleanup resets this one). Raising here too would
+                # put StreamGone beside that Cancelled in one group, which nobody handles.
+                return
+            if chunk is None:
+                break
             await self._wire.send_data(stream_id, chunk)
             self.counters.bytes_up += len(chunk)
         size = _FRAME_HEADER_SIZE
