@@ -105,6 +105,7 @@ class H2Peer:
         """Read until the connection ends (EOF, GOAWAY or a broken transport)."""
         await self.flush()
         try:
+            writable = True
             async with trio.open_nursery() as nursery:
                 while True:
                     try:
@@ -121,10 +122,13 @@ class H2Peer:
                         break
                     for event in events:
                         self._on_event(event, nursery)
-                    try:
-                        await self.flush()
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        break
+                    if writable:
+                        try:
+                            await self.flush()
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            # The peer stopped reading (a flood answered with GOAWAY, say);
+                            # what it sent before closing, the GOAWAY, may still be unread.
+                            writable = False
                 nursery.cancel_scope.cancel()
         finally:
             for exchange in self.exchanges.values():

@@ -199,11 +199,11 @@ def test_evict_and_delete_keep_the_cache_honest(
     assert list(cache.items("hsts")) == []
 
 
-async def test_warm_policy_fetches_learned_bypasses_so_decide_does_no_io() -> None:
+async def test_prefetch_fetches_learned_bypasses_so_decide_does_no_io() -> None:
     from types import SimpleNamespace
 
     from tlsmitm import InterceptPolicy
-    from tlsmitm._relay.state_io import warm_policy
+    from tlsmitm._relay.state_io import prefetch_state
 
     backend = FlakyStore()
     InterceptPolicy(store=backend).note_client_certificate_requested(
@@ -212,12 +212,12 @@ async def test_warm_policy_fetches_learned_bypasses_so_decide_does_no_io() -> No
     cache = CachedStore(backend, ttl=60.0)
     policy = InterceptPolicy(store=cache)
     ix = SimpleNamespace(policy=policy)
-    await warm_policy(ix, "192.0.2.1", "bank.test", 443)  # type: ignore[arg-type]
+    await prefetch_state(ix, "192.0.2.1", ["bank.test"], 443, None, NOW)  # type: ignore[arg-type]
     calls = backend.calls
     decision = await policy.decide(client_ip="192.0.2.1", host="bank.test", port=443, now=NOW)
     assert (decision.intercept, decision.reason) == (False, "learned_client_cert")
     assert backend.calls == calls  # answered from the cache: no store call on the event loop
-    await warm_policy(ix, "192.0.2.1", "bank.test", 443)  # type: ignore[arg-type]
+    await prefetch_state(ix, "192.0.2.1", ["bank.test"], 443, None, NOW)  # type: ignore[arg-type]
     assert backend.calls == calls  # already cached: nothing fetched
 
 
