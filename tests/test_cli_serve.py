@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import subprocess
 import sys
@@ -187,3 +188,21 @@ def test_upstream_pool_seconds_reaches_the_interceptor(tmp_path: Path) -> None:
     for bad in ("-1", "inf", "soon"):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", *state, "--upstream-pool-seconds", bad])
+
+
+async def test_serve_freezes_what_start_up_loaded(tmp_path: Path) -> None:
+    """After its warm-up, serve takes the long-lived tables out of the collector's full walks."""
+    from tlsmitm import Interceptor
+    from tlsmitm._cli_serve import warm_up_then_freeze
+
+    interceptor = Interceptor.from_state_dir(tmp_path / "state")
+    gc.unfreeze()
+    alive = len(gc.get_objects())
+    try:
+        await warm_up_then_freeze(interceptor)
+        assert gc.get_freeze_count() > alive // 2  # start-up's objects, the tables loaded since
+        walked = gc.get_objects()  # what a collection walks: no longer the long-lived objects
+        assert len(walked) < alive // 2
+        assert not any(obj is interceptor.hsts for obj in walked)
+    finally:
+        gc.unfreeze()
