@@ -87,7 +87,7 @@ from .h2_rules import (
     response_from_h2,
     same_authority_only,
 )
-from .h2_settings import CompactSettings, compact_header_tables
+from .h2_settings import CompactSettings, compact_frame_dispatch, compact_header_tables
 from .hooks import FlowInfo, Headers, Hooks, Request
 from .plan import RelayKind
 from .relays import RELAYS, RelayJob, RelayOutcome
@@ -353,6 +353,7 @@ def _open_connection(limits: H2Limits, *, client_side: bool) -> h2.connection.H2
     conn.local_settings = CompactSettings(client=client_side, initial_values=initial)
     conn.remote_settings = CompactSettings(client=not client_side)  # (h2's defaults, smaller)
     compact_header_tables(conn)
+    compact_frame_dispatch(conn)
     # Enforced while decoding from the first frame on, not only after the SETTINGS ACK.
     conn.decoder.max_header_list_size = limits.max_header_list_size
     # h2 reads these from the settings only when they change on the ACK; ours were set, not
