@@ -324,9 +324,15 @@ class _QuietFrames(h2.frame_buffer.FrameBuffer):
 
 
 def _quiet(conn: h2.connection.H2Connection, *, client_side: bool) -> None:
-    """Have ``conn`` receive :class:`_Quiet` frames (before any byte was received)."""
+    """Have ``conn`` receive :class:`_Quiet` frames (before any byte was received).
+
+    This reaches into h2's dispatch table (private); an h2 without it, or without an entry for
+    every frame class, keeps its own frames and their costly ``repr``, and works as before.
+    """
+    table = getattr(conn, "_frame_dispatch_table", None)
+    if not isinstance(table, dict) or any(cls not in table for cls in _QUIET):
+        return
     conn.incoming_buffer = _QuietFrames(server=not client_side)
-    table = conn._frame_dispatch_table
     for cls, quiet in _QUIET.items():
         table[quiet] = table[cls]
 
