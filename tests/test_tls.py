@@ -601,6 +601,9 @@ async def test_an_idle_stream_gives_back_its_handshake_bio_buffers() -> None:
             nursery.start_soon(sender.send_all, payload)
             assert await receive_exactly(receiver, len(payload)) == payload
     assert (_bios(client), _bios(server)) == swapped  # once per connection, not per read
+    # Nor does a stream keep an Event of its own for its finished handshake.
+    assert client._handshake_done is server._handshake_done
+    assert client._handshake_done.is_set()
     assert client.is_idle()
     assert server.is_idle()
 
