@@ -7,6 +7,7 @@ wired with ``trio.testing.memory_stream_pair`` through an injected connector.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import ssl
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from origin import OriginStats, serve_tls, server_ssl_context
 from pki import good_hierarchy
 
 from tlsmitm._ca import CertificateAuthority
+from tlsmitm._clienthello import ClientHello
 from tlsmitm._hsts import HstsStore, PreloadList
 from tlsmitm._policy import ConnectionRecord, DecisionLog
 from tlsmitm._relay import Interceptor, InterceptorConfig
@@ -99,6 +101,26 @@ async def test_connect_flow_over_memory_streams(nursery: trio.Nursery, tmp_path:
     assert records[-1].client == "192.0.2.7:5555"
     assert records[-1].decision == "intercept"
     assert interceptor.stats.active == 0
+
+
+async def test_an_idle_intercepted_connection_keeps_no_client_hello(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Memory: while a kept-alive connection waits for its next request, nothing holds the
+    parsed ClientHello (it was only needed to plan the connection)."""
+    interceptor, client_context, _stats, _dialed, _records = _build(tmp_path, nursery)
+    client_end, proxy_end = trio.testing.memory_stream_pair()
+    nursery.start_soon(lambda: interceptor.handle(proxy_end, client=("192.0.2.7", 5556)))
+    await client_end.send_all(f"CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n".encode())
+    assert (await client_end.receive_some(1024)).startswith(b"HTTP/1.1 200")
+    tls = trio.SSLStream(client_end, client_context, server_hostname=HOST)
+    await tls.do_handshake()
+    await tls.send_all(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    assert (await _read_response(tls)).endswith(b"hello from origin")
+    await trio.testing.wait_all_tasks_blocked()
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, ClientHello)]
+    await tls.aclose()
 
 
 async def test_transparent_mode_uses_sni_and_the_original_destination(

@@ -199,6 +199,9 @@ class Flow:
                 conn.enter(FlowState.SPLICING)
                 await self._splice(client_stream, upstream_tcp, to_upstream=peeked)
                 return
+            # The relay may last hours: its frames do not keep the parsed ClientHello (its
+            # cipher suites, groups and extensions: about 1 KiB, more from a browser).
+            del hello
             conn.enter(FlowState.UPSTREAM)
             await self._intercept(client_stream, peeked, plan, upstream_tcp, pooled, key)
         finally:
