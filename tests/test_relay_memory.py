@@ -11,6 +11,7 @@ import gc
 import ssl
 from pathlib import Path
 
+import h11
 import pytest
 import trio
 import trio.testing
@@ -107,7 +108,7 @@ async def test_an_idle_intercepted_connection_keeps_no_client_hello(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     """Memory: while a kept-alive connection waits for its next request, nothing holds the
-    parsed ClientHello (it was only needed to plan the connection)."""
+    parsed ClientHello or the CONNECT request (only needed to plan the connection)."""
     interceptor, client_context, _stats, _dialed, _records = _build(tmp_path, nursery)
     client_end, proxy_end = trio.testing.memory_stream_pair()
     nursery.start_soon(lambda: interceptor.handle(proxy_end, client=("192.0.2.7", 5556)))
@@ -120,6 +121,9 @@ async def test_an_idle_intercepted_connection_keeps_no_client_hello(
     await trio.testing.wait_all_tasks_blocked()
     gc.collect()
     assert not [o for o in gc.get_objects() if isinstance(o, ClientHello)]
+    assert not [
+        o for o in gc.get_objects() if isinstance(o, h11.Request) and o.method == b"CONNECT"
+    ]
     await tls.aclose()
 
 

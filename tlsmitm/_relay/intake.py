@@ -130,9 +130,10 @@ async def _explicit(
         await _answer_connect(parser, stream)
         # From here on every byte is the tunnel's (RFC 9110 §9.3.6): pipelined CONNECTs after
         # this one go to the target as data, never back into this intake.
-        await Flow(ix, conn, client).run(
-            stream, bytes(parser.trailing_data[0]), upstream_tcp, name, port
-        )
+        tunnel_data = bytes(parser.trailing_data[0])
+        # The tunnel may last hours: this frame keeps neither the CONNECT head nor its parser.
+        del head, rest, parser, event
+        await Flow(ix, conn, client).run(stream, tunnel_data, upstream_tcp, name, port)
         return
     target = bytes(event.target)
     if target[:1] != b"/" and b"://" in target[:16]:
