@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         "--quick",
         action="store_true",
         help="a few seconds per measurement and 1,000 held connections (under 3 minutes); "
-        "the default is the full run used for the published figures (under 15 minutes)",
+        "the default is the full run used for the published figures (about 20 minutes on 2 cores)",
     )
     parser.add_argument(
         "--peers",
