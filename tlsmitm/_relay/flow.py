@@ -113,6 +113,17 @@ def _note_ech(ix: Interceptor, conn: FlowRecord, hello: ClientHello, name: str) 
     )
 
 
+def _count(ix: Interceptor, plan: ConnectionPlan) -> None:
+    """Count a planned connection in the interceptor's statistics."""
+    stats = ix.stats
+    if plan.decision is Decision.BLOCK:
+        stats.blocked += 1
+    elif plan.reason == "passthrough_untrusted":
+        stats.passthrough_untrusted += 1
+    else:
+        stats.intercepted += 1
+
+
 class Flow:
     """Carries one client connection from its first bytes to the end of the relay.
 
@@ -310,7 +321,7 @@ class Flow:
             pool_enabled=ix._pool.would_keep(key, trio.current_time()),
         )
         conn.decide(plan.decision, plan.reason)
-        self._count(plan)
+        _count(self._ix, plan)
         if action.kind is ActionKind.OVERRIDE_PAGE:
             ix.stats.override_pages += 1
         if plan.leaf is None:  # ActionKind.ALERT: a client that cannot be shown a page
@@ -347,15 +358,6 @@ class Flow:
             if not conn.upstream_pooled:
                 await close(upstream)
             await close(downstream)
-
-    def _count(self, plan: ConnectionPlan) -> None:
-        stats = self._ix.stats
-        if plan.decision is Decision.BLOCK:
-            stats.blocked += 1
-        elif plan.reason == "passthrough_untrusted":
-            stats.passthrough_untrusted += 1
-        else:
-            stats.intercepted += 1
 
     async def _after_relay(
         self,
