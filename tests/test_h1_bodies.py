@@ -75,12 +75,10 @@ def _count_raw_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return calls
 
 
-async def _exchange_body(
-    *, hooks: Hooks, chunked: bool, monkeypatch: pytest.MonkeyPatch
-) -> tuple[bytes, int]:
-    """Upload BODY through a relay, then a pipelined GET; returns what the origin received as
-    the body (decoded when chunked) and how many times the raw path ran."""
-    raw_calls = _count_raw_calls(monkeypatch)
+def _relay_between(
+    hooks: Hooks,
+) -> tuple[HttpRelay, trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
+    """A relay between memory streams; returns it, the client's end and the origin's end."""
     client, relay_client = trio.testing.memory_stream_pair()
     relay_upstream, origin = trio.testing.memory_stream_pair()
     relay = HttpRelay(
@@ -91,6 +89,16 @@ async def _exchange_body(
         on_sts=None,
         answer_block=_no_block,
     )
+    return relay, client, origin
+
+
+async def _exchange_body(
+    *, hooks: Hooks, chunked: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[bytes, int]:
+    """Upload BODY through a relay, then a pipelined GET; returns what the origin received as
+    the body (decoded when chunked) and how many times the raw path ran."""
+    raw_calls = _count_raw_calls(monkeypatch)
+    relay, client, origin = _relay_between(hooks)
     framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % len(BODY)
     head = b"PUT /up HTTP/1.1\r\nHost: example.org\r\n" + framing + b"\r\n\r\n"
     wire = head + (_chunked(BODY) if chunked else BODY) + NEXT
@@ -157,16 +165,7 @@ async def test_request_bodies_arrive_intact_on_both_paths(
 
 @pytest.mark.parametrize("hooked", [False, True])
 async def test_a_client_leaving_mid_body_fails_the_same_way_on_both_paths(hooked: bool) -> None:
-    client, relay_client = trio.testing.memory_stream_pair()
-    relay_upstream, origin = trio.testing.memory_stream_pair()
-    relay = HttpRelay(
-        client=relay_client,
-        upstream=relay_upstream,
-        flow=FLOW,
-        hooks=_BodyHasher() if hooked else Hooks(),
-        on_sts=None,
-        answer_block=_no_block,
-    )
+    relay, client, origin = _relay_between(_BodyHasher() if hooked else Hooks())
     head = b"PUT /up HTTP/1.1\r\nHost: example.org\r\nContent-Length: 1000000\r\n\r\n"
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -201,22 +200,6 @@ class _ResponseHasher(Hooks):
         if request.target == b"/big":  # (not the "ok" of the request after it)
             self.digest.update(chunk)
         return None
-
-
-def _relay_between(
-    hooks: Hooks,
-) -> tuple[HttpRelay, trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
-    client, relay_client = trio.testing.memory_stream_pair()
-    relay_upstream, origin = trio.testing.memory_stream_pair()
-    relay = HttpRelay(
-        client=relay_client,
-        upstream=relay_upstream,
-        flow=FLOW,
-        hooks=hooks,
-        on_sts=None,
-        answer_block=_no_block,
-    )
-    return relay, client, origin
 
 
 @pytest.mark.parametrize(
