@@ -6,6 +6,9 @@ per I/O); these tests pin what that may and may not change, on trio's mock clock
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
+
 import h11
 import pytest
 import trio
@@ -93,13 +96,20 @@ async def test_a_head_deadline_is_exact_while_the_idle_deadline_is_lazy(
     relay_upstream, _origin = trio.testing.memory_stream_pair()
     relay = _relay(relay_client, relay_upstream)
     relay.head_timeout = 3.0
+    await _times_out_after(relay, 3.0, functools.partial(client.send_all, b"GET /x HTTP/1.1\r\n"))
+
+
+async def _times_out_after(
+    relay: HttpRelay, seconds: float, client_side: Callable[[], Awaitable[object]]
+) -> None:
+    """Run ``relay`` while ``client_side`` sends an unfinished head: a head timeout, on time."""
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.send_all, b"GET /x HTTP/1.1\r\n")  # the head never ends
+            nursery.start_soon(client_side)
             started = trio.current_time()
             with pytest.raises(ClientError) as info:
                 await run_relay(relay)
-            assert trio.current_time() - started == pytest.approx(3.0)
+            assert trio.current_time() - started == pytest.approx(seconds)
             nursery.cancel_scope.cancel()
     assert info.value.reason == "head_timeout"
 
@@ -168,15 +178,7 @@ async def test_a_head_that_trickles_in_times_out_from_its_first_byte(
             await client.send_all(piece)
             await trio.sleep(1.0)
 
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trickle)
-            started = trio.current_time()
-            with pytest.raises(ClientError) as info:
-                await run_relay(relay)
-            assert trio.current_time() - started == pytest.approx(3.0)
-            nursery.cancel_scope.cancel()
-    assert info.value.reason == "head_timeout"
+    await _times_out_after(relay, 3.0, trickle)
 
 
 async def test_a_complete_head_leaves_the_idle_deadline_in_charge(

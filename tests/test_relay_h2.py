@@ -1295,12 +1295,18 @@ class _Recorder(trio.abc.Stream):
         return
 
 
-async def test_small_frames_of_many_streams_leave_in_one_write_and_a_backlog_waits() -> None:
+async def _quiet_wire() -> tuple[h2.connection.H2Connection, relay_h2._Wire, _Recorder]:
+    """A client-side wire over a recorder, its preface already written and forgotten."""
     conn = relay_h2._open_connection(H2Limits(), client_side=True)
     recorder = _Recorder()
     wire = relay_h2._Wire(conn, recorder, stall=5.0)
     await wire.flush()  # the preface
     recorder.writes.clear()
+    return conn, wire, recorder
+
+
+async def test_small_frames_of_many_streams_leave_in_one_write_and_a_backlog_waits() -> None:
+    conn, wire, recorder = await _quiet_wire()
     headers = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a.test")]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(wire.writer)
@@ -1353,11 +1359,7 @@ async def test_a_full_frame_of_body_is_written_before_send_data_returns_and_in_o
 
 
 async def test_the_writer_wakes_only_when_h2_queued_something_and_keeps_the_order() -> None:
-    conn = relay_h2._open_connection(H2Limits(), client_side=True)
-    recorder = _Recorder()
-    wire = relay_h2._Wire(conn, recorder, stall=5.0)
-    await wire.flush()  # the preface
-    recorder.writes.clear()
+    conn, wire, recorder = await _quiet_wire()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(wire.writer)
         await trio.testing.wait_all_tasks_blocked()
