@@ -603,12 +603,50 @@ def _start_all(
             _log(f"[{label}] {key}: {exc}")
 
 
+_Turn = tuple[str, Callable[["_Measurer", Running, int], None]]
+
+
+def _take_turns(
+    plan: Plan,
+    measurers: Sequence[_Measurer],
+    running: dict[str, Running],
+    turns: Sequence[_Turn],
+    measures: Callable[[_Measurer, str], bool],
+) -> None:
+    """Each turn's scenario, ``plan.repeats`` rounds, every running peer in each round (A, B,
+    A, B...) for which ``measures(measurer, scenario)``; a peer that turns out unavailable is
+    stopped and left out of the rest."""
+    for scenario, measure in turns:
+        for repeat in range(plan.repeats):
+            for measurer in measurers:
+                label = measurer.record.label
+                peer = running.get(label)
+                if peer is None or not measures(measurer, scenario):
+                    continue
+                try:
+                    measurer._guard(
+                        peer, scenario, functools.partial(measure, measurer, peer, repeat)
+                    )
+                except Unavailable as exc:
+                    _log(f"[{label}] {exc}")
+                    del running[label]
+                    peer.stop()
+
+
+def _measures_in_setup(measurer: _Measurer, scenario: str) -> bool:
+    """Whether ``measurer``'s peer takes part in this setup-group scenario."""
+    if scenario.startswith("setup."):
+        return any(scenario == f"setup.{n}.c{c}" for n, c in measurer.setup_cells())
+    # latency and keepalive: not for the peers measured for connection setup only
+    return measurer.record.label not in SETUP_ONLY
+
+
 def _h2_in_turns(plan: Plan, measurers: Sequence[_Measurer]) -> None:
     """HTTP/2 request rates (peers taking turns), tlsmitm's HTTP/2 bulk, then idle memory."""
     running: dict[str, Running] = {}
     try:
         _start_all(measurers, running, "HTTP/2", "h2")
-        turns: list[tuple[str, Callable[[_Measurer, Running, int], None]]] = [
+        turns: list[_Turn] = [
             (
                 f"h2.c{c}x{s}",
                 lambda m, r, i, c=c, s=s: m.h2_rate(r, c, s, i),
@@ -619,21 +657,13 @@ def _h2_in_turns(plan: Plan, measurers: Sequence[_Measurer]) -> None:
             (f"h2.bulk.{d}", lambda m, r, i, d=d: m.h2_bulk(r, d, i))
             for d in ("download", "upload")
         ]
-        for scenario, measure in turns:
-            for repeat in range(plan.repeats):
-                for measurer in measurers:
-                    label = measurer.record.label
-                    peer = running.get(label)
-                    if peer is None or (scenario.startswith("h2.bulk") and label != "tlsmitm"):
-                        continue
-                    try:
-                        measurer._guard(
-                            peer, scenario, functools.partial(measure, measurer, peer, repeat)
-                        )
-                    except Unavailable as exc:
-                        _log(f"[{label}] {exc}")
-                        del running[label]
-                        peer.stop()
+        _take_turns(
+            plan,
+            measurers,
+            running,
+            turns,
+            lambda m, scenario: not scenario.startswith("h2.bulk") or m.record.label == "tlsmitm",
+        )
     finally:
         for peer in running.values():
             peer.stop()
@@ -704,33 +734,13 @@ def _setup_in_turns(plan: Plan, measurers: Sequence[_Measurer]) -> None:
                 measurer.record.status = "missing"
                 measurer.record.failures["start"] = str(exc)
                 _log(f"[{label}] missing: {exc}")
-        turns: list[tuple[str, Callable[[_Measurer, Running, int], None]]] = [
+        turns: list[_Turn] = [
             (f"setup.{naming}.c{concurrency}", _setup_turn(naming, concurrency))
             for naming, concurrency in SETUP_CELLS
         ]
         turns.append(("latency", lambda m, r, i: m.latency(r, i)))  # (not SETUP_ONLY peers)
         turns.append(("keepalive", lambda m, r, i: m.keepalive(r, i)))  # (not SETUP_ONLY peers)
-        for scenario, measure in turns:
-            for repeat in range(plan.repeats):
-                for measurer in measurers:
-                    label = measurer.record.label
-                    peer = running.get(label)
-                    if peer is None:
-                        continue
-                    if scenario.startswith("setup.") and not any(
-                        scenario == f"setup.{n}.c{c}" for n, c in measurer.setup_cells()
-                    ):
-                        continue
-                    if scenario in ("latency", "keepalive") and label in SETUP_ONLY:
-                        continue
-                    try:
-                        measurer._guard(
-                            peer, scenario, functools.partial(measure, measurer, peer, repeat)
-                        )
-                    except Unavailable as exc:
-                        _log(f"[{label}] {exc}")
-                        del running[label]
-                        peer.stop()
+        _take_turns(plan, measurers, running, turns, _measures_in_setup)
     finally:
         for label, peer in running.items():
             if label in WORKER_PEERS or label == "tlsmitm":
