@@ -176,3 +176,20 @@ def test_a_foreign_handler_keeps_the_table() -> None:
     conn._frame_dispatch_table[int] = print  # type: ignore[index]
     compact_frame_dispatch(conn)
     assert isinstance(conn._frame_dispatch_table, dict)
+
+
+def test_an_h2_without_the_dispatch_table_still_opens_relay_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The quiet frames and the compact dispatch both reach into h2's private table: an h2
+    without it gets connections that work as h2 made them."""
+    original = h2.connection.H2Connection.__init__
+
+    def without_table(self: h2.connection.H2Connection, *args: object, **kw: object) -> None:
+        original(self, *args, **kw)  # type: ignore[arg-type]
+        del self._frame_dispatch_table
+
+    monkeypatch.setattr(h2.connection.H2Connection, "__init__", without_table)
+    conn = _open_connection(H2Limits(), client_side=True)
+    assert not hasattr(conn, "_frame_dispatch_table")
+    assert conn.data_to_send().startswith(b"PRI * HTTP/2.0")

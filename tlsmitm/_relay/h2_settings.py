@@ -89,9 +89,11 @@ def compact_frame_dispatch(conn: h2.connection.H2Connection) -> None:
     """Replace ``conn``'s table of bound methods with a per-frame lookup of the same methods.
 
     Call it after any change to the table. A table holding anything but ``conn``'s own methods
-    is left as it is.
+    is left as it is, and so is an h2 without this (private) table.
     """
-    table = conn._frame_dispatch_table
+    table = getattr(conn, "_frame_dispatch_table", None)
+    if not isinstance(table, dict):
+        return
     names: dict[type, str] = {}
     for frame_type, handler in table.items():
         if getattr(handler, "__self__", None) is not conn:
