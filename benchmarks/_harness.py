@@ -242,6 +242,22 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def held_possible(label: str, count: int, hard_limit: int) -> tuple[int, str]:
+    """How many of ``count`` held connections peer ``label`` can hold under ``hard_limit``
+    descriptors, and the reason when that is fewer (for the peer's notes)."""
+    per_connection = 2 if label in PROXIES else 1
+    possible = (hard_limit - 64) // per_connection
+    why = f"allows no more at {per_connection} descriptors each"
+    if label.startswith("tlsmitm"):
+        # tlsmitm serve caps its connections by the same budget, after a reserve of its own
+        # (listeners, fetches, the pool's idle upstream connections); past the cap it sheds
+        # idle connections, which the held clients would count as failures.
+        pool = 0 if label == "tlsmitm-nopool" else 256
+        possible = min(possible, connection_cap(hard_limit, count, idle_upstreams=pool))
+        why = "leaves tlsmitm serve this many after its own reserve (serve's banner says so)"
+    return possible, why
+
+
 class _Measurer:
     """Runs the scenarios of one peer; each group on a freshly started peer."""
 
@@ -466,17 +482,7 @@ class _Measurer:
             running.stop()
 
     def _hold(self, running: Running, count: int) -> None:
-        limit = fd_hard_limit() - 64
-        per_connection = 2 if self.record.label in PROXIES else 1
-        possible = limit // per_connection
-        why = f"allows no more at {per_connection} descriptors each"
-        if self.record.label.startswith("tlsmitm"):
-            # tlsmitm serve caps its connections by the same budget, after a reserve of its own
-            # (listeners, fetches, the pool's idle upstream connections); past the cap it sheds
-            # idle connections, which the held clients would count as failures.
-            pool = 0 if self.record.label == "tlsmitm-nopool" else 256
-            possible = min(possible, connection_cap(fd_hard_limit(), count, idle_upstreams=pool))
-            why = "leaves tlsmitm serve this many after its own reserve (serve's banner says so)"
+        possible, why = held_possible(self.record.label, count, fd_hard_limit())
         key = f"held.{count}"
         if count > possible:
             self.record.notes.append(

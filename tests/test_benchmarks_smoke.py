@@ -287,3 +287,19 @@ def test_the_h2_client_measures_through_a_real_tlsmitm(bench: None, tmp_path: Pa
     assert (held.opened, held.answered, held.errors) == (6, 6, {})
     assert len(seen) == 1
     assert seen[0] > 0
+
+
+def test_held_connections_stay_within_what_each_peer_can_hold() -> None:
+    """The held measurement opens no more than a peer can hold: one descriptor per connection
+    for direct and the terminator, two for a proxy, and for tlsmitm serve its own cap after its
+    reserve (past it, serve sheds idle connections, which would count as failures)."""
+    from benchmarks import _harness
+    from tlsmitm._relay.guard import connection_cap
+
+    assert _harness.held_possible("terminator", 10_000, 20_000)[0] == 19_936
+    assert _harness.held_possible("squid", 10_000, 20_000)[0] == 9_968
+    tlsmitm, why = _harness.held_possible("tlsmitm", 10_000, 20_000)
+    assert tlsmitm == connection_cap(20_000, 10_000, idle_upstreams=256) == 9_840
+    assert "reserve" in why
+    assert _harness.held_possible("tlsmitm-nopool", 10_000, 20_000)[0] == 9_968  # no pool reserve
+    assert _harness.held_possible("tlsmitm", 1_000, 20_000)[0] >= 1_000
